@@ -1,0 +1,14 @@
+"""SAE architectures. Importing this package registers every built-in architecture."""
+
+from saekit.saes import gated, jumprelu, standard, topk, transcoder  # noqa: F401  (registration)
+from saekit.saes.base import SAE, LossSettings, TrainingOutput
+from saekit.saes.registry import architecture_class, list_architectures, register_architecture
+
+__all__ = [
+    "SAE",
+    "LossSettings",
+    "TrainingOutput",
+    "architecture_class",
+    "list_architectures",
+    "register_architecture",
+]

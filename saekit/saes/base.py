@@ -1,0 +1,380 @@
+"""The SAE base class: input handling, decoding, saving and loading shared by every architecture.
+
+An architecture subclass supplies only what differs: its parameters beyond the common four,
+its encoder (pre-activations and activation), its extra training loss terms and, where the
+community publishes it in another form, how it is published.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from saekit.config import DTYPES, SAEConfig, dtype_name
+from saekit.saes.registry import architecture_class
+
+if TYPE_CHECKING:
+    from saekit.io.pretrained import PretrainedSAE
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Coefficients of the training loss terms (section 2 of the reference)."""
+
+    sparsity_coefficient: float = 0.0
+    """lambda: weight of the sparsity penalty (L1, L0 or tanh, by architecture)."""
+    aux_k_coefficient: float = 1 / 32
+    """AuxK loss weight for topk-style SAEs (Gao et al. 2024)."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK; None means d_in // 2."""
+    jumprelu_bandwidth: float = 0.001
+    """Width of the straight-through kernel for JumpReLU thresholds."""
+    jumprelu_sparsity: str = "step"
+    """JumpReLU penalty: "step" (L0 via straight-through) or "tanh"."""
+    tanh_scale: float = 4.0
+    """c in tanh(c * f_i * ||W_dec[i]||) for the tanh penalty."""
+
+    def __post_init__(self) -> None:
+        if self.jumprelu_sparsity not in ("step", "tanh"):
+            raise ValueError(
+                f"jumprelu_sparsity must be 'step' or 'tanh', got {self.jumprelu_sparsity!r}"
+            )
+        if self.jumprelu_bandwidth <= 0:
+            raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
+
+
+class TrainingOutput(NamedTuple):
+    """What one training forward pass produces."""
+
+    recon: Tensor
+    """Reconstruction, [batch, d_out]."""
+    latents: Tensor
+    """Latent activations, [batch, d_sae]."""
+    loss: Tensor
+    """Scalar total loss: the sum of `losses`."""
+    losses: dict[str, Tensor]
+    """Each loss term by name, e.g. {"mse": ..., "l1": ...}."""
+
+
+class NormState(NamedTuple):
+    """Per-token statistics removed from the input, restored on the output."""
+
+    shift: Tensor | None  # [..., 1]
+    scale: Tensor  # [..., 1]
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder. Build one with `SAE.from_config(cfg)` or `SAE.load(folder)`."""
+
+    architecture: ClassVar[str] = ""
+    #: Transcoders read at one hook and reconstruct another (d_out may differ from d_in).
+    is_transcoder: ClassVar[bool] = False
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            cfg = cfg.replace(architecture=self.architecture)
+        self.cfg = cfg
+        self.validate_config(cfg)
+        factory = {"device": torch.device(cfg.device), "dtype": cfg.torch_dtype}
+        for name, shape in self.parameter_shapes().items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, **factory)))
+        # Filled by encode for the normalisation modes whose inverse depends on the input.
+        self._norm_state: NormState | None = None
+        self._head_shape: tuple[int, int] | None = None
+        self.initialize_weights()
+
+    # ----- what subclasses provide ---------------------------------------------------------
+
+    def validate_config(self, cfg: SAEConfig) -> None:
+        """Raise ValueError for settings this architecture cannot honour."""
+        if cfg.d_out is not None and cfg.d_out != cfg.d_in and not self.is_transcoder:
+            raise ValueError(
+                f"d_out={cfg.d_out} differs from d_in={cfg.d_in}, which only transcoders support; "
+                "use architecture 'transcoder' or 'skip_transcoder'"
+            )
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.cfg
+        return {
+            "W_enc": (c.d_in, c.d_sae),
+            "b_enc": (c.d_sae,),
+            "W_dec": (c.d_sae, c.output_width),
+            "b_dec": (c.output_width,),
+        }
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """h = x~ W_enc + b_enc for a prepared, centred input [batch, d_in]."""
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, hidden_pre: Tensor) -> Tensor:
+        """Latents from pre-activations (inference rule)."""
+        raise NotImplementedError
+
+    def encode_parts(
+        self, x: Tensor, settings: LossSettings | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(pre-activations, latents) for a prepared, centred input [batch, d_in].
+
+        With `settings` the training rule is used (batch-level top-k, straight-through
+        estimators); without, the inference rule.
+        """
+        hidden_pre = self.pre_activations(x)
+        if settings is None:
+            return hidden_pre, self.activation(hidden_pre)
+        return hidden_pre, self.training_latents(hidden_pre, settings)
+
+    def sparsity_losses(
+        self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
+    ) -> dict[str, Tensor]:
+        """Loss terms beyond the MSE, by name."""
+        return {}
+
+    def training_latents(self, hidden_pre: Tensor, settings: LossSettings) -> Tensor:
+        """Latents during training; differs from `activation` for batch-level rules and
+        for straight-through estimators."""
+        return self.activation(hidden_pre)
+
+    def published(self) -> SAE:
+        """The SAE in the form it is saved for inference (itself, unless overridden)."""
+        return self
+
+    @torch.no_grad()
+    def post_optimizer_step(self) -> None:
+        """Called by the trainer after each optimizer step to keep constraints (e.g. theta > 0)."""
+
+    # ----- shared behaviour ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Decoder rows of norm 0.1 in random directions, W_enc = W_dec^T, biases zero."""
+        w_dec = torch.randn(self.W_dec.shape, device=self.W_dec.device, dtype=torch.float32)
+        w_dec = 0.1 * w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w_dec)
+        if self.W_enc.shape == (self.cfg.d_in, self.cfg.d_sae) and self.cfg.d_in == w_dec.shape[1]:
+            self.W_enc.copy_(w_dec.T)
+        else:  # transcoder with d_out != d_in: the transpose has the wrong shape
+            bound = 1 / math.sqrt(self.cfg.d_in)
+            self.W_enc.uniform_(-bound, bound)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def to(self, *args: Any, **kwargs: Any) -> SAE:  # type: ignore[override]
+        """Move/cast like nn.Module.to, keeping `cfg.device` and `cfg.dtype` in step."""
+        super().to(*args, **kwargs)
+        self.cfg.device = str(self.W_dec.device)
+        self.cfg.dtype = dtype_name(self.W_dec.dtype)
+        return self
+
+    def _check_width(self, x: Tensor, expected: int, what: str) -> None:
+        if x.shape[-1] != expected:
+            raise ValueError(
+                f"{what} has last dimension {x.shape[-1]} but this SAE expects {expected} "
+                f"(shape given: {tuple(x.shape)})"
+            )
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Cast, flatten heads, normalise: [..., d_in] -> [..., d_in] in the SAE's dtype."""
+        if self.cfg.reshape_activations == "hook_z":
+            if x.ndim < 2 or x.shape[-2] * x.shape[-1] != self.cfg.d_in:
+                raise ValueError(
+                    f"reshape_activations='hook_z' expects input [..., n_heads, d_head] with "
+                    f"n_heads * d_head = d_in = {self.cfg.d_in}, got shape {tuple(x.shape)}"
+                )
+            self._head_shape = (x.shape[-2], x.shape[-1])
+            x = x.flatten(-2)  # [..., n_heads * d_head]
+        self._check_width(x, self.cfg.d_in, "input")
+        x = x.to(self.dtype)
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            scale = math.sqrt(self.cfg.d_in) / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            self._norm_state = NormState(None, scale)
+            x = x * scale
+        elif mode == "layer_norm":
+            mean = x.mean(dim=-1, keepdim=True)
+            std = x.std(dim=-1, keepdim=True) + 1e-5
+            self._norm_state = NormState(mean, 1 / std)
+            x = (x - mean) / std
+        return x
+
+    def restore_output(self, recon: Tensor) -> Tensor:
+        """Undo `prepare_input`'s normalisation and head flattening on a reconstruction."""
+        state = self._norm_state
+        if state is not None and self.cfg.normalize_activations != "none":
+            recon = recon / state.scale
+            if state.shift is not None:
+                recon = recon + state.shift
+        if self.cfg.reshape_activations == "hook_z" and self._head_shape is not None:
+            recon = recon.unflatten(-1, self._head_shape)  # [..., n_heads, d_head]
+        return recon
+
+    def center(self, x: Tensor) -> Tensor:
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents for activations [..., d_in] (or [..., n_heads, d_head]) -> [..., d_sae]."""
+        return self.encode_parts(self.center(self.prepare_input(x)))[1]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Reconstruction from latents [..., d_sae] -> [..., d_out], in the input's scale."""
+        self._check_width(latents, self.cfg.d_sae, "latents")
+        recon = latents.to(self.dtype) @ self.W_dec + self.b_dec
+        return self.restore_output(recon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """decode(encode(x)): the reconstruction, same shape as the input."""
+        return self.decode(self.encode(x))
+
+    def training_forward(
+        self,
+        x: Tensor,
+        target: Tensor | None = None,
+        settings: LossSettings | None = None,
+        dead_mask: Tensor | None = None,
+    ) -> TrainingOutput:
+        """One training forward pass on x [batch, d_in] (target [batch, d_out] for transcoders).
+
+        `dead_mask` [d_sae] marks latents the trainer considers dead (for AuxK).
+        The MSE is the mean over tokens of the squared error summed over features.
+        """
+        settings = settings or LossSettings()
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                "training runs on activations the data pipeline has already normalised; "
+                f"normalize_activations={self.cfg.normalize_activations!r} is for inference"
+            )
+        if self.is_transcoder and target is None:
+            raise ValueError("a transcoder needs `target`, the activation at its output hook")
+        x = self.prepare_input(x)
+        target = x if target is None else target.to(self.dtype)
+        self._check_width(target, self.cfg.output_width, "target")
+        hidden_pre, latents = self.encode_parts(self.center(x), settings)
+        recon = self.reconstruct(x, latents)
+        losses = {"mse": squared_error(recon, target)}
+        losses.update(self.sparsity_losses(x, hidden_pre, latents, settings))
+        if dead_mask is not None and dead_mask.any():
+            losses.update(self.dead_latent_losses(hidden_pre, target - recon, dead_mask, settings))
+        total = torch.stack(list(losses.values())).sum()
+        return TrainingOutput(recon, latents, total, losses)
+
+    def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
+        """Reconstruction during training (transcoders with a skip path add it here)."""
+        return latents @ self.W_dec + self.b_dec
+
+    def dead_latent_losses(
+        self, hidden_pre: Tensor, residual: Tensor, dead_mask: Tensor, settings: LossSettings
+    ) -> dict[str, Tensor]:
+        """Auxiliary losses that revive dead latents (AuxK for topk-style SAEs)."""
+        return {}
+
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=1)  # [d_sae]
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Rescale so every decoder row has unit norm, keeping the SAE's function unchanged."""
+        norms = self.decoder_norms().clamp_min(1e-12)
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms
+        for name in self.per_latent_encoder_scales():
+            getattr(self, name).mul_(norms)
+
+    def per_latent_encoder_scales(self) -> tuple[str, ...]:
+        """Per-latent encoder tensors that scale with W_enc's columns when folding norms."""
+        return ("b_enc",)
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scale: float) -> None:
+        """Fold an input scaling x -> s*x into the weights, so raw activations can be fed.
+
+        The SAE was trained on s*x and reconstructs s*x; afterwards it takes x and returns x.
+        """
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale
+
+    # ----- construction, saving, loading ---------------------------------------------------
+
+    @staticmethod
+    def from_config(cfg: SAEConfig) -> SAE:
+        """A freshly initialised SAE of the configured architecture."""
+        return architecture_class(cfg.architecture)(cfg)
+
+    def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
+        """Write the SAE (in its published form) as a native folder, atomically."""
+        from saekit.io.native import save_sae_folder
+
+        publish = self.published()
+        tensors = {name: t.detach() for name, t in publish.state_dict().items()}
+        return save_sae_folder(path, publish.cfg.to_dict(), tensors, sparsity)
+
+    @staticmethod
+    def load(
+        path: str | Path, device: str | torch.device | None = None, dtype: str | None = None
+    ) -> SAE:
+        """Load a native folder (current or pre-6.0 flat cfg.json)."""
+        from saekit.io.native import load_sae_folder
+
+        return load_sae_folder(path, device=device, dtype=dtype).sae
+
+    @staticmethod
+    def from_pretrained(
+        release: str,
+        sae_id: str | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> PretrainedSAE:
+        """Load a published SAE: registry release name, Hub repo id or local folder."""
+        from saekit.io.pretrained import load_pretrained
+
+        return load_pretrained(release, sae_id, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "") -> SAE:
+        """Build an SAE from a config and a full set of named tensors, checking every shape."""
+        sae = architecture_class(cfg.architecture)(cfg)
+        expected = sae.state_dict()
+        where = f" in {source}" if source else ""
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(
+                f"tensor(s) {missing} missing{where}; a {cfg.architecture!r} SAE needs "
+                f"{sorted(expected)}"
+            )
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ValueError(
+                f"unexpected tensor(s) {unexpected}{where} for a {cfg.architecture!r} SAE, which "
+                f"has {sorted(expected)}; is the cfg.json architecture right?"
+            )
+        with torch.no_grad():
+            for name, param in expected.items():
+                value = tensors[name]
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"tensor {name!r}{where} has shape {tuple(value.shape)} but the config "
+                        f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {tuple(param.shape)}"
+                    )
+                param.copy_(value.to(param.dtype))
+        return sae
+
+
+def squared_error(recon: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of the squared error summed over features."""
+    return (recon - target).pow(2).sum(dim=-1).mean()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    return None if dtype is None else DTYPES[dtype_name(dtype)]

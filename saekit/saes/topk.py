@@ -1,0 +1,154 @@
+"""Top-k SAEs: per token (topk), per batch (batchtopk) and nested (matryoshka_batchtopk)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saekit.config import SAEConfig
+from saekit.saes.base import SAE, LossSettings, squared_error
+from saekit.saes.registry import register_architecture
+
+#: Weight of the newest batch's smallest kept activation in the batchtopk threshold average.
+THRESHOLD_EMA_RATE = 0.01
+
+
+def keep_top_k(values: Tensor, k: int) -> Tensor:
+    """Zero all but the k largest entries of the last dimension."""
+    top = values.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(values).scatter_(-1, top.indices, top.values)
+
+
+class TopKFamily(SAE):
+    """What topk-style SAEs share: a required k and the AuxK loss for dead latents."""
+
+    def validate_config(self, cfg: SAEConfig) -> None:
+        super().validate_config(cfg)
+        if cfg.k is None:
+            raise ValueError(f"architecture {self.architecture!r} needs k (latents per token)")
+
+    def dead_latent_losses(
+        self, hidden_pre: Tensor, residual: Tensor, dead_mask: Tensor, settings: LossSettings
+    ) -> dict[str, Tensor]:
+        # AuxK (Gao et al. 2024): the dead latents alone try to explain what the live ones
+        # missed, which gives them gradient again.
+        k_aux = min(settings.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+        dead_pre = torch.relu(hidden_pre).masked_fill(~dead_mask, 0.0)  # [batch, d_sae]
+        aux_recon = keep_top_k(dead_pre, k_aux) @ self.W_dec  # b_dec is in the main recon
+        aux = squared_error(aux_recon, residual.detach())
+        return {"aux_k": settings.aux_k_coefficient * aux}
+
+
+@register_architecture("topk")
+class TopKSAE(TopKFamily):
+    def pre_activations(self, x: Tensor) -> Tensor:
+        hidden_pre = super().pre_activations(x)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.decoder_norms()
+        return hidden_pre
+
+    def activation(self, hidden_pre: Tensor) -> Tensor:
+        assert self.cfg.k is not None
+        return keep_top_k(torch.relu(hidden_pre), self.cfg.k)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            latents = latents / self.decoder_norms()
+        return super().decode(latents)
+
+    def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            latents = latents / self.decoder_norms()
+        return super().reconstruct(x, latents)
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # Ranking already uses h * ||W_dec[i]||; unit rows keep the function as it is.
+            norms = self.decoder_norms().clamp_min(1e-12)
+            self.W_dec /= norms[:, None]
+            self.W_enc *= norms
+            self.b_enc *= norms
+            return
+        norms = self.decoder_norms()
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
+            raise ValueError(
+                "folding decoder norms into a topk SAE would change which latents win the top-k; "
+                "train with unit-norm decoder rows or set rescale_acts_by_decoder_norm=True"
+            )
+
+
+def batch_top_k(hidden_pre: Tensor, k: int) -> Tensor:
+    """Keep the k * batch largest ReLU activations across the whole batch [batch, d_sae]."""
+    acts = torch.relu(hidden_pre)
+    flat = acts.flatten()
+    keep = min(k * acts.shape[0], flat.numel())
+    top = flat.topk(keep, sorted=False)
+    return torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(acts)
+
+
+@register_architecture("batchtopk")
+class BatchTopKSAE(TopKFamily):
+    """Training picks the top k*B activations of a batch of B tokens; inference uses a global
+    threshold (a running average of the smallest kept activation), so the SAE is published as
+    a jumprelu SAE."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # Learned by a running average, not by gradient, hence a buffer.
+        threshold = torch.zeros(cfg.d_sae, device=self.device, dtype=self.dtype)
+        self.register_buffer("threshold", threshold)
+
+    def activation(self, hidden_pre: Tensor) -> Tensor:
+        return torch.relu(hidden_pre) * (hidden_pre > self.threshold)
+
+    def training_latents(self, hidden_pre: Tensor, settings: LossSettings) -> Tensor:
+        assert self.cfg.k is not None
+        latents = batch_top_k(hidden_pre, self.cfg.k)
+        if self.training:
+            self._update_threshold(latents)
+        return latents
+
+    @torch.no_grad()
+    def _update_threshold(self, latents: Tensor) -> None:
+        kept = latents[latents > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min().to(self.threshold.dtype)
+        if bool((self.threshold == 0).all()):
+            self.threshold.fill_(smallest)
+        else:
+            self.threshold.lerp_(smallest.expand_as(self.threshold), THRESHOLD_EMA_RATE)
+
+    def per_latent_encoder_scales(self) -> tuple[str, ...]:
+        return ("b_enc", "threshold")
+
+    def published(self) -> SAE:
+        from saekit.saes.jumprelu import JumpReLUSAE
+
+        cfg = self.cfg.replace(architecture="jumprelu", k=None, matryoshka_widths=None)
+        return JumpReLUSAE.from_tensors(cfg, dict(self.state_dict()))
+
+
+@register_architecture("matryoshka_batchtopk")
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """BatchTopK whose nested prefixes of latents must each reconstruct the input alone."""
+
+    def validate_config(self, cfg: SAEConfig) -> None:
+        super().validate_config(cfg)
+        if cfg.matryoshka_widths is None:
+            raise ValueError(
+                "matryoshka_batchtopk needs matryoshka_widths, e.g. [d_sae // 4, d_sae // 2, d_sae]"
+            )
+
+    def sparsity_losses(
+        self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
+    ) -> dict[str, Tensor]:
+        assert self.cfg.matryoshka_widths is not None
+        inner = [
+            squared_error(latents[:, :w] @ self.W_dec[:w] + self.b_dec, x)
+            for w in self.cfg.matryoshka_widths[:-1]
+        ]
+        if not inner:
+            return {}
+        return {"matryoshka_mse": torch.stack(inner).sum()}

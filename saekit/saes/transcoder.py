@@ -1,0 +1,52 @@
+"""Transcoders: read the activation at one hook, reconstruct the activation at another.
+
+The math is the underlying SAE's; only the output width (d_out) and, for the skip variant, a
+linear path from input to output (W_skip [d_out, d_in]) differ.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from saekit.config import SAEConfig
+from saekit.saes.base import SAE
+from saekit.saes.jumprelu import JumpReLUSAE
+from saekit.saes.registry import register_architecture
+from saekit.saes.standard import StandardSAE
+
+
+class TranscoderMixin(SAE):
+    is_transcoder = True
+
+    def validate_config(self, cfg: SAEConfig) -> None:
+        super().validate_config(cfg)
+        if cfg.apply_b_dec_to_input and cfg.output_width != cfg.d_in:
+            raise ValueError(
+                f"apply_b_dec_to_input needs b_dec [{cfg.output_width}] to match the input "
+                f"width d_in={cfg.d_in}; set apply_b_dec_to_input=False for this transcoder"
+            )
+
+
+@register_architecture("transcoder")
+class Transcoder(TranscoderMixin, StandardSAE):
+    pass
+
+
+@register_architecture("jumprelu_transcoder")
+class JumpReLUTranscoder(TranscoderMixin, JumpReLUSAE):
+    pass
+
+
+@register_architecture("skip_transcoder")
+class SkipTranscoder(Transcoder):
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**super().parameter_shapes(), "W_skip": (self.cfg.output_width, self.cfg.d_in)}
+
+    def skip(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype) @ self.W_skip.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x)) + self.skip(x)
+
+    def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
+        return super().reconstruct(x, latents) + self.skip(x)
