@@ -20,8 +20,8 @@ def register_architecture(name: str) -> Callable[[SAEClass], SAEClass]:
     def decorate(cls: SAEClass) -> SAEClass:
         if name in _ARCHITECTURES:
             raise ValueError(
-                f"architecture {name!r} is already registered (by {_ARCHITECTURES[name].__name__}); "
-                "pick another name"
+                f"architecture {name!r} is already registered "
+                f"(by {_ARCHITECTURES[name].__name__}); pick another name"
             )
         cls.architecture = name
         _ARCHITECTURES[name] = cls
