@@ -311,6 +311,18 @@ class SAE(nn.Module):
         """A freshly initialised SAE of the configured architecture."""
         return architecture_class(cfg.architecture)(cfg)
 
+    @classmethod
+    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
+        """Config fields this architecture needs beyond d_in and d_sae, with sensible values."""
+        return {}
+
+    @staticmethod
+    def create(architecture: str, d_in: int, d_sae: int, **fields: Any) -> SAE:
+        """A fresh SAE from just a name and sizes: `SAE.create("topk", 768, 24576, k=64)`."""
+        cls = architecture_class(architecture)
+        merged = {**cls.config_defaults(d_in, d_sae), **fields}
+        return cls(SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, **merged))
+
     def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
         """Write the SAE (in its published form) as a native folder, atomically."""
         from saekit.io.native import save_sae_folder

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,10 @@ def keep_top_k(values: Tensor, k: int) -> Tensor:
 
 class TopKFamily(SAE):
     """What topk-style SAEs share: a required k and the AuxK loss for dead latents."""
+
+    @classmethod
+    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
+        return {"k": min(32, d_sae)}
 
     def validate_config(self, cfg: SAEConfig) -> None:
         super().validate_config(cfg)
@@ -133,6 +139,11 @@ class BatchTopKSAE(TopKFamily):
 @register_architecture("matryoshka_batchtopk")
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """BatchTopK whose nested prefixes of latents must each reconstruct the input alone."""
+
+    @classmethod
+    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
+        widths = sorted({max(1, d_sae // 4), max(1, d_sae // 2), d_sae})
+        return {**super().config_defaults(d_in, d_sae), "matryoshka_widths": widths}
 
     def validate_config(self, cfg: SAEConfig) -> None:
         super().validate_config(cfg)

@@ -6,6 +6,8 @@ linear path from input to output (W_skip [d_out, d_in]) differ.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from saekit.config import SAEConfig
@@ -17,6 +19,11 @@ from saekit.saes.standard import StandardSAE
 
 class TranscoderMixin(SAE):
     is_transcoder = True
+
+    @classmethod
+    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
+        # b_dec lives in the output space, so it cannot be subtracted from the input.
+        return {**super().config_defaults(d_in, d_sae), "apply_b_dec_to_input": False}
 
     def validate_config(self, cfg: SAEConfig) -> None:
         super().validate_config(cfg)

@@ -1,0 +1,275 @@
+"""Each architecture's encode/decode and loss terms against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_sae
+
+from saekit import SAE, LossSettings, SAEConfig, list_architectures, register_architecture
+from saekit.saes.jumprelu import JumpReLUFunction, StepFunction
+from saekit.saes.topk import batch_top_k
+
+ARCHITECTURES = list_architectures()
+
+
+def test_standard_encode_decode_by_hand() -> None:
+    sae = random_sae("standard")
+    x = torch.randn(4, 8)
+    expected_f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    assert torch.allclose(sae.encode(x), expected_f)
+    assert torch.allclose(sae.decode(expected_f), expected_f @ sae.W_dec + sae.b_dec)
+
+
+def test_apply_b_dec_to_input_false_skips_centering() -> None:
+    sae = random_sae("standard", apply_b_dec_to_input=False)
+    x = torch.randn(4, 8)
+    assert torch.allclose(sae.encode(x), torch.relu(x @ sae.W_enc + sae.b_enc))
+
+
+def test_topk_keeps_k_largest_positive() -> None:
+    sae = random_sae("topk", k=3)
+    x = torch.randn(6, 8)
+    h = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    f = sae.encode(x)
+    assert ((f != 0).sum(-1) <= 3).all()
+    for row_h, row_f in zip(h, f, strict=True):
+        third_largest = row_h.sort(descending=True).values[2]
+        kept = row_f != 0
+        assert torch.equal(row_f[kept], row_h[kept])
+        assert (row_h[~kept] <= third_largest + 1e-7).all()
+
+
+def test_jumprelu_zeroes_below_threshold() -> None:
+    sae = random_sae("jumprelu")
+    x = torch.randn(5, 8)
+    h = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    expected = torch.where(h > sae.threshold, h, torch.zeros_like(h))
+    assert torch.allclose(sae.encode(x), expected)
+
+
+def test_gated_formula() -> None:
+    sae = random_sae("gated")
+    x = torch.randn(5, 8)
+    xc = x - sae.b_dec
+    gate = (xc @ sae.W_enc + sae.b_gate > 0).float()
+    mag = torch.relu(xc @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag)
+    assert torch.allclose(sae.encode(x), gate * mag)
+
+
+def test_skip_transcoder_adds_linear_path() -> None:
+    sae = random_sae("skip_transcoder")
+    x = torch.randn(5, 8)
+    f = torch.relu(x @ sae.W_enc + sae.b_enc)
+    expected = f @ sae.W_dec + sae.b_dec + x @ sae.W_skip.T
+    assert sae(x).shape == (5, 11)
+    assert torch.allclose(sae(x), expected, atol=1e-6)
+
+
+def test_batch_top_k_keeps_k_times_batch() -> None:
+    h = torch.randn(4, 16)
+    kept = batch_top_k(h, 2)
+    assert int((kept != 0).sum()) == 8
+    smallest_kept = kept[kept != 0].min()
+    assert (torch.relu(h)[kept == 0] <= smallest_kept).all()
+
+
+def test_batchtopk_learns_a_threshold_and_publishes_as_jumprelu(tmp_path) -> None:
+    sae = random_sae("batchtopk", k=4)
+    x = torch.randn(64, 8)
+    for _ in range(3):
+        sae.training_forward(x)
+    assert (sae.threshold > 0).all()
+    published = sae.published()
+    assert published.cfg.architecture == "jumprelu" and published.cfg.k is None
+    assert torch.equal(published.encode(x), sae.encode(x))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_any_leading_dims_and_dtype_cast(architecture: str) -> None:
+    sae = random_sae(architecture)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    out = sae(x)
+    assert out.dtype == torch.float32
+    assert out.shape == (2, 3, sae.cfg.output_width)
+    assert torch.allclose(out.reshape(6, -1), sae(x.reshape(6, 8)), atol=1e-6)
+    assert sae.encode(x).shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fold_W_dec_norm_keeps_function(architecture: str) -> None:
+    sae = random_sae(architecture, rescale_acts_by_decoder_norm=architecture == "topk")
+    x = torch.randn(10, 8)
+    before = sae(x)
+    sae.fold_W_dec_norm()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+    assert torch.allclose(sae(x), before, atol=1e-5)
+
+
+def test_topk_fold_refuses_to_change_the_ranking() -> None:
+    sae = random_sae("topk")
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm"):
+        sae.fold_W_dec_norm()
+
+
+def test_fold_activation_norm_scaling_factor() -> None:
+    sae = random_sae("standard")
+    x = torch.randn(5, 8)
+    scale = 3.0
+    trained_on_scaled = sae(x * scale) / scale
+    sae.fold_activation_norm_scaling_factor(scale)
+    assert torch.allclose(sae(x), trained_on_scaled, atol=1e-5)
+
+
+def test_constant_norm_rescale_is_scale_equivariant() -> None:
+    sae = random_sae("standard", normalize_activations="constant_norm_rescale")
+    x = torch.randn(5, 8)
+    assert torch.allclose(sae(7.0 * x), 7.0 * sae(x), atol=1e-4)
+    # By hand: scale each token to norm sqrt(d_in), run, scale back.
+    s = 8**0.5 / x.norm(dim=-1, keepdim=True)
+    plain = random_sae("standard")
+    assert torch.allclose(sae(x), plain(x * s) / s, atol=1e-5)
+
+
+def test_layer_norm_mode_by_hand() -> None:
+    sae = random_sae("standard", normalize_activations="layer_norm")
+    plain = random_sae("standard")
+    x = torch.randn(5, 8) * 3 + 1
+    mu, sd = x.mean(-1, keepdim=True), x.std(-1, keepdim=True) + 1e-5
+    assert torch.allclose(sae(x), plain((x - mu) / sd) * sd + mu, atol=1e-5)
+
+
+def test_hook_z_reshape() -> None:
+    sae = random_sae("standard", reshape_activations="hook_z")
+    z = torch.randn(2, 3, 4, 2)  # [batch, pos, n_heads, d_head]
+    out = sae(z)
+    assert out.shape == z.shape
+    flat = random_sae("standard")
+    assert torch.allclose(out, flat(z.flatten(-2)).unflatten(-1, (4, 2)))
+    with pytest.raises(ValueError, match="n_heads"):
+        sae(torch.randn(2, 3, 3, 2))
+
+
+def test_to_keeps_config_in_step() -> None:
+    sae = random_sae("jumprelu")
+    sae.to(dtype=torch.float64)
+    assert sae.cfg.dtype == "float64" and sae.W_enc.dtype == torch.float64
+    assert sae.encode(torch.randn(2, 8)).dtype == torch.float64
+    sae.to("cpu", torch.bfloat16)
+    assert sae.cfg.dtype == "bfloat16" and sae.cfg.device == "cpu"
+
+
+def test_d_in_mismatch_names_both_sizes() -> None:
+    sae = random_sae("standard")
+    with pytest.raises(ValueError, match=r"last dimension 7.*expects 8"):
+        sae.encode(torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"last dimension 31.*expects 32"):
+        sae.decode(torch.randn(3, 31))
+
+
+def test_registry_refuses_duplicates_and_lists_known() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_architecture("standard")(type("Other", (SAE,), {}))
+    with pytest.raises(ValueError, match="known architectures: .*topk"):
+        SAE.from_config(SAEConfig(architecture="nope", d_in=4, d_sae=8))
+
+
+def test_users_can_register_an_architecture() -> None:
+    @register_architecture("test_abs_relu")
+    class AbsReLU(SAE):
+        def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+            return hidden_pre.abs()
+
+    sae = SAE.create("test_abs_relu", 4, 8)
+    x = torch.randn(3, 4)
+    assert torch.allclose(sae.encode(x), ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).abs())
+
+
+# ----- training loss terms ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_training_forward_terms_sum_and_backprop(architecture: str) -> None:
+    sae = random_sae(architecture)
+    x = torch.randn(16, 8)
+    target = torch.randn(16, sae.cfg.output_width) if sae.is_transcoder else None
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:10] = True
+    out = sae.training_forward(x, target, LossSettings(sparsity_coefficient=0.1), dead)
+    assert out.recon.shape == (16, sae.cfg.output_width) and out.latents.shape == (16, 32)
+    assert torch.allclose(out.loss, sum(out.losses.values()))
+    expected_mse = (out.recon - (x if target is None else target)).pow(2).sum(-1).mean()
+    assert torch.allclose(out.losses["mse"], expected_mse)
+    out.loss.backward()
+    assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
+
+
+def test_standard_l1_is_weighted_by_decoder_norms() -> None:
+    sae = random_sae("standard")
+    x = torch.randn(16, 8)
+    out = sae.training_forward(x, settings=LossSettings(sparsity_coefficient=0.5))
+    f = out.latents
+    expected = 0.5 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    assert torch.allclose(out.losses["l1"], expected)
+
+
+def test_aux_k_by_hand() -> None:
+    sae = random_sae("topk", k=2)
+    x = torch.randn(4, 8)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[5:9] = True
+    settings = LossSettings(k_aux=2, aux_k_coefficient=0.25)
+    out = sae.training_forward(x, settings=settings, dead_mask=dead)
+    h = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    e = x - out.recon
+    expected = 0.0
+    for row in range(4):
+        dead_vals = h[row, 5:9]
+        top = dead_vals.topk(2)
+        e_hat = sum(v * sae.W_dec[5 + i] for v, i in zip(top.values, top.indices, strict=True))
+        expected += (e_hat - e[row]).pow(2).sum()
+    assert torch.allclose(out.losses["aux_k"], 0.25 * expected / 4, atol=1e-5)
+    assert "aux_k" not in sae.training_forward(x, settings=settings).losses
+
+
+def test_matryoshka_prefix_losses_by_hand() -> None:
+    sae = random_sae("matryoshka_batchtopk", k=8, matryoshka_widths=[4, 16, 32])
+    x = torch.randn(8, 8)
+    out = sae.training_forward(x)
+    f = out.latents
+    expected = sum(
+        (f[:, :w] @ sae.W_dec[:w] + sae.b_dec - x).pow(2).sum(-1).mean() for w in (4, 16)
+    )
+    assert torch.allclose(out.losses["matryoshka_mse"], expected, atol=1e-5)
+
+
+def test_jumprelu_straight_through_gradients() -> None:
+    h = torch.tensor([[0.50, 0.1004, 0.0997, 0.0990]], requires_grad=True)
+    theta = torch.full((4,), 0.1, requires_grad=True)
+    eps = 0.001
+    JumpReLUFunction.apply(h, theta, eps).sum().backward()
+    # d/dh passes where the latent fires; d/dtheta = -(theta/eps) inside the window.
+    assert torch.equal(h.grad, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    assert torch.allclose(theta.grad, torch.tensor([0.0, -100.0, -100.0, 0.0]))
+    theta.grad = None
+    StepFunction.apply(h.detach(), theta, eps).sum().backward()
+    assert torch.allclose(theta.grad, torch.tensor([0.0, -1000.0, -1000.0, 0.0]))
+
+
+def test_gated_aux_loss_uses_frozen_decoder() -> None:
+    sae = random_sae("gated")
+    x = torch.randn(6, 8)
+    out = sae.training_forward(x, settings=LossSettings(sparsity_coefficient=1.0))
+    pi_gate = (x - sae.b_dec) @ sae.W_enc + sae.b_gate
+    aux = (torch.relu(pi_gate) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    assert torch.allclose(out.losses["aux_reconstruction"], aux, atol=1e-5)
+    sae.zero_grad()
+    out.losses["aux_reconstruction"].backward()
+    assert sae.W_dec.grad is None or torch.all(sae.W_dec.grad == 0)
+    assert sae.b_gate.grad is not None and sae.b_gate.grad.abs().sum() > 0
+
+
+def test_transcoder_needs_a_target() -> None:
+    sae = random_sae("transcoder")
+    with pytest.raises(ValueError, match="target"):
+        sae.training_forward(torch.randn(3, 8))
