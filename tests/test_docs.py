@@ -1,0 +1,32 @@
+"""Every ```python block in the README runs, in order, in a scratch folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+def python_blocks(page: Path) -> list[str]:
+    return PYTHON_BLOCK.findall(page.read_text())
+
+
+def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = python_blocks(ROOT / "README.md")
+    assert blocks, "the README should show Python usage"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_first_two_blocks_are_the_setup_commands() -> None:
+    fenced = re.findall(r"```\w*\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    install_and_run, install_and_test = (block.strip() for block in fenced[:2])
+    assert "\n" not in install_and_run and "\n" not in install_and_test
+    assert install_and_run.endswith("saekit train")
+    assert "pytest" in install_and_test
