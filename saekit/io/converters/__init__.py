@@ -1,0 +1,82 @@
+"""Readers for the file layouts SAEs are published in, each turning one into saekit's terms.
+
+A converter takes a file source (local folder or Hub repo) and a context (folder in the repo,
+repo id, model) and returns a cfg dict plus native tensors (`Converted`). `LAYOUTS` maps the
+registry's layout names to converters; `detect_layout` guesses the layout of a folder that no
+registry entry describes, from the files it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from saekit.io.converters.base import ConvertContext, Converted, read_json
+from saekit.io.converters.dictionary_learning import convert_dictionary_learning
+from saekit.io.converters.gemma_scope import (
+    convert_gemma_scope,
+    convert_gemma_scope_2,
+    convert_gemma_scope_transcoder,
+)
+from saekit.io.converters.llama_scope import convert_llama_scope, convert_llama_scope_r1_distill
+from saekit.io.converters.native import convert_native
+from saekit.io.converters.sparsify import convert_sparsify, is_sparsify_cfg
+from saekit.io.sources import FileSource, join
+
+Converter = Callable[[FileSource, ConvertContext], Converted]
+
+LAYOUTS: dict[str, Converter] = {
+    "native": convert_native,
+    "gemma_scope": convert_gemma_scope,
+    "gemma_scope_transcoder": convert_gemma_scope_transcoder,
+    "gemma_scope_2": convert_gemma_scope_2,
+    "llama_scope": convert_llama_scope,
+    "llama_scope_r1_distill": convert_llama_scope_r1_distill,
+    "dictionary_learning": convert_dictionary_learning,
+    "sparsify": convert_sparsify,
+}
+
+#: The first file found decides the layout (cfg.json is shared by native and sparsify).
+_MARKERS = (
+    ("cfg.json", None),
+    ("params.npz", "gemma_scope"),
+    ("params.safetensors", "gemma_scope_2"),
+    ("hyperparams.json", "llama_scope"),
+    ("ae.pt", "dictionary_learning"),
+)
+
+
+def converter_for(layout: str, where: str = "") -> Converter:
+    if layout in LAYOUTS:
+        return LAYOUTS[layout]
+    at = f" ({where})" if where else ""
+    raise ValueError(
+        f"SAE layout {layout!r}{at} is not supported by saekit yet; supported layouts: "
+        f"{', '.join(LAYOUTS)}"
+    )
+
+
+def detect_layout(source: FileSource, folder: str) -> str:
+    """The layout of `folder`, from the files it holds; errors say what was looked for."""
+    offline_error: FileNotFoundError | None = None
+    for marker, layout in _MARKERS:
+        path = join(folder, marker)
+        try:
+            found = source.fetch(path, required=False)
+        except FileNotFoundError as err:  # offline and not cached: maybe the next marker is
+            offline_error = offline_error or err
+            continue
+        if found is None:
+            continue
+        if layout is None:
+            return "sparsify" if is_sparsify_cfg(source.read(path, read_json)) else "native"
+        return layout
+    if offline_error is not None:
+        raise offline_error
+    markers = ", ".join(m for m, _ in _MARKERS)
+    raise FileNotFoundError(
+        f"{source.describe(folder or '.')} holds no SAE saekit can read (looked for {markers}); "
+        "check the folder (sae_id), or pass layout=... naming one of " + ", ".join(LAYOUTS)
+    )
+
+
+__all__ = ["LAYOUTS", "ConvertContext", "Converted", "converter_for", "detect_layout"]

@@ -1,0 +1,81 @@
+"""What every converter shares: its result type, the context it gets, small tensor helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from saekit.config import dtype_name
+
+
+class ConvertContext(NamedTuple):
+    """What a converter may know beyond the files: from the registry when there is one."""
+
+    folder: str
+    """Folder inside the repo that holds the SAE ("" for the repo root)."""
+    repo_id: str | None = None
+    """Hub repo id, when loading from the Hub (some layouts encode the hook site in it)."""
+    model: str | None = None
+    """Model the release reads, from the registry."""
+
+
+class Converted(NamedTuple):
+    """An SAE in saekit's terms: a cfg.json dict (either layout) and native tensors."""
+
+    cfg: dict[str, Any]
+    tensors: dict[str, Tensor]
+    sparsity: Tensor | None = None
+
+
+def current_cfg(
+    architecture: str,
+    tensors: dict[str, Tensor],
+    metadata: dict[str, Any],
+    **fields: Any,
+) -> dict[str, Any]:
+    """A current-layout cfg dict whose sizes and dtype are read off the tensors."""
+    d_in, d_sae = tensors["W_enc"].shape
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "dtype": dtype_name(tensors["W_enc"].dtype),
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if tensors["W_dec"].shape[1] != d_in:
+        cfg["d_out"] = int(tensors["W_dec"].shape[1])
+    cfg.update(fields)
+    cfg["metadata"] = {k: v for k, v in metadata.items() if v is not None}
+    return cfg
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; errors name the file (a ValueError lets sources re-fetch)."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file may be corrupt") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def require(mapping: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        raise ValueError(
+            f"{where} has no {', '.join(repr(k) for k in missing)} (found {sorted(mapping)})"
+        )
+
+
+def pick(tensors: dict[str, Tensor], where: str, *names: str) -> Tensor:
+    """The first of `names` present (layouts spell the same tensor differently)."""
+    for name in names:
+        if name in tensors:
+            return tensors[name]
+    raise ValueError(f"{where} has no tensor {' or '.join(names)} (found {sorted(tensors)})")

@@ -1,0 +1,156 @@
+"""Google DeepMind's Gemma Scope releases (JumpReLU SAEs and transcoders).
+
+Gemma Scope 1 (Gemma 2): `params.npz` in folders such as `layer_12/width_16k/average_l0_82`
+(or `embedding/width_4k/...`), the site (res, mlp, att, transcoders) named by the repo id.
+Gemma Scope 2 (Gemma 3): `params.safetensors` in folders such as
+`resid_post/layer_17_width_16k_l0_big`, the site named by the first folder. Both store
+W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec and a per-latent threshold (some files
+spell the matrices `w_enc`/`w_dec`), and neither subtracts b_dec from the input.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saekit.io.converters.base import ConvertContext, Converted, current_cfg, pick
+from saekit.io.native import read_safetensors
+from saekit.io.sources import FileSource, join
+
+NPZ_FILE = "params.npz"
+SAFETENSORS_FILE = "params.safetensors"
+#: How Gemma Scope 1 was trained (its technical report); Gemma Scope 2 differs, so it gets less.
+_GS1_METADATA = {
+    "context_size": 1024,
+    "prepend_bos": True,
+    "dataset_path": "monology/pile-uncopyrighted",
+}
+_GS2_METADATA = {"prepend_bos": True}
+
+
+def read_npz(file: Path) -> dict[str, Tensor]:
+    """Arrays of an .npz file as tensors; pickled objects are refused."""
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {key: torch.from_numpy(np.array(data[key])) for key in data.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"{file} could not be read as .npz ({err}); is it corrupt?") from err
+
+
+def _native_tensors(stored: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    return {
+        "W_enc": pick(stored, where, "W_enc", "w_enc"),
+        "b_enc": pick(stored, where, "b_enc"),
+        "W_dec": pick(stored, where, "W_dec", "w_dec"),
+        "b_dec": pick(stored, where, "b_dec"),
+        "threshold": pick(stored, where, "threshold"),
+    }
+
+
+def _layer(folder: str) -> int | None:
+    match = re.search(r"layer_(\d+)", folder)
+    return int(match.group(1)) if match else None
+
+
+def _site_hook(site: str, layer: int | None, where: str) -> tuple[str, dict[str, Any]]:
+    """(hook name, extra cfg fields) for a site name: res(id_post), mlp(_out), att(n_out)."""
+    if layer is None:
+        raise ValueError(f"{where}: no layer_N in the folder name, so the hook is unknown")
+    if site.startswith("res"):
+        return f"blocks.{layer}.hook_resid_post", {}
+    if site.startswith("mlp"):
+        return f"blocks.{layer}.hook_mlp_out", {}
+    if site.startswith("att"):
+        # Attention SAEs read the concatenated head outputs before the output projection.
+        return f"blocks.{layer}.attn.hook_z", {"reshape_activations": "hook_z"}
+    raise ValueError(f"{where}: unknown Gemma Scope site {site!r} (expected res, mlp or att)")
+
+
+def _gemma2_model(repo_id: str | None) -> str | None:
+    match = re.search(r"gemma-scope-(\d+b)-(pt|it)", repo_id or "")
+    if not match:
+        return None
+    size, kind = match.groups()
+    return f"gemma-2-{size}" + ("-it" if kind == "it" else "")
+
+
+def convert_gemma_scope(source: FileSource, ctx: ConvertContext) -> Converted:
+    """Gemma Scope 1 SAEs (params.npz)."""
+    path = join(ctx.folder, NPZ_FILE)
+    where = source.describe(path)
+    tensors = _native_tensors(source.read(path, read_npz), where)
+    repo = ctx.repo_id or ""
+    site = next((s for s in ("res", "mlp", "att") if f"-{s}" in repo), "res")
+    if ctx.folder.startswith("embedding"):
+        hook, extra = "hook_embed", {}
+        # The embedding SAEs were trained on rows of the embedding table, while hook_embed sees
+        # them multiplied by sqrt(d_model) (Gemma's input scaling); fold that factor in.
+        scale = math.sqrt(tensors["W_enc"].shape[0])
+        tensors["W_enc"] = tensors["W_enc"] / scale
+        tensors["W_dec"] = tensors["W_dec"] * scale
+    else:
+        hook, extra = _site_hook(site, _layer(ctx.folder), where)
+    model = ctx.model or _gemma2_model(repo)
+    metadata = {**_GS1_METADATA, "model_name": model, "hook_name": hook}
+    return Converted(current_cfg("jumprelu", tensors, metadata, **extra), tensors)
+
+
+def convert_gemma_scope_transcoder(source: FileSource, ctx: ConvertContext) -> Converted:
+    """Gemma Scope 1 transcoders (params.npz): read the MLP input, write the MLP output."""
+    path = join(ctx.folder, NPZ_FILE)
+    tensors = _native_tensors(source.read(path, read_npz), source.describe(path))
+    model = ctx.model or _gemma2_model(ctx.repo_id)
+    cfg = _transcoder_cfg(tensors, ctx, {**_GS1_METADATA, "model_name": model})
+    return Converted(cfg, tensors)
+
+
+def _transcoder_cfg(
+    tensors: dict[str, Tensor], ctx: ConvertContext, base: dict[str, Any]
+) -> dict[str, Any]:
+    layer = _layer(ctx.folder)
+    if layer is None:
+        raise ValueError(f"{ctx.folder}: no layer_N in the folder name, so the hooks are unknown")
+    metadata = {
+        **base,
+        "hook_name": f"blocks.{layer}.ln2.hook_normalized",
+        "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+    }
+    cfg = current_cfg("jumprelu_transcoder", tensors, metadata)
+    cfg["d_out"] = int(tensors["W_dec"].shape[1])
+    return cfg
+
+
+def _gemma3_model(repo_id: str | None) -> str | None:
+    match = re.search(r"gemma-scope-2-([\w.]+?)-(pt|it)$", repo_id or "")
+    return f"google/gemma-3-{match.group(1)}-{match.group(2)}" if match else None
+
+
+def convert_gemma_scope_2(source: FileSource, ctx: ConvertContext) -> Converted:
+    """Gemma Scope 2 SAEs and transcoders (params.safetensors)."""
+    path = join(ctx.folder, SAFETENSORS_FILE)
+    where = source.describe(path)
+    stored = source.read(path, read_safetensors)
+    if "affine_skip_connection" in stored or ctx.folder.endswith("_affine"):
+        raise ValueError(
+            f"{where} is a transcoder with an affine skip connection on a JumpReLU encoder; "
+            "saekit has no such architecture yet (its skip_transcoder is ReLU), so it cannot "
+            "be loaded faithfully; pick the variant without '_affine'"
+        )
+    tensors = _native_tensors(stored, where)
+    site = ctx.folder.strip("/").split("/")[0]
+    base = {**_GS2_METADATA, "model_name": ctx.model or _gemma3_model(ctx.repo_id)}
+    if site.startswith(("transcoder", "clt")):
+        return Converted(_transcoder_cfg(tensors, ctx, base), tensors)
+    site = {"resid_post": "res", "mlp_out": "mlp", "attn_out": "att"}.get(
+        site.removesuffix("_all"), site
+    )
+    hook, extra = _site_hook(site, _layer(ctx.folder), where)
+    metadata = {**base, "hook_name": hook}
+    return Converted(current_cfg("jumprelu", tensors, metadata, **extra), tensors)

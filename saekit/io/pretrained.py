@@ -1,0 +1,132 @@
+"""`SAE.from_pretrained`: load a published SAE by registry name, Hub repo id or local folder."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from saekit.config import DTYPES, SAEConfig, dtype_name
+from saekit.io.cfg_layout import config_from_dict, is_flat_layout
+from saekit.io.converters import ConvertContext, converter_for, detect_layout
+from saekit.io.releases import (
+    PretrainedEntry,
+    check_relative_path,
+    get_release,
+    resolve_release_name,
+    unknown_release_message,
+)
+from saekit.io.sources import FileSource, HubSource, LocalSource
+
+log = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class PretrainedSAE(NamedTuple):
+    """What `SAE.from_pretrained` returns; unpacks as `sae, cfg_dict, sparsity`."""
+
+    sae: Any  # saekit.saes.base.SAE
+    cfg_dict: dict[str, Any]
+    """The loaded SAE's config in the current cfg.json layout (after any folding)."""
+    sparsity: Tensor | None
+    """log10 firing frequency per latent [d_sae], or None when the release has none."""
+
+
+def load_pretrained(
+    release: str,
+    sae_id: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+    force_download: bool = False,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+    layout: str | None = None,
+    fold_norm_scaling: bool = True,
+) -> PretrainedSAE:
+    """Load a published SAE.
+
+    `release` is a registry name (`saekit pretrained list`), an alias such as `gemma-2b-res`,
+    a Hub repo id `owner/name` (then `sae_id` is the folder inside the repo) or a local folder
+    laid out like such a repo. Hub files go through the Hugging Face cache (`cache_dir`,
+    default HF_HUB_CACHE), at `revision`; `force_download` fetches them again. `layout`
+    overrides the registry's or the detected file layout. A release's `norm_scaling_factor`
+    is folded into the weights (`fold_norm_scaling=False` keeps the input scaling instead).
+    """
+    if sae_id is not None:
+        check_relative_path(sae_id, "sae_id")  # before any path is built from it
+    entry: PretrainedEntry | None = None
+    overrides: dict[str, Any] | None = None
+    model: str | None = None
+    registry_name = resolve_release_name(release)
+    source: FileSource
+    if Path(release).is_dir():
+        source, folder, repo_id = LocalSource(release), sae_id or "", None
+    elif registry_name is not None:
+        info = get_release(registry_name)
+        entry = info.sae(sae_id)
+        source = HubSource(info.repo_id, revision, force_download, token, cache_dir, endpoint)
+        folder, repo_id, model = entry.path, info.repo_id, info.model
+        layout = layout or info.layout
+        overrides = info.config_overrides
+    elif _REPO_ID.match(release):
+        source = HubSource(release, revision, force_download, token, cache_dir, endpoint)
+        folder, repo_id = sae_id or "", release
+    else:
+        raise ValueError(unknown_release_message(release))
+
+    layout = layout or detect_layout(source, folder)
+    converted = converter_for(layout, release)(source, ConvertContext(folder, repo_id, model))
+    raw = apply_overrides(converted.cfg, overrides)
+    where = source.describe(folder or ".")
+    cfg = config_from_dict(raw, source=where)
+    if entry is not None and entry.neuronpedia_id and not cfg.metadata.neuronpedia_id:
+        cfg.metadata.neuronpedia_id = entry.neuronpedia_id
+    target_dtype = dtype_name(dtype) if dtype is not None else cfg.dtype
+    # Build and fold in float32 on the CPU; cast and move once at the end.
+    cfg = cfg.replace(dtype="float32", device="cpu")
+    from saekit.saes.base import SAE
+
+    sae = SAE.from_tensors(cfg, converted.tensors, source=where)
+    scale = entry.norm_scaling_factor if entry is not None else None
+    if scale is not None and fold_norm_scaling:
+        sae.fold_activation_norm_scaling_factor(scale)
+        sae.cfg.normalize_activations = "none"
+    elif sae.cfg.normalize_activations == "expected_average_only_in":
+        log.warning(
+            "%s expects inputs scaled to an average norm of sqrt(d_in) "
+            "(normalize_activations='expected_average_only_in') and no scaling factor is "
+            "known; scale activations yourself before encoding",
+            where,
+        )
+    sae.to(device=torch.device(device), dtype=DTYPES[target_dtype])
+    sparsity = converted.sparsity
+    if sparsity is not None:
+        sparsity = sparsity.to(sae.device)
+    return PretrainedSAE(sae, sae.cfg.to_dict(), sparsity)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The registry's config overrides applied to a cfg dict of either layout."""
+    if not overrides:
+        return raw
+    raw = dict(raw)
+    if is_flat_layout(raw):
+        raw.update(overrides)
+        return raw
+    top_level = set(SAEConfig.__dataclass_fields__) - {"metadata"}
+    metadata = dict(raw.get("metadata") or {})
+    for key, value in overrides.items():
+        if key in top_level:
+            raw[key] = value
+        else:
+            metadata[key] = value
+    raw["metadata"] = metadata
+    return raw
