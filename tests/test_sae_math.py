@@ -8,7 +8,7 @@ from conftest import random_sae
 
 from saekit import SAE, LossSettings, SAEConfig, list_architectures, register_architecture
 from saekit.saes.jumprelu import JumpReLUFunction, StepFunction
-from saekit.saes.topk import batch_top_k
+from saekit.kernels.sparse_topk import batch_topk_pairs
 
 ARCHITECTURES = list_architectures()
 
@@ -67,11 +67,12 @@ def test_skip_transcoder_adds_linear_path() -> None:
 
 
 def test_batch_top_k_keeps_k_times_batch() -> None:
-    h = torch.randn(4, 16)
-    kept = batch_top_k(h, 2)
-    assert int((kept != 0).sum()) == 8
-    smallest_kept = kept[kept != 0].min()
-    assert (torch.relu(h)[kept == 0] <= smallest_kept).all()
+    h = torch.relu(torch.randn(4, 16))
+    token, latent = batch_topk_pairs(h, 2)
+    assert token.numel() == 8
+    kept = torch.zeros_like(h, dtype=torch.bool)
+    kept[token, latent] = True
+    assert (h[~kept] <= h[kept].min()).all()
 
 
 def test_batchtopk_learns_a_threshold_and_publishes_as_jumprelu(tmp_path) -> None:

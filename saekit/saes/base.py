@@ -32,6 +32,8 @@ class LossSettings:
     """AuxK loss weight for topk-style SAEs (Gao et al. 2024)."""
     k_aux: int | None = None
     """Dead latents used by AuxK; None means d_in // 2."""
+    use_sparse_kernel: bool = True
+    """topk-style SAEs: decode through the sparse top-k kernel (same result, less work)."""
     jumprelu_bandwidth: float = 0.001
     """Width of the straight-through kernel for JumpReLU thresholds."""
     jumprelu_sparsity: str = "step"
@@ -259,21 +261,36 @@ class SAE(nn.Module):
         x = self.prepare_input(x)
         target = x if target is None else target.to(self.dtype)
         self._check_width(target, self.cfg.output_width, "target")
-        hidden_pre, latents = self.encode_parts(self.center(x), settings)
-        recon = self.reconstruct(x, latents)
+        centred = self.center(x)
+        hidden_pre, latents, recon = self.training_pass(x, centred, settings)
         losses = {"mse": squared_error(recon, target)}
         losses.update(self.sparsity_losses(x, hidden_pre, latents, settings))
         if dead_mask is not None and dead_mask.any():
-            losses.update(self.dead_latent_losses(hidden_pre, target - recon, dead_mask, settings))
+            residual = target - recon
+            losses.update(
+                self.dead_latent_losses(centred, hidden_pre, residual, dead_mask, settings)
+            )
         total = torch.stack(list(losses.values())).sum()
         return TrainingOutput(recon, latents, total, losses)
+
+    def training_pass(
+        self, x: Tensor, centred: Tensor, settings: LossSettings
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(pre-activations, latents, reconstruction) for a prepared input x [batch, d_in]."""
+        hidden_pre, latents = self.encode_parts(centred, settings)
+        return hidden_pre, latents, self.reconstruct(x, latents)
 
     def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
         """Reconstruction during training (transcoders with a skip path add it here)."""
         return latents @ self.W_dec + self.b_dec
 
     def dead_latent_losses(
-        self, hidden_pre: Tensor, residual: Tensor, dead_mask: Tensor, settings: LossSettings
+        self,
+        centred: Tensor,
+        hidden_pre: Tensor,
+        residual: Tensor,
+        dead_mask: Tensor,
+        settings: LossSettings,
     ) -> dict[str, Tensor]:
         """Auxiliary losses that revive dead latents (AuxK for topk-style SAEs)."""
         return {}

@@ -8,6 +8,14 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig
+from saekit.kernels.sparse_topk import (
+    batch_topk_pairs,
+    dense_decode,
+    encoder_pre_activations,
+    scatter_latents,
+    sparse_decode,
+    topk_pairs,
+)
 from saekit.saes.base import SAE, LossSettings, squared_error
 from saekit.saes.registry import register_architecture
 
@@ -22,7 +30,8 @@ def keep_top_k(values: Tensor, k: int) -> Tensor:
 
 
 class TopKFamily(SAE):
-    """What topk-style SAEs share: a required k and the AuxK loss for dead latents."""
+    """What topk-style SAEs share: a required k, training through the sparse top-k kernel,
+    and the AuxK loss for dead latents."""
 
     @classmethod
     def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
@@ -33,14 +42,52 @@ class TopKFamily(SAE):
         if cfg.k is None:
             raise ValueError(f"architecture {self.architecture!r} needs k (latents per token)")
 
+    def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """(token, latent) pairs kept during training, from ReLU'd pre-activations."""
+        raise NotImplementedError
+
+    def _sparse_path(self, settings: LossSettings) -> bool:
+        return settings.use_sparse_kernel and not self.cfg.rescale_acts_by_decoder_norm
+
+    def training_latents(self, hidden_pre: Tensor, settings: LossSettings) -> Tensor:
+        scores = torch.relu(hidden_pre)
+        token, latent = self.select(scores.detach())
+        return scatter_latents(*scores.shape, token, latent, scores[token, latent])
+
+    def training_pass(
+        self, x: Tensor, centred: Tensor, settings: LossSettings
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not self._sparse_path(settings):
+            return super().training_pass(x, centred, settings)
+        hidden_pre = encoder_pre_activations(centred, self.W_enc, self.b_enc)
+        token, latent = self.select(torch.relu(hidden_pre))
+        recon, values = sparse_decode(
+            centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
+        )
+        latents = scatter_latents(*hidden_pre.shape, token, latent, values)
+        return hidden_pre, latents, recon
+
     def dead_latent_losses(
-        self, hidden_pre: Tensor, residual: Tensor, dead_mask: Tensor, settings: LossSettings
+        self,
+        centred: Tensor,
+        hidden_pre: Tensor,
+        residual: Tensor,
+        dead_mask: Tensor,
+        settings: LossSettings,
     ) -> dict[str, Tensor]:
         # AuxK (Gao et al. 2024): the dead latents alone try to explain what the live ones
         # missed, which gives them gradient again.
         k_aux = min(settings.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
-        dead_pre = torch.relu(hidden_pre).masked_fill(~dead_mask, 0.0)  # [batch, d_sae]
-        aux_recon = keep_top_k(dead_pre, k_aux) @ self.W_dec  # b_dec is in the main recon
+        scores = torch.relu(hidden_pre.detach()).masked_fill(~dead_mask, 0.0)
+        token, latent = topk_pairs(scores, k_aux)
+        # Rows with fewer than k_aux firing dead latents fill up with masked (live) ones.
+        firing = scores[token, latent] > 0
+        token, latent = token[firing], latent[firing]
+        no_bias = torch.zeros_like(self.b_dec)  # b_dec is already in the main reconstruction
+        decode = sparse_decode if self._sparse_path(settings) else dense_decode
+        aux_recon, _ = decode(
+            centred, self.W_enc, self.b_enc, self.W_dec, no_bias, hidden_pre, token, latent
+        )
         aux = squared_error(aux_recon, residual.detach())
         return {"aux_k": settings.aux_k_coefficient * aux}
 
@@ -56,6 +103,10 @@ class TopKSAE(TopKFamily):
     def activation(self, hidden_pre: Tensor) -> Tensor:
         assert self.cfg.k is not None
         return keep_top_k(torch.relu(hidden_pre), self.cfg.k)
+
+    def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.cfg.k is not None
+        return topk_pairs(scores, self.cfg.k)
 
     def decode(self, latents: Tensor) -> Tensor:
         if self.cfg.rescale_acts_by_decoder_norm:
@@ -84,15 +135,6 @@ class TopKSAE(TopKFamily):
             )
 
 
-def batch_top_k(hidden_pre: Tensor, k: int) -> Tensor:
-    """Keep the k * batch largest ReLU activations across the whole batch [batch, d_sae]."""
-    acts = torch.relu(hidden_pre)
-    flat = acts.flatten()
-    keep = min(k * acts.shape[0], flat.numel())
-    top = flat.topk(keep, sorted=False)
-    return torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(acts)
-
-
 @register_architecture("batchtopk")
 class BatchTopKSAE(TopKFamily):
     """Training picks the top k*B activations of a batch of B tokens; inference uses a global
@@ -108,16 +150,16 @@ class BatchTopKSAE(TopKFamily):
     def activation(self, hidden_pre: Tensor) -> Tensor:
         return torch.relu(hidden_pre) * (hidden_pre > self.threshold)
 
-    def training_latents(self, hidden_pre: Tensor, settings: LossSettings) -> Tensor:
+    def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         assert self.cfg.k is not None
-        latents = batch_top_k(hidden_pre, self.cfg.k)
+        token, latent = batch_topk_pairs(scores, self.cfg.k)
         if self.training:
-            self._update_threshold(latents)
-        return latents
+            self._update_threshold(scores[token, latent])
+        return token, latent
 
     @torch.no_grad()
-    def _update_threshold(self, latents: Tensor) -> None:
-        kept = latents[latents > 0]
+    def _update_threshold(self, kept: Tensor) -> None:
+        kept = kept[kept > 0]
         if kept.numel() == 0:
             return
         smallest = kept.min().to(self.threshold.dtype)
