@@ -370,6 +370,12 @@ class SAE(nn.Module):
 
         return load_pretrained(release, sae_id, device=device, dtype=dtype, **kwargs)
 
+    def push_to_hub(self, repo_id: str, sae_id: str | None = None, **kwargs: Any) -> str:
+        """Upload to the Hugging Face Hub with a model card; see `saekit.io.hub.push_to_hub`."""
+        from saekit.io.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, sae_id, **kwargs)
+
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "") -> SAE:
         """Build an SAE from a config and a full set of named tensors, checking every shape."""
