@@ -1,0 +1,103 @@
+"""`saekit upload RUN_DIR REPO_ID`: share a trained SAE on the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from saekit.io.native import CFG_FILE
+
+#: Files in which a run may record evaluation metrics ({name: number}); the first found wins.
+METRIC_FILES = ("metrics.json", "eval_metrics.json", "eval.json")
+
+
+def find_sae_folder(run_dir: Path) -> Path:
+    """The SAE folder of a run: RUN_DIR itself, or its one (or `final`) sub-folder with cfg.json."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder")
+    if (run_dir / CFG_FILE).is_file():
+        return run_dir
+    candidates = sorted(p.parent for p in run_dir.glob(f"*/{CFG_FILE}"))
+    for preferred in ("final", "sae"):
+        if run_dir / preferred in candidates:
+            return run_dir / preferred
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FileNotFoundError(
+            f"{run_dir} holds no saved SAE ({CFG_FILE} in it or in a sub-folder); pass the "
+            "folder the trainer saved the SAE to"
+        )
+    names = ", ".join(p.name for p in candidates)
+    raise ValueError(f"{run_dir} holds several SAEs ({names}); pass the one to upload")
+
+
+def read_metrics(*folders: Path) -> dict[str, Any] | None:
+    """Numeric metrics from the first metrics file found (nested dicts are flattened)."""
+    for folder in folders:
+        for name in METRIC_FILES:
+            file = folder / name
+            if file.is_file():
+                raw = json.loads(file.read_text(encoding="utf-8"))
+                return _flatten(raw) if isinstance(raw, dict) else None
+    return None
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int | float) and math.isfinite(value):
+            out[name] = value
+    return out
+
+
+def run_upload(args: argparse.Namespace) -> int:
+    from saekit.io.native import SPARSITY_FILE, load_sae_folder
+
+    run_dir = Path(args.run_dir)
+    folder = find_sae_folder(run_dir)
+    loaded = load_sae_folder(folder)
+    metrics = read_metrics(folder, run_dir)
+    sparsity = loaded.sparsity if (folder / SPARSITY_FILE).is_file() else None
+    url = loaded.sae.push_to_hub(
+        args.repo_id,
+        args.sae_id,
+        sparsity=sparsity,
+        metrics=metrics,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+    )
+    where = f"{args.repo_id}/{args.sae_id}" if args.sae_id else args.repo_id
+    print(f"uploaded {folder} to {where}: {url}")
+    print(
+        f'load it with SAE.from_pretrained("{args.repo_id}"'
+        + (f', "{args.sae_id}")' if args.sae_id else ")")
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "upload",
+        help="upload a trained SAE to the Hugging Face Hub",
+        description=(
+            "Upload a saved SAE (cfg.json + sae_weights.safetensors) with a model card. "
+            "Authenticate with `hf auth login` or the HF_TOKEN environment variable."
+        ),
+    )
+    parser.add_argument("run_dir", help="training run folder, or the saved SAE folder itself")
+    parser.add_argument("repo_id", help="Hub repo to upload to, owner/name (created if missing)")
+    parser.add_argument("--sae-id", help="folder inside the repo (default: the repo root)")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", help="branch to commit to (default: main)")
+    parser.add_argument("--message", help="commit message")
+    parser.set_defaults(func=run_upload)
