@@ -1,0 +1,199 @@
+"""Text datasets: loading them and finding their text (or token) column.
+
+A dataset can be a Hub name, a local file (txt, jsonl, json, parquet, csv), a folder written
+by `Dataset.save_to_disk` or holding such files, an in-memory `datasets.Dataset` /
+`IterableDataset`, or any iterable of strings or of dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Local file suffixes and the `datasets` builder that reads them.
+FILE_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+#: Column names tried, in order, when no text column is named.
+TEXT_COLUMNS = ("text", "content", "document", "story", "body", "raw_content", "sentence")
+#: Column names that hold pre-tokenized data.
+TOKEN_COLUMNS = ("input_ids", "tokens")
+
+
+def load_text_dataset(
+    source: Any,
+    *,
+    split: str = "train",
+    streaming: bool = False,
+    trust_remote_code: bool = False,
+) -> Any:
+    """The dataset behind `source`, as a `datasets` object or the iterable itself.
+
+    Args:
+        source: a path (file or folder), a Hub dataset name, a `Dataset`, `IterableDataset`,
+            `DatasetDict` (its `split` is taken), or an iterable of strings / dicts.
+        split: the split to read from Hub names, folders of files and dataset dicts.
+        streaming: stream a Hub dataset instead of downloading it whole.
+        trust_remote_code: allow a Hub dataset's loading script to run (off by default).
+    """
+    import datasets
+
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in source:
+            raise ValueError(f"the dataset has no split {split!r}; its splits are {list(source)}")
+        return source[split]
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if path.exists():
+            return _load_local(path, split)
+        if isinstance(source, Path) or str(source).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"dataset path {source} does not exist")
+        kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        return datasets.load_dataset(str(source), **kwargs)
+    if isinstance(source, Iterable):
+        return _OneShot(source) if iter(source) is source else source
+    raise TypeError(
+        f"cannot read a dataset from a {type(source).__name__}; pass a path, a Hub name, a "
+        "datasets.Dataset or an iterable of texts"
+    )
+
+
+class _OneShot:
+    """An iterator whose first row can be looked at (to find its columns) without losing it.
+
+    It can be iterated once only, so reading it cannot resume from a saved position."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._iterator = iterator
+        self.first_row = next(iterator, None)
+        self._started = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._started:
+            raise RuntimeError(
+                "this dataset is a one-shot iterator and was already read; pass a list, a "
+                "datasets.Dataset or a path to read it again or resume it"
+            )
+        self._started = True
+        if self.first_row is not None:
+            yield self.first_row
+        yield from self._iterator
+
+
+def _first_row(dataset: Any) -> Any:
+    if isinstance(dataset, _OneShot):
+        return dataset.first_row
+    return next(iter(dataset), None)
+
+
+def _load_local(path: Path, split: str) -> Any:
+    import datasets
+
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return load_text_dataset(loaded, split=split)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_BUILDERS)
+        if not files:
+            raise ValueError(
+                f"folder {path} holds no dataset: expected a folder written by "
+                f"Dataset.save_to_disk or files ending in {', '.join(FILE_BUILDERS)}"
+            )
+        builders = {FILE_BUILDERS[p.suffix.lower()] for p in files}
+        if len(builders) > 1:
+            raise ValueError(
+                f"folder {path} mixes file kinds ({', '.join(sorted(builders))}); keep one kind "
+                "per dataset folder"
+            )
+        return datasets.load_dataset(
+            builders.pop(), data_files=[str(p) for p in files], split="train"
+        )
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"cannot read {path}: its suffix {path.suffix!r} is not one of "
+            f"{', '.join(FILE_BUILDERS)}"
+        )
+    return datasets.load_dataset(builder, data_files=str(path), split="train")
+
+
+def column_names(dataset: Any) -> list[str] | None:
+    """The dataset's column names, or None for a plain iterable of strings."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return list(names)
+    features = getattr(dataset, "features", None)
+    if features is not None:
+        return list(features)
+    first = _first_row(dataset)
+    if isinstance(first, dict):
+        return list(first)
+    return None
+
+
+def find_column(dataset: Any, text_column: str | None = None) -> tuple[str | None, bool]:
+    """(column, is_tokenized) for a dataset: the named column, else a token column
+    (`input_ids` / `tokens`), else the first usual text column, else the only string column.
+
+    The column is None for an iterable of plain strings."""
+    names = column_names(dataset)
+    if names is None:
+        return None, False
+    if text_column is not None:
+        if text_column not in names:
+            raise ValueError(
+                f"the dataset has no column {text_column!r}; its columns are {names}"
+            )
+        return text_column, text_column in TOKEN_COLUMNS
+    for name in TOKEN_COLUMNS:
+        if name in names:
+            return name, True
+    for name in TEXT_COLUMNS:
+        if name in names:
+            return name, False
+    string_columns = _string_columns(dataset, names)
+    if len(string_columns) == 1:
+        return string_columns[0], False
+    raise ValueError(
+        f"cannot tell which column holds the text; the dataset's columns are {names}. "
+        "Name one with text_column= (--text-column on the command line)"
+    )
+
+
+def _string_columns(dataset: Any, names: list[str]) -> list[str]:
+    features = getattr(dataset, "features", None)
+    if features is not None:
+        text_dtypes = ("string", "large_string")
+        return [n for n in names if getattr(features[n], "dtype", None) in text_dtypes]
+    first = _first_row(dataset)
+    if isinstance(first, dict):
+        return [n for n in names if isinstance(first.get(n), str)]
+    return []
+
+
+def iter_rows(dataset: Any, start: int = 0) -> Iterator[Any]:
+    """The dataset's rows from index `start` on (map-style datasets jump there directly)."""
+    import itertools
+
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        if start >= len(dataset):
+            return iter(())
+        return iter(dataset.select(range(start, len(dataset))) if start else dataset)
+    if isinstance(dataset, datasets.IterableDataset):
+        return iter(dataset.skip(start) if start else dataset)
+    return itertools.islice(iter(dataset), start, None)

@@ -1,0 +1,223 @@
+"""Text to fixed-length token windows: tokenizing, packing, and resuming at a position."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.data.text import find_column, iter_rows, load_text_dataset
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """BOS, EOS, pad and every other special token id of a tokenizer (empty for None)."""
+    if tokenizer is None:
+        return set()
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            ids.add(int(value))
+    return ids
+
+
+def keep_mask(tokens: Tensor, exclude_ids: set[int] | Tensor) -> Tensor:
+    """Boolean [batch, pos] mask, True where the token is not one of `exclude_ids`."""
+    if not isinstance(exclude_ids, Tensor):
+        if not exclude_ids:
+            return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+        exclude_ids = torch.tensor(sorted(exclude_ids), device=tokens.device)
+    return ~torch.isin(tokens, exclude_ids.to(tokens.device))
+
+
+class TokenWindows:
+    """Token windows [context_size] from a dataset, in order, resumable at any window.
+
+    Packing (the default) joins documents into one stream, a separator token between them,
+    and cuts it into windows; with `prepend_bos` each window is BOS followed by
+    `context_size - 1` stream tokens. Without packing, each document is one window,
+    truncated, and padded with the pad token (which is masked out of training like the
+    other special tokens). Pre-tokenized datasets (`input_ids` or `tokens` column) are used
+    as they are: rows are joined and cut into windows with nothing added, after checking
+    every id fits the vocabulary.
+
+    Args:
+        dataset: anything `load_text_dataset` reads (path, Hub name, Dataset, iterable).
+        tokenizer: a transformers tokenizer; needed for text, optional for token ids.
+        context_size: tokens per window.
+        text_column: the column to read; found automatically when None.
+        prepend_bos: start each window with the tokenizer's BOS token (text only).
+        packing: pack documents into windows (True) or one document per window (False).
+        separator_token_id: token placed between packed documents; "eos" (the default)
+            means the tokenizer's EOS token (BOS when it has none), None means nothing.
+        vocab_size: ids must be below this; defaults to `len(tokenizer)`.
+        tokenize_batch: documents tokenized per call (fast tokenizers batch internally).
+        split, streaming, trust_remote_code: as in `load_text_dataset`.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        tokenizer: Any,
+        context_size: int,
+        *,
+        text_column: str | None = None,
+        prepend_bos: bool = True,
+        packing: bool = True,
+        separator_token_id: int | str | None = "eos",
+        vocab_size: int | None = None,
+        tokenize_batch: int = 64,
+        split: str = "train",
+        streaming: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if not isinstance(context_size, int) or context_size < 2:
+            raise ValueError(f"context_size must be an integer >= 2, got {context_size!r}")
+        self.dataset = load_text_dataset(
+            dataset, split=split, streaming=streaming, trust_remote_code=trust_remote_code
+        )
+        self.tokenizer = tokenizer
+        self.context_size = context_size
+        self.column, self.pretokenized = find_column(self.dataset, text_column)
+        self.packing = packing
+        self.prepend_bos = prepend_bos and not self.pretokenized
+        self.tokenize_batch = tokenize_batch
+        if tokenizer is None and not self.pretokenized:
+            raise ValueError(
+                "this dataset holds text, so a tokenizer is needed; pass the model's tokenizer "
+                "or use a pre-tokenized dataset (saekit pretokenize)"
+            )
+        self.vocab_size = vocab_size if vocab_size is not None else (
+            len(tokenizer) if tokenizer is not None else None
+        )
+        self.bos_id = getattr(tokenizer, "bos_token_id", None)
+        if self.prepend_bos and self.bos_id is None:
+            raise ValueError("the tokenizer has no BOS token; pass prepend_bos=False")
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if separator_token_id == "eos":
+            separator_token_id = eos if eos is not None else self.bos_id
+        self.separator_id = None if self.pretokenized else separator_token_id
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
+        self.special_ids = special_token_ids(tokenizer)
+        if not packing:
+            self.special_ids.add(int(self.pad_id))
+        self._rows_read = 0
+        self._pending: list[int] = []
+        self._pending_docs: list[list[int]] = []
+        self._windows = 0
+        self._rows: Iterator[Any] | None = None
+
+    # position
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the data: rows read, tokens read but not yet emitted."""
+        return {
+            "rows_read": self._rows_read,
+            "pending": torch.tensor(self._pending, dtype=torch.long),
+            "pending_docs": [torch.tensor(d, dtype=torch.long) for d in self._pending_docs],
+            "windows": self._windows,
+            "context_size": self.context_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["context_size"] != self.context_size:
+            raise ValueError(
+                f"the saved position is for context_size={state['context_size']}, this "
+                f"dataset reader uses {self.context_size}"
+            )
+        self._rows_read = int(state["rows_read"])
+        self._pending = [int(t) for t in state["pending"]]
+        self._pending_docs = [[int(t) for t in d] for d in state["pending_docs"]]
+        self._windows = int(state["windows"])
+        self._rows = None
+
+    @property
+    def windows_emitted(self) -> int:
+        return self._windows
+
+    # iteration
+
+    def __iter__(self) -> TokenWindows:
+        return self
+
+    def __next__(self) -> Tensor:
+        window = self._next_packed() if self.packing else self._next_unpacked()
+        if window is None:
+            raise StopIteration
+        self._windows += 1
+        return torch.tensor(window, dtype=torch.long)
+
+    def batch(self, n: int) -> Tensor | None:
+        """The next `n` windows as [n, context_size] (fewer at the end), or None at the end."""
+        windows = []
+        for window in self:
+            windows.append(window)
+            if len(windows) == n:
+                break
+        return torch.stack(windows) if windows else None
+
+    def _next_packed(self) -> list[int] | None:
+        body = self.context_size - (1 if self.prepend_bos else 0)
+        while len(self._pending) < body:
+            docs = self._read_docs()
+            if docs is None:
+                return None  # the last partial window is dropped
+            for doc in docs:
+                self._pending.extend(doc)
+                if self.separator_id is not None:
+                    self._pending.append(int(self.separator_id))
+        window, self._pending = self._pending[:body], self._pending[body:]
+        return [int(self.bos_id)] + window if self.prepend_bos else window
+
+    def _next_unpacked(self) -> list[int] | None:
+        while not self._pending_docs:
+            docs = self._read_docs()
+            if docs is None:
+                return None
+            self._pending_docs = [d for d in docs if d]
+        doc = self._pending_docs.pop(0)
+        head = [int(self.bos_id)] if self.prepend_bos else []
+        window = (head + doc)[: self.context_size]
+        return window + [int(self.pad_id)] * (self.context_size - len(window))
+
+    def _read_docs(self) -> list[list[int]] | None:
+        """Token ids of the next few documents, or None when the data is exhausted."""
+        if self._rows is None:
+            self._rows = iter_rows(self.dataset, self._rows_read)
+        rows = []
+        for row in self._rows:
+            rows.append(row)
+            if len(rows) == self.tokenize_batch:
+                break
+        if not rows:
+            return None
+        self._rows_read += len(rows)
+        values = [row if self.column is None else row[self.column] for row in rows]
+        if self.pretokenized:
+            return [self._checked_ids(v) for v in values]
+        texts = [v for v in values if isinstance(v, str) and v]
+        if len(texts) != len([v for v in values if v]):
+            bad = next(v for v in values if v and not isinstance(v, str))
+            raise ValueError(
+                f"column {self.column!r} holds {type(bad).__name__} values, not text; name the "
+                "text column with text_column="
+            )
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [list(ids) for ids in encoded]
+
+    def _checked_ids(self, value: Any) -> list[int]:
+        ids = value.tolist() if hasattr(value, "tolist") else list(value)
+        if ids and self.vocab_size is not None:
+            low, high = min(ids), max(ids)
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"pre-tokenized row {self._rows_read} holds token id "
+                    f"{high if high >= self.vocab_size else low}, outside the model's "
+                    f"vocabulary of {self.vocab_size}; was it tokenized for another model?"
+                )
+        return [int(t) for t in ids]
