@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def run_upload(args: argparse.Namespace) -> int:
         private=args.private,
         revision=args.revision,
         commit_message=args.message,
+        endpoint=args.endpoint,
     )
     where = f"{args.repo_id}/{args.sae_id}" if args.sae_id else args.repo_id
     print(f"uploaded {folder} to {where}: {url}")
@@ -100,4 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", help="branch to commit to (default: main)")
     parser.add_argument("--message", help="commit message")
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get("HF_ENDPOINT"),
+        help="Hub endpoint URL, for mirrors or a private Hub (default: $HF_ENDPOINT or the Hub)",
+    )
     parser.set_defaults(func=run_upload)

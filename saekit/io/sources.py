@@ -81,6 +81,8 @@ class HubSource:
         self.cache_dir = cache_dir
         self.endpoint = endpoint
         self._refetched: set[str] = set()
+        #: Optional files that could not be checked because the Hub was unreachable.
+        self.offline_misses: list[str] = []
 
     def describe(self, path: str = "") -> str:
         at = f"@{self.revision}" if self.revision else ""
@@ -111,8 +113,12 @@ class HubSource:
         try:
             return Path(self._download(path, self.force_download))
         except LocalEntryNotFoundError as err:
-            # Offline (or the Hub unreachable) and not in the cache: nothing we can do here.
-            raise FileNotFoundError(self._offline_message(path)) from err
+            # Offline (or the Hub unreachable) and not in the cache. An optional file (such as
+            # sparsity.safetensors) counts as absent, so a cached SAE still loads offline.
+            if not required:
+                self.offline_misses.append(path)
+                return None
+            raise FileNotFoundError(self.offline_message(path)) from err
         except RevisionNotFoundError as err:
             raise ValueError(
                 f"revision {self.revision!r} not found in {self.repo_id}; use a branch, tag or "
@@ -128,7 +134,7 @@ class HubSource:
                 raise FileNotFoundError(f"{self.describe(path)} not found on the Hub") from err
             return None
 
-    def _offline_message(self, path: str) -> str:
+    def offline_message(self, path: str) -> str:
         return (
             f"cannot download {self.describe(path)}: the Hub cannot be reached (HF_HUB_OFFLINE "
             "is set or there is no network) and the file is not in the Hub cache; connect once "

@@ -111,9 +111,9 @@ class FakeHub:
                     )
                     with hub.lock:
                         if repo_id in hub.repos:
-                            return self._error(
-                                409, "RepoExists", "You already created this model repo"
-                            )
+                            body = {"error": "You already created this model repo"}
+                            body["url"] = f"{hub.url}/{repo_id}"  # the Hub sends it along
+                            return self._send(409, body, {"X-Error-Code": "RepoExists"})
                         hub.repos[repo_id] = Repo(private=bool(payload.get("private")))
                     return self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
                 if path == "/api/validate-yaml":

@@ -57,21 +57,16 @@ def converter_for(layout: str, where: str = "") -> Converter:
 
 def detect_layout(source: FileSource, folder: str) -> str:
     """The layout of `folder`, from the files it holds; errors say what was looked for."""
-    offline_error: FileNotFoundError | None = None
     for marker, layout in _MARKERS:
         path = join(folder, marker)
-        try:
-            found = source.fetch(path, required=False)
-        except FileNotFoundError as err:  # offline and not cached: maybe the next marker is
-            offline_error = offline_error or err
-            continue
-        if found is None:
+        if source.fetch(path, required=False) is None:
             continue
         if layout is None:
             return "sparsify" if is_sparsify_cfg(source.read(path, read_json)) else "native"
         return layout
-    if offline_error is not None:
-        raise offline_error
+    misses = getattr(source, "offline_misses", [])
+    if misses:  # nothing found, but only because nothing could be checked
+        raise FileNotFoundError(source.offline_message(misses[0]))  # type: ignore[attr-defined]
     markers = ", ".join(m for m, _ in _MARKERS)
     raise FileNotFoundError(
         f"{source.describe(folder or '.')} holds no SAE saekit can read (looked for {markers}); "
