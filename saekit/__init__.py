@@ -1,6 +1,7 @@
 """saekit: train, evaluate, load, share and analyse sparse autoencoders."""
 
 from saekit.config import SAEConfig, SAEMetadata
+from saekit.evals import EvalMetrics, evaluate, make_evaluator
 from saekit.saes import (
     SAE,
     LossSettings,
@@ -14,12 +15,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAE",
+    "EvalMetrics",
     "LossSettings",
     "SAEConfig",
     "SAEMetadata",
     "TrainingOutput",
     "__version__",
     "architecture_class",
+    "evaluate",
     "list_architectures",
+    "make_evaluator",
     "register_architecture",
 ]

@@ -1,9 +1,6 @@
-"""Per-token cross-entropy and KL divergence from logits, and the mask of evaluated tokens."""
+"""Per-token cross-entropy and KL divergence from logits, and which predictions are scored."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,26 +38,6 @@ def kl_divergence(clean_logits: Tensor, new_logits: Tensor) -> Tensor:
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     return terms.sum(dim=-1)
-
-
-def special_token_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokenizer's special tokens (BOS, EOS, PAD, ...); empty without a tokenizer."""
-    if tokenizer is None:
-        return set()
-    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return ids
-
-
-def token_mask(tokens: Tensor, special_ids: Iterable[int]) -> Tensor:
-    """True where a token is evaluated, False at special tokens: [batch, pos] bool."""
-    ids = sorted(set(special_ids))
-    if not ids:
-        return torch.ones_like(tokens, dtype=torch.bool)
-    return ~torch.isin(tokens, torch.tensor(ids, device=tokens.device, dtype=tokens.dtype))
 
 
 def prediction_mask(mask: Tensor) -> Tensor:

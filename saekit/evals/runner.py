@@ -15,18 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saekit.data.tokens import keep_mask, special_token_ids
 from saekit.evals.accumulators import (
     DownstreamAccumulator,
     ReconstructionAccumulator,
     SparsityAccumulator,
 )
-from saekit.evals.downstream import (
-    kl_divergence,
-    next_token_ce,
-    prediction_mask,
-    special_token_ids,
-    token_mask,
-)
+from saekit.evals.downstream import kl_divergence, next_token_ce, prediction_mask
 from saekit.evals.metrics import EvalMetrics
 from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import replace_head, select_head
@@ -197,7 +192,7 @@ def _evaluate_batch(
     specials: set[int],
     downstream: bool,
 ) -> None:
-    mask = token_mask(tokens, specials)  # [batch, pos]
+    mask = keep_mask(tokens, specials)  # [batch, pos]
     if downstream:
         captured: dict[str, Tensor] = {}
 

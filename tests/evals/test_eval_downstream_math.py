@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from saekit.evals.downstream import (
-    kl_divergence,
-    next_token_ce,
-    prediction_mask,
-    special_token_ids,
-    token_mask,
-)
+from saekit.data.tokens import keep_mask
+from saekit.evals.downstream import kl_divergence, next_token_ce, prediction_mask
 
 
 def test_next_token_ce_by_hand() -> None:
@@ -43,21 +38,10 @@ def test_kl_handles_zero_probability() -> None:
 
 def test_masks() -> None:
     tokens = torch.tensor([[50, 3, 4, 50, 5], [7, 8, 9, 0, 0]])
-    mask = token_mask(tokens, {50, 0})
+    mask = keep_mask(tokens, {50, 0})
     assert mask.tolist() == [[False, True, True, False, True], [True, True, True, False, False]]
     assert prediction_mask(mask).tolist() == [
         [False, True, False, False],
         [True, True, False, False],
     ]
-    assert token_mask(tokens, set()).all()
-
-
-def test_special_token_ids_from_a_tokenizer() -> None:
-    class Tok:
-        all_special_ids = [1, 2]
-        bos_token_id = 1
-        eos_token_id = 3
-        pad_token_id = None
-
-    assert special_token_ids(Tok()) == {1, 2, 3}
-    assert special_token_ids(None) == set()
+    assert keep_mask(tokens, set()).all()

@@ -1,0 +1,176 @@
+"""`saekit eval TARGET...`: every standard metric of one or more SAEs on held-out text.
+
+Writes, under --out: `metrics.csv` (a row per SAE) and, per SAE, a folder with
+`metrics.json`, `feature_stats.safetensors` (per-latent firing frequency, mean activation
+when firing, max activation) and `feature_density.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from saekit.evals.api import DEFAULT_EVAL_TOKENS, evaluate_many, resolve_model
+from saekit.evals.metrics import METRIC_NAMES, EvalMetrics, json_safe
+from saekit.saes.base import SAE
+
+logger = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def load_target(target: str, device: str) -> SAE:
+    """An SAE from a saved folder, `RELEASE/SAE_ID` (registry), or a Hub repo
+    (`owner/name` or `owner/name/folder/inside/repo`)."""
+    from saekit.io.native import CFG_FILE
+    from saekit.io.releases import resolve_release_name
+
+    path = Path(target).expanduser()
+    if (path / CFG_FILE).is_file():
+        return SAE.load(path, device=device)
+    if path.is_dir():  # a folder laid out like a published repo
+        return SAE.from_pretrained(str(path), device=device).sae
+    parts = target.split("/")
+    for i in range(1, len(parts)):
+        release = "/".join(parts[:i])
+        if resolve_release_name(release) is not None:
+            return SAE.from_pretrained(release, "/".join(parts[i:]), device=device).sae
+    if resolve_release_name(target) is not None:
+        return SAE.from_pretrained(target, device=device).sae
+    if len(parts) >= 2 and _REPO_ID.match("/".join(parts[:2])):
+        return SAE.from_pretrained(
+            "/".join(parts[:2]), "/".join(parts[2:]) or None, device=device
+        ).sae
+    raise ValueError(
+        f"cannot find the SAE {target!r}: it is not a folder with {CFG_FILE}, not "
+        "RELEASE/SAE_ID of a known release (`saekit pretrained list`), and not a Hub repo id"
+    )
+
+
+def result_names(targets: list[str]) -> list[str]:
+    """A distinct, file-system-safe folder name per target."""
+    names: list[str] = []
+    for target in targets:
+        base = re.sub(r"[^\w.-]+", "__", target.strip("/")).strip("_") or "sae"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+def write_results(out: Path, results: dict[str, EvalMetrics], targets: dict[str, str]) -> Path:
+    """Write the per-SAE folders and metrics.csv under `out`; returns the CSV path."""
+    from safetensors.torch import save_file
+
+    from saekit.evals.plots import plot_feature_density
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, metrics in results.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"target": targets[name], **json_safe(metrics.to_dict())}
+        (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        stats = {
+            "firing_frequency": metrics.firing_frequency.float().contiguous(),
+            "mean_activation_when_firing": metrics.mean_activation_when_firing.float(),
+            "max_activation": metrics.max_activation.float().contiguous(),
+        }
+        save_file(stats, str(folder / "feature_stats.safetensors"))
+        plot_feature_density(metrics.firing_frequency, folder / "feature_density.png", title=name)
+    csv_path = out / "metrics.csv"
+    columns = ["sae", "target", *METRIC_NAMES, "n_tokens"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for name, metrics in results.items():
+            writer.writerow({"sae": name, "target": targets[name], **metrics.to_dict()})
+    return csv_path
+
+
+def run(args: argparse.Namespace) -> int:
+    targets: list[str] = args.targets
+    saes = [load_target(t, args.device) for t in targets]
+    names = result_names(targets)
+    # SAEs of one model share its forward passes; group them by the model they need.
+    groups: dict[str | None, list[int]] = {}
+    for i, sae in enumerate(saes):
+        groups.setdefault(args.model or sae.cfg.metadata.model_name, []).append(i)
+    results: dict[str, EvalMetrics] = {}
+    for model_name, members in groups.items():
+        group = [saes[i] for i in members]
+        backend = resolve_model(group, args.model)
+        logger.info("evaluating %d SAE(s) on %s", len(group), model_name)
+        metrics = evaluate_many(
+            group,
+            backend,
+            args.dataset,
+            args.tokens,
+            context_size=args.context_size,
+            batch_size=args.batch_size,
+            downstream=not args.no_downstream,
+            split=args.split,
+        )
+        for i, m in zip(members, metrics, strict=True):
+            results[names[i]] = m
+    ordered = {name: results[name] for name in names}
+    csv_path = write_results(Path(args.out), ordered, dict(zip(names, targets, strict=True)))
+    for name, m in ordered.items():
+        d = m.to_dict()
+        summary = ", ".join(
+            f"{k} {d[k]:.4g}"
+            for k in ("l0", "explained_variance", "ce_loss_score", "dead_fraction")
+            if k in d
+        )
+        print(f"{name}: {summary}")
+    print(f"wrote {csv_path} and one folder per SAE under {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate SAEs on held-out text (CE/KL, explained variance, L0, dead latents)",
+        description="Compute every standard SAE metric on held-out text. SAEs of the same "
+        "model are evaluated in one pass over the data.",
+    )
+    parser.add_argument(
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="a saved SAE folder, RELEASE/SAE_ID from the registry, or a Hub repo id",
+    )
+    parser.add_argument(
+        "--model",
+        help="the model the SAEs read (name, Hub id, folder, or 'bundled'); default: the "
+        "model named in each SAE's metadata",
+    )
+    parser.add_argument(
+        "--dataset",
+        help="held-out text (file, folder or Hub dataset); default: the bundled corpus's "
+        "held-out works. Never the SAE's training data",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_EVAL_TOKENS,
+        help=f"tokens to evaluate on (default {DEFAULT_EVAL_TOKENS})",
+    )
+    parser.add_argument("--out", default="eval_results", help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--context-size", type=int, help="tokens per sequence; default: the SAE's, else 128"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--split", default="train", help="dataset split to read")
+    parser.add_argument("--device", default="cpu", help="device for the SAEs and the model")
+    parser.add_argument(
+        "--no-downstream",
+        action="store_true",
+        help="skip the CE/KL figures (no model runs with the SAE spliced in)",
+    )
+    parser.set_defaults(func=run)

@@ -1,0 +1,257 @@
+"""`evaluate`, `evaluate_many` and `make_evaluator`: the evaluation entry points.
+
+They resolve the model (from the SAE's metadata when not given) and the held-out tokens (the
+bundled corpus's held-out works when no dataset is given), then run `evaluate_saes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.evals.metrics import EvalMetrics
+from saekit.evals.runner import SAESite, evaluate_saes, sae_site
+from saekit.models.backend import ModelBackend
+from saekit.saes.base import SAE
+
+logger = logging.getLogger(__name__)
+
+#: Evaluation tokens when none are asked for: enough for stable CE figures on a CPU.
+DEFAULT_EVAL_TOKENS = 65_536
+#: Sequence length when neither the caller nor the SAE's metadata gives one.
+DEFAULT_CONTEXT_SIZE = 128
+
+
+def resolve_model(saes: Sequence[SAE], model: Any = None) -> ModelBackend:
+    """The backend for `model`, or for the model named in the SAEs' metadata."""
+    from saekit.models import load_model
+
+    device = saes[0].device
+    if model is not None:
+        return load_model(model, device=device) if isinstance(model, str) else load_model(model)
+    names = {sae.cfg.metadata.model_name for sae in saes}
+    if None in names:
+        raise ValueError(
+            "no model given and the SAE's metadata names none (cfg.metadata.model_name is "
+            "empty); pass the model it was trained on, e.g. model='gpt2' or --model gpt2"
+        )
+    if len(names) > 1:
+        raise ValueError(
+            f"the SAEs belong to different models {sorted(names)}; evaluate them separately "
+            "or pass the model explicitly"
+        )
+    (name,) = names
+    try:
+        return load_model(name, device=device)
+    except Exception as err:  # noqa: BLE001 - any load failure gets the same advice
+        raise ValueError(
+            f"could not load the model {name!r} named in the SAE's metadata (model_name): "
+            f"{err}. Pass the model explicitly (model=... or --model), e.g. a local folder"
+        ) from err
+
+
+def heldout_token_batches(
+    tokenizer: Any,
+    n_tokens: int = DEFAULT_EVAL_TOKENS,
+    *,
+    dataset: Any = None,
+    context_size: int = DEFAULT_CONTEXT_SIZE,
+    batch_size: int = 8,
+    prepend_bos: bool = True,
+    split: str = "train",
+) -> list[Tensor]:
+    """Token batches [batch_size, context_size] covering about `n_tokens` tokens.
+
+    `dataset` is anything `saekit.data` reads (path, Hub name, Dataset, list of texts); None
+    means the bundled corpus's held-out works, which no bundled model or SAE trained on.
+    """
+    from saekit.data.tokens import TokenWindows
+
+    if n_tokens <= 0:
+        raise ValueError(f"tokens must be positive, got {n_tokens}")
+    if dataset is None:
+        from saekit.assets.corpus import heldout_texts
+
+        dataset = heldout_texts()
+    windows = TokenWindows(dataset, tokenizer, context_size, prepend_bos=prepend_bos, split=split)
+    n_windows = math.ceil(n_tokens / context_size)
+    batches: list[Tensor] = []
+    got = 0
+    while got < n_windows:
+        batch = windows.batch(min(batch_size, n_windows - got))
+        if batch is None:
+            break
+        batches.append(batch)
+        got += batch.shape[0]
+    if not batches:
+        raise ValueError("the evaluation dataset produced no tokens")
+    if got < n_windows:
+        logger.warning(
+            "the evaluation dataset holds only %d tokens of the %d asked for",
+            got * context_size,
+            n_tokens,
+        )
+    return batches
+
+
+def evaluate_many(
+    saes: Sequence[SAE],
+    model: Any = None,
+    dataset: Any = None,
+    tokens: int = DEFAULT_EVAL_TOKENS,
+    *,
+    context_size: int | None = None,
+    batch_size: int = 8,
+    downstream: bool = True,
+    prepend_bos: bool | None = None,
+    split: str = "train",
+) -> list[EvalMetrics]:
+    """Evaluate SAEs of one model in a single pass over the held-out tokens.
+
+    Arguments as for `evaluate`; returns one `EvalMetrics` per SAE, in order.
+    """
+    saes = list(saes)
+    if not saes:
+        raise ValueError("no SAEs to evaluate")
+    backend = resolve_model(saes, model)
+    meta = saes[0].cfg.metadata
+    batches = heldout_token_batches(
+        backend.tokenizer,
+        tokens,
+        dataset=dataset,
+        context_size=context_size or meta.context_size or DEFAULT_CONTEXT_SIZE,
+        batch_size=batch_size,
+        prepend_bos=meta.prepend_bos is not False if prepend_bos is None else prepend_bos,
+        split=split,
+    )
+    return evaluate_saes(backend, saes, batches, downstream=downstream)
+
+
+def evaluate(
+    sae: SAE,
+    model: Any = None,
+    dataset: Any = None,
+    tokens: int = DEFAULT_EVAL_TOKENS,
+    *,
+    context_size: int | None = None,
+    batch_size: int = 8,
+    downstream: bool = True,
+    prepend_bos: bool | None = None,
+    split: str = "train",
+) -> EvalMetrics:
+    """Every standard metric of `sae` on held-out text.
+
+    Args:
+        sae: the SAE; its metadata names the hook it reads (and, for transcoders, writes).
+        model: a `ModelBackend`, a model object or a name for `saekit.models.load_model`;
+            None means the model named in the SAE's metadata (`model_name`).
+        dataset: held-out text (path, Hub name, Dataset, list of strings); None means the
+            bundled corpus's held-out works. Do not pass the SAE's training data.
+        tokens: how many tokens to evaluate on (rounded up to whole sequences).
+        context_size: sequence length; default: the SAE's metadata, else 128.
+        batch_size: sequences per forward pass.
+        downstream: compute the CE/KL figures (three more forward passes per batch).
+        prepend_bos: start each sequence with BOS; default: the SAE's metadata, else True.
+        split: dataset split, for Hub datasets and dataset folders.
+
+    Returns:
+        `EvalMetrics`; `.to_dict()` gives the metrics by their standard names.
+    """
+    return evaluate_many(
+        [sae],
+        model,
+        dataset,
+        tokens,
+        context_size=context_size,
+        batch_size=batch_size,
+        downstream=downstream,
+        prepend_bos=prepend_bos,
+        split=split,
+    )[0]
+
+
+class Evaluator:
+    """A callable that evaluates an SAE on fixed held-out token batches (see make_evaluator)."""
+
+    def __init__(
+        self,
+        model: ModelBackend,
+        token_batches: list[Tensor],
+        downstream: bool,
+        hook: str | None = None,
+        hook_out: str | None = None,
+        head_index: int | None = None,
+    ) -> None:
+        self.model = model
+        self.token_batches = token_batches
+        self.downstream = downstream
+        self.hook, self.hook_out, self.head_index = hook, hook_out, head_index
+        self.last: EvalMetrics | None = None
+        """The full result of the latest call, per-latent arrays included."""
+
+    def __call__(self, sae: SAE) -> dict[str, Any]:
+        site = sae_site(sae, self.hook, self.hook_out)
+        if self.head_index is not None:
+            site = SAESite(site.hook_in, site.hook_out, self.head_index)
+        was_training = sae.training
+        sae.eval()
+        try:
+            (self.last,) = evaluate_saes(
+                self.model, [sae], self.token_batches, downstream=self.downstream, sites=[site]
+            )
+        finally:
+            sae.train(was_training)
+        return self.last.to_dict()
+
+
+def make_evaluator(
+    model: Any,
+    token_batches: Tensor | Iterable[Tensor],
+    *,
+    batch_size: int = 8,
+    downstream: bool = True,
+    hook: str | None = None,
+    hook_out: str | None = None,
+    head_index: int | None = None,
+) -> Evaluator:
+    """An evaluator for the trainer: `evaluator(sae) -> {metric name: value}`.
+
+    Each call evaluates the SAE on the same held-out tokens and returns `EvalMetrics.to_dict()`
+    (l0, l1, mse, explained_variance, cos_sim, l2_ratio, relative_reconstruction_bias, the
+    CE and KL figures, dead_fraction, dense_fraction, n_tokens); the full result, with the
+    per-latent arrays, stays in `evaluator.last`.
+
+    Args:
+        model: a `ModelBackend` or anything `saekit.models.load_model` accepts.
+        token_batches: held-out tokens: a [n, pos] tensor (split into batches of
+            `batch_size`) or an iterable of [batch, pos] tensors (read once and kept).
+        downstream: compute the CE/KL figures too.
+        hook, hook_out, head_index: where the SAE sits; None means its metadata.
+
+    The SAE must take the model's raw activations: fold any training-time input scale into
+    it first (`SAE.fold_activation_norm_scaling_factor`).
+    """
+    from saekit.models import load_model
+
+    backend = load_model(model)
+    if isinstance(token_batches, Tensor):
+        if token_batches.ndim != 2:
+            raise ValueError(
+                f"token_batches as one tensor must be [n, pos], got {tuple(token_batches.shape)}"
+            )
+        batches = list(token_batches.split(batch_size))
+    else:
+        batches = [torch.as_tensor(t) for t in token_batches]
+    if not batches:
+        raise ValueError("make_evaluator needs at least one token batch")
+    return Evaluator(backend, batches, downstream, hook, hook_out, head_index)
+
+
+def metrics_table(results: Mapping[str, EvalMetrics]) -> list[dict[str, Any]]:
+    """One row per SAE name: the name followed by its scalar metrics (for CSV files)."""
+    return [{"sae": name, **metrics.to_dict()} for name, metrics in results.items()]
