@@ -294,3 +294,37 @@ def test_folder_without_any_sae_says_what_was_looked_for(tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="looked for cfg.json, params.npz"):
         SAE.from_pretrained(str(tmp_path), "empty")
+
+
+def test_gemma_scope_1_embedding_takes_out_the_input_scaling(tmp_path: Path, x: Tensor) -> None:
+    params = gemma_params()
+    folder = tmp_path / "embedding/width_4k/average_l0_6"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **{k: v.numpy() for k, v in params.items()})
+    sae = SAE.from_pretrained(str(tmp_path), "embedding/width_4k/average_l0_6").sae
+    assert sae.cfg.metadata.hook_name == "hook_embed"
+    # hook_embed carries embeddings times sqrt(d_model); the SAE saw the table's rows.
+    s = math.sqrt(D_IN)
+    pre = (x / s) @ params["W_enc"] + params["b_enc"]
+    acts = torch.relu(pre) * (pre > params["threshold"])
+    torch.testing.assert_close(sae.encode(x), acts)
+    # and decodes back into hook_embed's scale
+    torch.testing.assert_close(sae.decode(acts), (acts @ params["W_dec"]) * s + params["b_dec"])
+
+
+def test_llama_scope_r1_distill(tmp_path: Path, x: Tensor) -> None:
+    enc_w, enc_b = rand(D_SAE, D_IN), rand(D_SAE) * 0.1
+    dec_w, dec_b = rand(D_IN, D_SAE), rand(D_IN)
+    log_theta = rand(D_SAE) * 0.1 - 1
+    folder = tmp_path / "800M-Slimpajama-0-OpenR1-Math-220k/L3R"
+    folder.mkdir(parents=True)
+    stored = {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w}
+    stored.update({"decoder.bias": dec_b, "log_jumprelu_threshold": log_theta})
+    save_file(stored, str(folder / "sae_weights.safetensors"))
+    config = {"d_model": D_IN, "expansion_factor": 2, "hook_point_in": "blocks.3.hook_resid_post"}
+    (folder / "config.json").write_text(json.dumps(config))
+    sae = SAE.from_pretrained(
+        str(tmp_path), str(folder.relative_to(tmp_path)), layout="llama_scope_r1_distill"
+    ).sae
+    expected = jumprelu_reference(x, enc_w.T, enc_b, dec_w.T, dec_b, log_theta.exp())
+    torch.testing.assert_close(sae(x), expected)
