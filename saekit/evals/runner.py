@@ -21,7 +21,7 @@ from saekit.evals.accumulators import (
     ReconstructionAccumulator,
     SparsityAccumulator,
 )
-from saekit.evals.downstream import kl_divergence, next_token_ce, prediction_mask
+from saekit.evals.downstream import PredictionScorer
 from saekit.evals.metrics import EvalMetrics
 from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import replace_head, select_head
@@ -224,13 +224,7 @@ def _evaluate_batch(
     if not downstream:
         return
 
-    pred = prediction_mask(mask).to(clean_logits.device)  # [batch, pos - 1]
-    ce_clean = next_token_ce(clean_logits, tokens)[pred]
-
-    def scored(logits: Tensor) -> tuple[Tensor, Tensor]:
-        ce = next_token_ce(logits, tokens)[pred]
-        kl = kl_divergence(clean_logits[:, :-1], logits[:, :-1])[pred]
-        return ce, kl
+    scored = PredictionScorer(clean_logits, tokens, mask)
 
     ablated: dict[tuple[str, int | None], tuple[Tensor, Tensor]] = {}
     for run, recon in zip(runs, recons, strict=True):
@@ -244,4 +238,4 @@ def _evaluate_batch(
         ce_sae, kl_sae = scored(model.logits(tokens, {site.hook_out: splice}))
         ce_abl, kl_abl = ablated[key]
         assert run.downstream is not None
-        run.downstream.update(ce_clean, ce_sae, ce_abl, kl_sae, kl_abl)
+        run.downstream.update(scored.ce_clean, ce_sae, ce_abl, kl_sae, kl_abl)
