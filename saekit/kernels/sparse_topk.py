@@ -12,16 +12,31 @@ covers per-token top-k (k pairs per token) and batch top-k (any number per token
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-#: Largest [pairs, width] temporary the backward materialises at once (elements).
-_CHUNK_ELEMENTS = 1 << 24
+# CSR support is marked beta in torch; the operations used here are covered by our tests.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def _rows(index: Tensor, other: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """A CSR matrix [n_rows, n_cols] from entries sorted by row `index` (columns `other`)."""
+    counts = torch.bincount(index, minlength=n_rows)
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=index.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return torch.sparse_csr_tensor(crow, other, values, (n_rows, n_cols), check_invariants=False)
 
 
 class _SparseDecode(torch.autograd.Function):
+    """recon = b_dec + S @ W_dec with S the sparse [batch, d_sae] matrix of selected values.
+
+    The backward uses sparse products only: it reads the decoder rows and writes the encoder
+    columns of the selected latents, never a dense [batch, d_sae] gradient.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,
@@ -30,14 +45,13 @@ class _SparseDecode(torch.autograd.Function):
         b_enc: Tensor,  # [d_sae]
         W_dec: Tensor,  # [d_sae, d_out]
         b_dec: Tensor,  # [d_out]
-        token: Tensor,  # [nnz]
+        token: Tensor,  # [nnz], sorted ascending
         latent: Tensor,  # [nnz]
-        values: Tensor,  # [nnz], the selected pre-activations (already computed, detached)
+        values: Tensor,  # [nnz], the selected ReLU'd pre-activations (detached)
     ) -> tuple[Tensor, Tensor]:
-        recon = b_dec.expand(x.shape[0], -1).clone()  # [batch, d_out]
-        for lo, hi in _chunks(token.numel(), W_dec.shape[1]):
-            rows = W_dec[latent[lo:hi]] * values[lo:hi, None]  # [chunk, d_out]
-            recon.index_add_(0, token[lo:hi], rows)
+        batch, d_sae = x.shape[0], W_enc.shape[1]
+        selected = _rows(token, latent, values, batch, d_sae)
+        recon = torch.addmm(b_dec, selected, W_dec)  # [batch, d_out]
         ctx.save_for_backward(x, W_enc, W_dec, token, latent, values)
         ctx.mark_non_differentiable(token, latent)
         return recon, values.clone()
@@ -46,44 +60,40 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx: Any, grad_recon: Tensor, grad_values_out: Tensor | None) -> tuple:
         x, W_enc, W_dec, token, latent, values = ctx.saved_tensors
         need_x, need_w_enc, need_b_enc, need_w_dec, need_b_dec = ctx.needs_input_grad[:5]
-        # dL/dvalue for each selected pair = <grad_recon[token], W_dec[latent]> (+ direct use).
-        grad_values = torch.empty_like(values)
-        for lo, hi in _chunks(token.numel(), W_dec.shape[1]):
-            grad_values[lo:hi] = (grad_recon[token[lo:hi]] * W_dec[latent[lo:hi]]).sum(-1)
+        batch, d_sae = x.shape[0], W_enc.shape[1]
+        grad_recon = grad_recon.contiguous()
+        # dL/dvalue of each selected pair = <grad_recon[token], W_dec[latent]>: a product
+        # sampled only where S has entries.
+        pattern = _rows(token, latent, torch.ones_like(values), batch, d_sae)
+        grad_values = torch.sparse.sampled_addmm(pattern, grad_recon, W_dec.t(), beta=0.0)
+        grad_values = grad_values.values()
         if grad_values_out is not None:
             grad_values = grad_values + grad_values_out
         # The selected values are ReLU outputs: no gradient where the ReLU was closed.
         grad_values = grad_values * (values > 0)
 
-        grad_w_dec = grad_w_enc_t = grad_x = None
+        # Products with S^T: a COO matrix indexed (latent, token) needs no sorting.
+        transposed = torch.stack([latent, token])
+        grad_x = grad_w_enc = grad_b_enc = grad_w_dec = grad_b_dec = None
         if need_w_dec:
-            grad_w_dec = torch.zeros_like(W_dec)
-            for lo, hi in _chunks(token.numel(), W_dec.shape[1]):
-                outer = grad_recon[token[lo:hi]] * values[lo:hi, None]  # [chunk, d_out]
-                grad_w_dec.index_add_(0, latent[lo:hi], outer)
+            s_t = torch.sparse_coo_tensor(
+                transposed, values, (d_sae, batch), check_invariants=False
+            )
+            grad_w_dec = torch.sparse.mm(s_t, grad_recon)  # [d_sae, d_out]
         if need_w_enc:
-            grad_w_enc_t = x.new_zeros(W_enc.shape[1], W_enc.shape[0])  # [d_sae, d_in]
-            for lo, hi in _chunks(token.numel(), x.shape[1]):
-                outer = x[token[lo:hi]] * grad_values[lo:hi, None]  # [chunk, d_in]
-                grad_w_enc_t.index_add_(0, latent[lo:hi], outer)
+            g_t = torch.sparse_coo_tensor(
+                transposed, grad_values, (d_sae, batch), check_invariants=False
+            )
+            grad_w_enc = torch.sparse.mm(g_t, x).t()  # [d_in, d_sae]
         if need_x:
-            w_enc_t = W_enc.t()
-            grad_x = torch.zeros_like(x)
-            for lo, hi in _chunks(token.numel(), x.shape[1]):
-                rows = w_enc_t[latent[lo:hi]] * grad_values[lo:hi, None]  # [chunk, d_in]
-                grad_x.index_add_(0, token[lo:hi], rows)
-        grad_b_enc = None
+            g = _rows(token, latent, grad_values, batch, d_sae)
+            grad_x = g @ W_enc.t().contiguous()  # [batch, d_in]
         if need_b_enc:
-            grad_b_enc = x.new_zeros(W_enc.shape[1])
-            grad_b_enc.index_add_(0, latent, grad_values)
-        grad_b_dec = grad_recon.sum(0) if need_b_dec else None
-        grad_w_enc = grad_w_enc_t.t() if grad_w_enc_t is not None else None
+            grad_b_enc = torch.bincount(latent, weights=grad_values, minlength=d_sae)
+            grad_b_enc = grad_b_enc.to(values.dtype)
+        if need_b_dec:
+            grad_b_dec = grad_recon.sum(0)
         return grad_x, grad_w_enc, grad_b_enc, grad_w_dec, grad_b_dec, None, None, None
-
-
-def _chunks(total: int, width: int) -> list[tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, width))
-    return [(lo, min(lo + step, total)) for lo in range(0, total, step)] or [(0, 0)]
 
 
 def sparse_decode(
@@ -131,16 +141,16 @@ def encoder_pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
 
 
 def topk_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(token, latent) pairs of each row's k largest scores [batch, d_sae]."""
+    """(token, latent) pairs of each row's k largest scores [batch, d_sae], in row order."""
     latent = scores.topk(k, dim=-1, sorted=False).indices  # [batch, k]
     token = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
     return token, latent.flatten()
 
 
 def batch_topk_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(token, latent) pairs of the k * batch largest scores of the whole batch."""
+    """(token, latent) pairs of the k * batch largest scores of the whole batch, in row order."""
     keep = min(k * scores.shape[0], scores.numel())
-    flat = scores.flatten().topk(keep, sorted=False).indices
+    flat = scores.flatten().topk(keep, sorted=False).indices.sort().values
     return flat // scores.shape[1], flat % scores.shape[1]
 
 
