@@ -1,0 +1,205 @@
+"""The shuffle buffer shared by the activation store and the activation-cache reader."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def check_buffer_sizes(batch_size: int, buffer_size: int) -> None:
+    """Refuse sizes that cannot work, before any model or file is touched."""
+    for name, value in (("batch_size", batch_size), ("buffer_size", buffer_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if buffer_size < batch_size:
+        raise ValueError(
+            f"buffer_size={buffer_size} cannot hold one batch of batch_size={batch_size}; "
+            f"make buffer_size at least {batch_size} (several times larger mixes better)"
+        )
+
+
+class ShuffledRows:
+    """Serves `[batch_size, d]` batches (or `{hook: ...}` dicts) from a shuffle buffer.
+
+    Subclasses provide chunks of rows (`_next_chunk`), a small description of their position
+    (`_source_state` / `_load_source_state`) and their settings (`_config`). A buffer is
+    filled with at least `buffer_size` rows (the rows left over from the last buffer
+    included), shuffled, and served; so memory holds at most `buffer_size` rows plus one
+    chunk. The position is saved as (source position when the buffer began, RNG state
+    then, rows carried in, rows served from it), so restoring re-reads one buffer only.
+    """
+
+    hooks: list[str]
+    single: bool
+    batch_size: int
+    buffer_size: int
+    shuffle: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    def _init_buffer(self, seed: int) -> None:
+        self.seed = seed
+        self._rng = torch.Generator().manual_seed(seed)
+        self._buffer: dict[str, Tensor] | None = None
+        self._cursor = 0
+        self._cycle: dict[str, Any] | None = None
+        self._batches = 0
+
+    # what subclasses provide
+
+    def _next_chunk(self) -> dict[str, Tensor] | None:
+        raise NotImplementedError
+
+    def _source_state(self) -> Any:
+        raise NotImplementedError
+
+    def _load_source_state(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def _config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # serving
+
+    @property
+    def batches_served(self) -> int:
+        """Batches served since the start (kept across `state_dict` / `load_state_dict`)."""
+        return self._batches
+
+    def _fill(self, carry: dict[str, Tensor] | None) -> None:
+        self._cycle = {
+            "source": self._source_state(),
+            "rng": self._rng.get_state(),
+            "carry": None if carry is None else {h: t.cpu() for h, t in carry.items()},
+        }
+        chunks: dict[str, list[Tensor]] = {
+            h: [] if carry is None else [carry[h]] for h in self.hooks
+        }
+        rows = 0 if carry is None else carry[self.hooks[0]].shape[0]
+        while rows < self.buffer_size:
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            for hook in self.hooks:
+                chunks[hook].append(chunk[hook].to(device=self.device, dtype=self.dtype))
+            rows += chunk[self.hooks[0]].shape[0]
+        self._cursor = 0
+        if rows == 0:
+            self._buffer = None
+            return
+        buffer = {h: torch.cat(chunks[h]) for h in self.hooks}
+        chunks.clear()
+        if self.shuffle:
+            order = torch.randperm(rows, generator=self._rng).to(self.device)
+            buffer = {h: t[order] for h, t in buffer.items()}
+        self._buffer = buffer
+
+    def _rows_left(self) -> int:
+        return 0 if self._buffer is None else self._buffer[self.hooks[0]].shape[0] - self._cursor
+
+    def __iter__(self) -> ShuffledRows:
+        return self
+
+    def __next__(self) -> Tensor | dict[str, Tensor]:
+        if self._rows_left() < self.batch_size:
+            carry = None
+            if self._buffer is not None:
+                carry = {h: t[self._cursor :] for h, t in self._buffer.items()}
+            self._buffer = None  # free it before the next one fills
+            self._fill(carry)
+            if self._rows_left() < self.batch_size:
+                self._buffer = None
+                raise StopIteration
+        assert self._buffer is not None
+        start, self._cursor = self._cursor, self._cursor + self.batch_size
+        self._batches += 1
+        batch = {h: t[start : self._cursor] for h, t in self._buffer.items()}
+        return batch[self.hooks[0]] if self.single else batch
+
+    # norm scaling
+
+    def estimate_norm_scaling_factor(self, n_batches: int = 100) -> float | dict[str, float]:
+        """s = sqrt(d_in) / E||x|| over about `n_batches * batch_size` rows read from the
+        current position (the position itself is left unchanged).
+
+        Multiplying activations by s gives them an average norm of sqrt(d_in) (the
+        `expected_average_only_in` normalisation). A float for one hook, a dict for several.
+        """
+        if n_batches <= 0:
+            raise ValueError(f"n_batches must be positive, got {n_batches}")
+        wanted = n_batches * self.batch_size
+        saved = self._source_state()
+        sums = dict.fromkeys(self.hooks, 0.0)
+        width: dict[str, int] = {}
+        rows = 0
+        try:
+            while rows < wanted:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    break
+                for hook in self.hooks:
+                    sums[hook] += chunk[hook].double().norm(dim=-1).sum().item()
+                    width[hook] = chunk[hook].shape[-1]
+                rows += chunk[self.hooks[0]].shape[0]
+        finally:
+            self._load_source_state(saved)
+        if rows == 0:
+            raise ValueError("no activations to estimate the norm scaling factor on")
+        if rows < wanted:
+            logger.warning(
+                "estimated the norm scaling factor on %d rows, fewer than the %d asked for "
+                "(the data ran out)", rows, wanted,
+            )
+        factors = {h: math.sqrt(width[h]) / (sums[h] / rows) for h in self.hooks}
+        return factors[self.hooks[0]] if self.single else factors
+
+    # checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact data position and shuffling state, for a training checkpoint.
+
+        Small (no activations beyond the fewer-than-a-batch rows carried into the current
+        buffer); restoring re-reads the current buffer's data once."""
+        return {
+            "version": STATE_VERSION,
+            "config": self._config(),
+            "cycle": self._cycle,
+            "cursor": self._cursor,
+            "batches": self._batches,
+            "source_now": self._source_state(),
+            "rng_now": self._rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that would have come."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data position state version {state.get('version')} is not known")
+        saved = state["config"]
+        diffs = [
+            f"{k}: saved {saved.get(k)!r}, now {v!r}"
+            for k, v in self._config().items() if saved.get(k) != v
+        ]
+        if diffs:
+            raise ValueError(
+                "the saved data position belongs to a different configuration ("
+                + "; ".join(diffs) + "); restore with the same settings"
+            )
+        self._batches = int(state["batches"])
+        cycle = state["cycle"]
+        if cycle is None:
+            self._load_source_state(state["source_now"])
+            self._rng.set_state(state["rng_now"])
+            self._buffer, self._cursor, self._cycle = None, 0, None
+            return
+        self._load_source_state(cycle["source"])
+        self._rng.set_state(cycle["rng"])
+        self._fill(cycle["carry"])
+        self._cursor = int(state["cursor"])
