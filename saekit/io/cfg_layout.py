@@ -45,6 +45,10 @@ _SAE_FIELDS = {
 }
 
 
+#: Flat-layout activation_fn_str -> architecture.
+_FLAT_ACTIVATIONS = {"relu": "standard", "topk": "topk", "tanh-relu": "tanh_relu"}
+
+
 def _normalize_mode(value: Any) -> str:
     # Before sae-lens 3.x normalisation was a bool: True meant scaling to an expected norm.
     if value is True:
@@ -58,16 +62,16 @@ def _architecture_from_flat(raw: dict[str, Any]) -> tuple[str, int | None]:
     """(architecture, k) for a flat config, from `architecture` or `activation_fn_str`."""
     kwargs = raw.get("activation_fn_kwargs") or {}
     k = raw.get("k", kwargs.get("k"))
-    if "architecture" in raw:
-        return raw["architecture"], k
+    architecture = raw.get("architecture", "standard")
+    if architecture != "standard":
+        return architecture, k
+    # Before sae-lens 5, "standard" covered every activation function, named separately.
     activation = raw.get("activation_fn_str", raw.get("activation_fn", "relu"))
-    if activation == "topk":
-        return "topk", k
-    if activation == "relu":
-        return "standard", None
+    if activation in _FLAT_ACTIVATIONS:
+        return _FLAT_ACTIVATIONS[activation], k if activation == "topk" else None
     raise ValueError(
         f"activation_fn_str={activation!r} in a flat cfg.json has no saekit architecture; "
-        "supported: 'relu' (standard) and 'topk'"
+        f"supported: {', '.join(_FLAT_ACTIVATIONS)}"
     )
 
 
@@ -106,6 +110,10 @@ def _from_flat(raw: dict[str, Any], source: str) -> SAEConfig:
     if k is not None:
         fields["k"] = int(k)
     fields["normalize_activations"] = _normalize_mode(raw.get("normalize_activations"))
+    hook_name = raw.get("hook_name", raw.get("hook_point")) or ""
+    if "reshape_activations" not in raw and "hook_z" in hook_name:
+        # The flat layout has no reshape flag: sae-lens inferred it from the hook name.
+        fields["reshape_activations"] = "hook_z"
     metadata: dict[str, Any] = {}
     used: set[str] = set()
     for field_name, spellings in _METADATA_ALIASES.items():

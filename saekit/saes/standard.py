@@ -19,3 +19,18 @@ class StandardSAE(SAE):
     ) -> dict[str, Tensor]:
         weighted = latents * self.decoder_norms()  # [batch, d_sae]
         return {"l1": settings.sparsity_coefficient * weighted.sum(dim=-1).mean()}
+
+
+@register_architecture("tanh_relu")
+class TanhReLUSAE(StandardSAE):
+    """f = tanh(ReLU(h)): an activation older sae-lens releases use (activation_fn_str
+    "tanh-relu"); trained with the standard decoder-norm-weighted L1."""
+
+    def activation(self, hidden_pre: Tensor) -> Tensor:
+        return torch.tanh(torch.relu(hidden_pre))
+
+    def fold_W_dec_norm(self) -> None:
+        raise ValueError(
+            "tanh is not scale-equivariant, so decoder norms cannot be folded into a tanh_relu "
+            "SAE's encoder without changing what it computes"
+        )

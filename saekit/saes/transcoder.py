@@ -44,8 +44,9 @@ class JumpReLUTranscoder(TranscoderMixin, JumpReLUSAE):
     pass
 
 
-@register_architecture("skip_transcoder")
-class SkipTranscoder(Transcoder):
+class SkipPathMixin(TranscoderMixin):
+    """Adds a linear path from input to output: out = decode(encode(x)) + x @ W_skip.T."""
+
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().parameter_shapes(), "W_skip": (self.cfg.output_width, self.cfg.d_in)}
 
@@ -57,3 +58,13 @@ class SkipTranscoder(Transcoder):
 
     def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
         return super().reconstruct(x, latents) + self.skip(x)
+
+
+@register_architecture("skip_transcoder")
+class SkipTranscoder(SkipPathMixin, Transcoder):
+    pass
+
+
+@register_architecture("jumprelu_skip_transcoder")
+class JumpReLUSkipTranscoder(SkipPathMixin, JumpReLUTranscoder):
+    pass
