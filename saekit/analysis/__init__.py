@@ -1,0 +1,29 @@
+"""Analysis: SAEs spliced into models, latent edits, steering, attribution, feature statistics
+and dashboards."""
+
+from saekit.analysis.attribution import AttributionResult, attribute, logit_diff
+from saekit.analysis.interventions import (
+    LatentEdit,
+    ablate_latents,
+    clamp_latents,
+    scale_latents,
+)
+from saekit.analysis.splice import SAE_POINTS, CacheResult, SplicedModel
+from saekit.analysis.steering import Generation, generate, steering_hooks, steering_vector
+
+__all__ = [
+    "SAE_POINTS",
+    "AttributionResult",
+    "CacheResult",
+    "Generation",
+    "LatentEdit",
+    "SplicedModel",
+    "ablate_latents",
+    "attribute",
+    "clamp_latents",
+    "generate",
+    "logit_diff",
+    "scale_latents",
+    "steering_hooks",
+    "steering_vector",
+]
