@@ -1,0 +1,455 @@
+"""The on-disk activation cache: run the model once, train from the files many times.
+
+A cache is a folder:
+
+    metadata.json            what the activations are (model, hooks, d_in, dtype, dataset,
+                             context size, tokenizer identity) and whether the write finished
+    progress.json            one record per shard written (file, rows, crc32, byte size) and
+                             the dataset position after it, so an interrupted write resumes
+    shard_00000.safetensors  one tensor per hook, [rows, d_in], rows in dataset order
+
+Readers (`CachedActivations`) shuffle across shards (random shard order) and within a
+buffer, hold at most `buffer_size` rows plus one shard in memory, and check every shard's
+size and CRC-32 before using it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.config import DTYPES, dtype_name
+from saekit.data.buffer import ShuffledRows, check_buffer_sizes
+from saekit.data.store import ActivationStore
+from saekit.data.tokens import TokenWindows
+from saekit.models.backend import ModelBackend
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "saekit-activation-cache"
+CACHE_VERSION = 1
+METADATA_FILE = "metadata.json"
+PROGRESS_FILE = "progress.json"
+#: Metadata keys that must agree for a write to resume into an existing folder.
+IDENTITY_KEYS = (
+    "model", "hooks", "d_in", "dtype", "dataset", "context_size", "prepend_bos", "packing",
+    "hook_head_index", "exclude_special_tokens", "tokenizer", "shard_rows",
+)
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot be used as it is; the message says why and what to do."""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except json.JSONDecodeError as err:
+        raise CacheError(f"{path} is not valid JSON ({err}); the cache folder is damaged") from err
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any] | None:
+    """What identifies a tokenizer: its name, vocabulary size and a hash of its vocabulary."""
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    digest = zlib.crc32(json.dumps(sorted(vocab.items())).encode())
+    return {
+        "name": getattr(tokenizer, "name_or_path", None) or None,
+        "vocab_size": len(tokenizer),
+        "vocab_crc32": f"{digest:08x}",
+    }
+
+
+def _tensor_to_list(state: dict[str, Any]) -> dict[str, Any]:
+    """A TokenWindows state as JSON."""
+    return {
+        "rows_read": state["rows_read"],
+        "pending": state["pending"].tolist(),
+        "pending_docs": [d.tolist() for d in state["pending_docs"]],
+        "windows": state["windows"],
+        "context_size": state["context_size"],
+    }
+
+
+def _list_to_tensor(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **state,
+        "pending": torch.tensor(state["pending"], dtype=torch.long),
+        "pending_docs": [torch.tensor(d, dtype=torch.long) for d in state["pending_docs"]],
+    }
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def write_activation_cache(
+    model: ModelBackend,
+    hooks: str | Sequence[str],
+    dataset: Any,
+    out_dir: str | Path,
+    n_tokens: int,
+    *,
+    context_size: int = 128,
+    model_batch_size: int = 8,
+    shard_rows: int = 65536,
+    dtype: torch.dtype | str = torch.float32,
+    hook_head_index: int | None = None,
+    exclude_special_tokens: bool = True,
+    prepend_bos: bool = True,
+    packing: bool = True,
+    text_column: str | None = None,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+) -> dict[str, Any]:
+    """Run the model over `dataset` and write `n_tokens` token rows of activations at
+    `hooks` to `out_dir`; returns the final metadata.
+
+    If `out_dir` holds an unfinished cache with the same metadata, the write continues
+    after its last complete shard; if its metadata differs, a `CacheError` names the
+    difference. A finished cache with the same metadata is left as it is.
+
+    Args:
+        model, hooks, dataset: as in `ActivationStore`.
+        out_dir: the cache folder (created).
+        n_tokens: token rows to write (fewer if the dataset runs out first).
+        shard_rows: rows per shard file.
+        dtype: stored dtype (float32, bfloat16, float16).
+        model_name, dataset_name: how to record the model and dataset in the metadata
+            (default: the backend's name and the dataset argument when it is a string).
+        the rest: as in `ActivationStore`.
+    """
+    if not isinstance(n_tokens, int) or n_tokens <= 0:
+        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if not isinstance(shard_rows, int) or shard_rows <= 0:
+        raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+    out = Path(out_dir)
+    windows = dataset if isinstance(dataset, TokenWindows) else TokenWindows(
+        dataset, model.tokenizer, context_size, text_column=text_column,
+        prepend_bos=prepend_bos, packing=packing,
+    )
+    store = ActivationStore(
+        model, hooks, windows, batch_size=1, buffer_size=1, model_batch_size=model_batch_size,
+        hook_head_index=hook_head_index, exclude_special_tokens=exclude_special_tokens,
+        shuffle=False, dtype=dtype,
+    )
+    d_in = store.d_in
+    meta = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "model": model_name or getattr(model, "name", None) or type(model).__name__,
+        "hooks": list(store.hooks),
+        "d_in": d_in if isinstance(d_in, dict) else {store.hooks[0]: d_in},
+        "dtype": dtype_name(dtype),
+        "dataset": dataset_name or (str(dataset) if isinstance(dataset, (str, Path)) else None),
+        "context_size": windows.context_size,
+        "prepend_bos": windows.prepend_bos,
+        "packing": windows.packing,
+        "hook_head_index": hook_head_index,
+        "exclude_special_tokens": exclude_special_tokens,
+        "tokenizer": tokenizer_identity(model.tokenizer),
+        "shard_rows": shard_rows,
+        "n_tokens_requested": n_tokens,
+        "n_tokens": 0,
+        "complete": False,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    progress: list[dict[str, Any]] = []
+    if (out / METADATA_FILE).exists():
+        old = _read_json(out / METADATA_FILE)
+        _require_same(old, meta, out)
+        if old["complete"]:
+            logger.info("%s already holds a finished cache of %d tokens", out, old["n_tokens"])
+            return old
+        progress = _verified_progress(out)
+        if progress:
+            windows.load_state_dict(_list_to_tensor(progress[-1]["position"]))
+            logger.info("resuming %s after %d shards", out, len(progress))
+    else:
+        leftovers = [p.name for p in out.iterdir()]
+        if leftovers:
+            raise CacheError(
+                f"{out} is not empty and holds no cache metadata ({', '.join(leftovers[:5])}); "
+                "pick an empty or new folder"
+            )
+    _write_json(out / METADATA_FILE, meta)
+    written = sum(r["rows"] for r in progress)
+    pending: dict[str, list[Tensor]] = {h: [] for h in store.hooks}
+    pending_rows = 0
+    while written < n_tokens:
+        chunk = store._next_chunk()
+        if chunk is not None:
+            for hook in store.hooks:
+                pending[hook].append(chunk[hook].to(device="cpu", dtype=store.dtype))
+            pending_rows += chunk[store.hooks[0]].shape[0]
+        want = min(shard_rows, n_tokens - written)
+        if pending_rows >= want or (chunk is None and pending_rows):
+            # Write whole forward passes only, so the saved position is exact: the shard
+            # may run a little past shard_rows but never splits a window.
+            tensors = {h: torch.cat(pending[h])[: n_tokens - written] for h in store.hooks}
+            rows = tensors[store.hooks[0]].shape[0]
+            progress.append(_write_shard(out, len(progress), tensors, windows))
+            _write_json(out / PROGRESS_FILE, progress)
+            written += rows
+            pending = {h: [] for h in store.hooks}
+            pending_rows = 0
+        if chunk is None:
+            break
+    if written < n_tokens:
+        logger.warning("the dataset ran out after %d of %d tokens", written, n_tokens)
+    meta["n_tokens"] = written
+    meta["complete"] = True
+    _write_json(out / METADATA_FILE, meta)
+    return meta
+
+
+def _write_shard(
+    out: Path, index: int, tensors: dict[str, Tensor], windows: TokenWindows
+) -> dict[str, Any]:
+    from safetensors.torch import save
+
+    data = save({h: t.contiguous() for h, t in tensors.items()})
+    name = _shard_name(index)
+    tmp = out / (name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / name)
+    return {
+        "file": name,
+        "rows": next(iter(tensors.values())).shape[0],
+        "bytes": len(data),
+        "crc32": f"{zlib.crc32(data):08x}",
+        "position": _tensor_to_list(windows.state_dict()),
+    }
+
+
+def _require_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    if old.get("format") != CACHE_FORMAT:
+        raise CacheError(f"{out / METADATA_FILE} is not a saekit activation-cache metadata file")
+    diffs = [
+        f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}"
+        for k in IDENTITY_KEYS if old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise CacheError(
+            f"the cache in {out} was written for a different run ({'; '.join(diffs)}); "
+            "use another --out folder or delete this one"
+        )
+
+
+def _verified_progress(out: Path) -> list[dict[str, Any]]:
+    """The progress records whose shard files are whole; later ones are dropped."""
+    if not (out / PROGRESS_FILE).exists():
+        return []
+    progress = _read_json(out / PROGRESS_FILE)
+    good = []
+    for record in progress:
+        path = out / record["file"]
+        if not path.exists() or path.stat().st_size != record["bytes"]:
+            logger.warning("shard %s is missing or incomplete; rewriting from there", path)
+            break
+        good.append(record)
+    return good
+
+
+def read_cache_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a cache folder, refusing folders that are not caches."""
+    folder = Path(path)
+    meta_path = folder / METADATA_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{folder} holds no activation cache ({METADATA_FILE} missing); write one with "
+            "`saekit cache`"
+        )
+    meta = _read_json(meta_path)
+    if meta.get("format") != CACHE_FORMAT:
+        raise CacheError(f"{meta_path} is not a saekit activation-cache metadata file")
+    if meta.get("version") != CACHE_VERSION:
+        raise CacheError(f"{meta_path} has cache version {meta.get('version')}, expected 1")
+    return meta
+
+
+def check_cache_matches(
+    meta: dict[str, Any],
+    *,
+    model: str | None = None,
+    hooks: Sequence[str] | None = None,
+    d_in: int | dict[str, int] | None = None,
+    context_size: int | None = None,
+) -> None:
+    """Refuse a cache whose metadata differs from what a run expects, naming the difference.
+
+    Arguments left as None are not checked."""
+    diffs = []
+    if model is not None and meta["model"] != model:
+        diffs.append(f"model: cache has {meta['model']!r}, the run uses {model!r}")
+    if hooks is not None:
+        missing = [h for h in hooks if h not in meta["hooks"]]
+        if missing:
+            diffs.append(f"hooks: the run needs {missing}, the cache holds {meta['hooks']}")
+    if d_in is not None:
+        wanted = d_in if isinstance(d_in, dict) else {h: d_in for h in (hooks or meta["hooks"])}
+        for hook, width in wanted.items():
+            if hook in meta["d_in"] and meta["d_in"][hook] != width:
+                diffs.append(
+                    f"d_in of {hook}: cache has {meta['d_in'][hook]}, the run uses {width}"
+                )
+    if context_size is not None and meta["context_size"] != context_size:
+        diffs.append(
+            f"context_size: cache has {meta['context_size']}, the run uses {context_size}"
+        )
+    if diffs:
+        raise CacheError("the activation cache does not match this run: " + "; ".join(diffs))
+
+
+class CachedActivations(ShuffledRows):
+    """Training batches read from an activation cache: the same protocol as
+    `ActivationStore` (iteration, `d_in`, `estimate_norm_scaling_factor`, `state_dict` /
+    `load_state_dict`), no model needed.
+
+    Shards are read in a random order (fixed by `seed`), their rows shuffled in a buffer of
+    `buffer_size` rows; memory holds at most `buffer_size` rows plus one shard. Every shard's
+    byte size and CRC-32 are checked when it is read; a damaged shard raises `CacheError`.
+    One pass over the cache, then iteration stops (the last partial batch is dropped).
+
+    Args:
+        path: the cache folder.
+        batch_size: rows per batch.
+        buffer_size: rows in the shuffle buffer (at least `batch_size`).
+        hooks: hooks to read (one name gives tensors, a list gives dicts); default all.
+        shuffle: shuffle shard order and rows.
+        seed: seed of the shuffling.
+        dtype: dtype of the batches (default: the cache's).
+        device: where batches go (default CPU).
+        expect_model, expect_d_in, expect_context_size: refuse a cache whose metadata
+            differs (see `check_cache_matches`).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_size: int = 4096,
+        buffer_size: int = 262144,
+        hooks: str | Sequence[str] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        expect_model: str | None = None,
+        expect_d_in: int | dict[str, int] | None = None,
+        expect_context_size: int | None = None,
+    ) -> None:
+        check_buffer_sizes(batch_size, buffer_size)
+        self.path = Path(path)
+        self.metadata = read_cache_metadata(self.path)
+        if not self.metadata["complete"]:
+            raise CacheError(
+                f"the cache in {self.path} is unfinished ({self.metadata['n_tokens']} tokens "
+                "recorded); run the same `saekit cache` command again to finish it"
+            )
+        if hooks is None:
+            # A cache of one hook serves tensors, like ActivationStore with one hook name.
+            hooks = self.metadata["hooks"]
+            hooks = hooks[0] if len(hooks) == 1 else list(hooks)
+        self.single = isinstance(hooks, str)
+        self.hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+        check_cache_matches(
+            self.metadata, model=expect_model, hooks=self.hooks, d_in=expect_d_in,
+            context_size=expect_context_size,
+        )
+        self.shards = _read_json(self.path / PROGRESS_FILE)
+        total = sum(r["rows"] for r in self.shards)
+        if total != self.metadata["n_tokens"]:
+            raise CacheError(
+                f"{self.path / PROGRESS_FILE} records {total} rows but the metadata says "
+                f"{self.metadata['n_tokens']}; the cache is damaged, write it again"
+            )
+        self.batch_size = batch_size
+        self.buffer_size = buffer_size
+        self.shuffle = shuffle
+        self.dtype = DTYPES[dtype_name(dtype or self.metadata["dtype"])]
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._init_buffer(seed)
+        self._order = self._shard_order()
+        self._next_shard = 0
+
+    @property
+    def d_in(self) -> int | dict[str, int]:
+        widths = {h: self.metadata["d_in"][h] for h in self.hooks}
+        return widths[self.hooks[0]] if self.single else widths
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.metadata["n_tokens"])
+
+    def _shard_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(len(self.shards), generator=generator).tolist()
+
+    def read_shard(self, index: int) -> dict[str, Tensor]:
+        """Shard `index`'s tensors for our hooks, after checking its size and CRC-32."""
+        from safetensors.torch import load
+
+        record = self.shards[index]
+        path = self.path / record["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"shard {path} is missing; write the cache again") from None
+        if len(data) != record["bytes"]:
+            raise CacheError(
+                f"shard {path} has {len(data)} bytes, {record['bytes']} were written: it is "
+                "truncated or was changed; write the cache again"
+            )
+        if f"{zlib.crc32(data):08x}" != record["crc32"]:
+            raise CacheError(
+                f"shard {path} fails its CRC-32 check: it is corrupted; write the cache again"
+            )
+        tensors = load(data)
+        return {h: tensors[h] for h in self.hooks}
+
+    def _next_chunk(self) -> dict[str, Tensor] | None:
+        if self._next_shard >= len(self._order):
+            return None
+        chunk = self.read_shard(self._order[self._next_shard])
+        self._next_shard += 1
+        return chunk
+
+    def _source_state(self) -> int:
+        return self._next_shard
+
+    def _load_source_state(self, state: int) -> None:
+        self._next_shard = int(state)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "cache_model": self.metadata["model"],
+            "cache_tokens": self.metadata["n_tokens"],
+            "hooks": list(self.hooks),
+            "batch_size": self.batch_size,
+            "buffer_size": self.buffer_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }

@@ -1,0 +1,172 @@
+"""The activation cache: written rows equal the store's, resume, refusal, corruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saekit.data.cache import (
+    CachedActivations,
+    CacheError,
+    check_cache_matches,
+    read_cache_metadata,
+    write_activation_cache,
+)
+from saekit.data.store import ActivationStore
+from saekit.models import load_model
+from saekit.models.tiny import TINY_TEXTS, tiny_gpt2, tiny_tokenizer
+
+DOCS = list(TINY_TEXTS) * 2
+HOOK = "blocks.1.hook_resid_pre"
+N = 150
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_model(tiny_gpt2(300), tokenizer=tiny_tokenizer(300))
+
+
+@pytest.fixture(scope="module")
+def reference_rows(backend) -> torch.Tensor:
+    store = ActivationStore(backend, HOOK, DOCS, context_size=16, batch_size=1, buffer_size=1,
+                            model_batch_size=2, shuffle=False)
+    return torch.cat(list(store))
+
+
+def write(backend, out, hooks=HOOK, **kwargs):
+    options = {"context_size": 16, "model_batch_size": 2, "shard_rows": 40}
+    options.update(kwargs)
+    return write_activation_cache(backend, hooks, DOCS, out, N, **options)
+
+
+@pytest.fixture(scope="module")
+def cache(backend, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    write(backend, out, model_name="tiny-gpt2", dataset_name="tiny-docs")
+    return out
+
+
+def test_cache_holds_the_store_rows_in_order(cache, reference_rows) -> None:
+    meta = read_cache_metadata(cache)
+    assert meta["complete"] and meta["n_tokens"] == N
+    assert meta["model"] == "tiny-gpt2" and meta["dataset"] == "tiny-docs"
+    assert meta["hooks"] == [HOOK] and meta["d_in"] == {HOOK: 32}
+    assert meta["context_size"] == 16 and meta["dtype"] == "float32"
+    assert meta["tokenizer"]["vocab_size"] == 300
+    reader = CachedActivations(cache, batch_size=1, buffer_size=1, shuffle=False)
+    assert reader.d_in == 32
+    torch.testing.assert_close(torch.cat(list(reader)), reference_rows[:N])
+
+
+def test_shuffled_reading_is_a_permutation_and_resumes(cache, reference_rows) -> None:
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1)
+    rows = torch.cat(list(reader))
+    assert rows.shape == (N, 32)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    expected = reference_rows[:N]
+    torch.testing.assert_close(
+        rows[(rows @ direction).argsort()], expected[(expected @ direction).argsort()]
+    )
+    assert not torch.allclose(rows, expected)
+
+    first = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1)
+    head = [next(first) for _ in range(7)]
+    resumed = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    torch.testing.assert_close(torch.cat(head + list(resumed)), rows)
+
+
+def test_norm_scaling_factor_from_cache(cache, reference_rows) -> None:
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, shuffle=False)
+    first_shard = reader.shards[0]["rows"]  # >= 40: shards hold whole forward passes
+    assert 40 <= first_shard < 80
+    factor = reader.estimate_norm_scaling_factor(n_batches=4)  # 40 rows: the first shard
+    expected = 32**0.5 / reference_rows[:first_shard].norm(dim=-1).mean().item()
+    assert factor == pytest.approx(expected, rel=1e-5)
+    assert next(reader).shape == (10, 32)
+
+
+class CrashingModel:
+    """A model backend that fails after a number of forward passes (a killed job)."""
+
+    def __init__(self, backend, passes: int) -> None:
+        self.backend, self.passes = backend, passes
+        self.tokenizer, self.device, self.name = backend.tokenizer, backend.device, backend.name
+
+    def hook_names(self) -> list[str]:
+        return self.backend.hook_names()
+
+    def activations(self, tokens, hooks):
+        if tokens.shape[1] > 2:  # the width probe is not a forward pass over data
+            self.passes -= 1
+            if self.passes < 0:
+                raise KeyboardInterrupt
+        return self.backend.activations(tokens, hooks)
+
+    def logits(self, tokens, replacements=None):
+        return self.backend.logits(tokens, replacements)
+
+
+def test_interrupted_write_resumes_to_the_same_files(backend, cache, tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        write(CrashingModel(backend, passes=3), tmp_path, model_name="tiny-gpt2",
+              dataset_name="tiny-docs")
+    meta = read_cache_metadata(tmp_path)
+    assert not meta["complete"]
+    written = json.loads((tmp_path / "progress.json").read_text())
+    assert 0 < len(written) < len(json.loads((cache / "progress.json").read_text()))
+    with pytest.raises(CacheError, match="unfinished"):
+        CachedActivations(tmp_path)
+    write(backend, tmp_path, model_name="tiny-gpt2", dataset_name="tiny-docs")
+    assert json.loads((tmp_path / "progress.json").read_text()) == json.loads(
+        (cache / "progress.json").read_text()
+    )
+    for shard in cache.glob("shard_*.safetensors"):
+        assert (tmp_path / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_mismatched_metadata_is_refused(backend, cache) -> None:
+    with pytest.raises(CacheError, match=r"hooks: cache has \['blocks.1.hook_resid_pre'\]"):
+        write(backend, cache, hooks="blocks.0.hook_resid_pre", model_name="tiny-gpt2",
+              dataset_name="tiny-docs")
+    with pytest.raises(CacheError, match="model: cache has 'tiny-gpt2', this run has 'other'"):
+        write(backend, cache, model_name="other", dataset_name="tiny-docs")
+    meta = read_cache_metadata(cache)
+    with pytest.raises(CacheError, match="d_in of blocks.1.hook_resid_pre: cache has 32"):
+        check_cache_matches(meta, d_in=64)
+    with pytest.raises(CacheError, match="model: cache has 'tiny-gpt2', the run uses 'gpt2'"):
+        CachedActivations(cache, expect_model="gpt2")
+    with pytest.raises(CacheError, match="the run needs"):
+        CachedActivations(cache, hooks="blocks.0.hook_resid_post")
+
+
+def test_damaged_shards_are_detected(backend, tmp_path) -> None:
+    write(backend, tmp_path)
+    shard = tmp_path / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard_00001.safetensors fails its CRC-32 check"):
+        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False))
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CacheError, match="truncated"):
+        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False))
+
+
+def test_several_hooks_and_folder_checks(backend, tmp_path) -> None:
+    hooks = ["blocks.0.hook_resid_post", HOOK]
+    write(backend, tmp_path / "two", hooks=hooks, dtype="bfloat16")
+    reader = CachedActivations(tmp_path / "two", batch_size=16, buffer_size=64, seed=2)
+    for batch in reader:
+        assert batch[hooks[0]].dtype == torch.bfloat16
+        torch.testing.assert_close(batch[hooks[0]], batch[HOOK])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(CacheError, match="not empty and holds no cache metadata"):
+        write(backend, tmp_path / "busy")
+    with pytest.raises(FileNotFoundError, match="holds no activation cache"):
+        CachedActivations(tmp_path / "busy")
+    with pytest.raises(ValueError, match="buffer_size=4 cannot hold one batch"):
+        CachedActivations(tmp_path / "two", batch_size=8, buffer_size=4)
