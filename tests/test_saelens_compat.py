@@ -35,3 +35,22 @@ def test_saelens_folder_gives_saelens_outputs(case: str) -> None:
             assert torch.allclose(recon, io[f"recon{suffix}"], atol=1e-5), "recon"
         if f"out{suffix}" in io:
             assert torch.allclose(sae(x), io[f"out{suffix}"], atol=1e-5), "out"
+
+
+WRITTEN = Path(__file__).parent / "fixtures" / "saekit_written"
+WRITTEN_CASES = sorted(p.name for p in WRITTEN.iterdir() if (p / "io.safetensors").is_file())
+
+
+@pytest.mark.parametrize("case", WRITTEN_CASES)
+def test_saekit_folder_loads_in_saelens_with_same_outputs(case: str, tmp_path: Path) -> None:
+    """sae-lens loaded this saekit-written folder and recorded its outputs; saekit agrees."""
+    folder = WRITTEN / case / "sae"
+    sae = SAE.load(folder)
+    io = load_file(str(WRITTEN / case / "io.safetensors"))
+    features = sae.encode(io["x"])
+    assert torch.allclose(features, io["features"], atol=1e-5)
+    assert torch.allclose(sae.decode(features), io["recon"], atol=1e-5)
+    assert torch.allclose(sae(io["x"]), io["out"], atol=1e-5)
+    # saekit still writes the same folder today, so what sae-lens read is what we write.
+    sae.save(tmp_path / "again")
+    assert (tmp_path / "again" / "cfg.json").read_text() == (folder / "cfg.json").read_text()
