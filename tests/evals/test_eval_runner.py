@@ -249,3 +249,13 @@ def test_site_errors() -> None:
     with pytest.raises(ValueError, match="hook_name_out"):
         sae_site(tc)
     assert sae_site(tc, hook_out="b") == SAESite("a", "b")
+
+
+def test_max_tokens_keeps_whole_sequences(backend) -> None:
+    batches = token_batches(n_batches=3, batch=3, pos=12)  # 108 tokens
+    sae = zero_sae(D_MODEL, "blocks.0.hook_resid_post")
+    (m,) = evaluate_saes(backend, [sae], batches, downstream=False, max_tokens=60)
+    # 36 tokens from the first batch, then 2 of the next batch's 3 rows (24 tokens); BOS masked
+    assert m.n_tokens == (3 + 2) * 11
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_saes(backend, [sae], [], downstream=False)
