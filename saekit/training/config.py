@@ -1,0 +1,447 @@
+"""Training-run configuration: four small sections (sae, data, training, run) in one TrainConfig.
+
+Each field is documented once, by the string under it; that text is also the field's `--help`.
+Validation collects every problem in every section and reports them together, so a user fixes
+a config in one pass rather than one error at a time.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from saekit.config import DTYPES
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+B_DEC_INITS = ("zeros", "mean", "geometric_median")
+DECODER_NORMS = ("auto", "unit", "free")
+TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
+class ConfigError(ValueError):
+    """An invalid config; `problems` lists every problem found, one sentence each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid training config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def _check(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass
+class SAESection:
+    """The SAE to train."""
+
+    architecture: str = "topk"
+    """SAE architecture (standard, topk, batchtopk, matryoshka_batchtopk, jumprelu, gated,
+    transcoder, jumprelu_transcoder, skip_transcoder, or a registered one)."""
+    d_sae: int | None = None
+    """Number of latents; overrides expansion_factor when given."""
+    expansion_factor: int = 16
+    """Latents per input dimension (d_sae = expansion_factor * d_in) when d_sae is not given."""
+    k: int | None = None
+    """Latents kept per token for topk-style SAEs (default 32, or target_l0 when given)."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: nested prefix widths ending at d_sae (default d_sae/4, /2, 1)."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (forced off for transcoders whose
+    output width differs from their input width)."""
+    normalize_activations: bool = True
+    """Scale activations by sqrt(d_in) / E||x|| during training (estimated from the data);
+    the factor is folded into the weights at the end, so the saved SAE takes raw activations."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        from saekit.saes import list_architectures
+
+        if self.architecture not in list_architectures():
+            out.append(
+                f"architecture {self.architecture!r} is not known; use one of "
+                f"{', '.join(list_architectures())}"
+            )
+        if self.d_sae is not None and self.d_sae <= 0:
+            out.append(f"d_sae must be positive, got {self.d_sae}")
+        if self.expansion_factor <= 0:
+            out.append(f"expansion_factor must be positive, got {self.expansion_factor}")
+        if self.k is not None and self.k <= 0:
+            out.append(f"k must be positive, got {self.k}")
+        if self.k is not None and self.architecture not in TOPK_ARCHITECTURES:
+            out.append(
+                f"k applies to {', '.join(TOPK_ARCHITECTURES)}, not {self.architecture!r}; "
+                "use target_l0 or l1_coefficient to set its sparsity"
+            )
+        return out
+
+    def __post_init__(self) -> None:
+        _check(self.problems())
+
+
+@dataclass
+class DataSection:
+    """Where the activations come from."""
+
+    model: str = "bundled"
+    """Model to read: "bundled" (the demo model), a local Hugging Face folder or a Hub id."""
+    hook: str | None = None
+    """Hook the SAE reads, e.g. blocks.2.hook_resid_pre (default: the residual stream
+    before the middle layer)."""
+    hook_out: str | None = None
+    """Transcoders: the hook whose activation is reconstructed (default: the mlp output
+    of the layer read by hook)."""
+    dataset: str = "bundled"
+    """Text dataset: "bundled" (the demo corpus), a local file or folder, or a Hub id."""
+    context_size: int = 128
+    """Tokens per sequence fed to the model."""
+    prepend_bos: bool = True
+    """Start every sequence with the BOS token (its activations are not trained on)."""
+    eval_tokens: int = 65_536
+    """Held-out tokens for the final evaluation (metrics.json)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.context_size <= 0:
+            out.append(f"context_size must be positive, got {self.context_size}")
+        if self.eval_tokens < 0:
+            out.append(f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        return out
+
+    def __post_init__(self) -> None:
+        _check(self.problems())
+
+
+@dataclass
+class TrainingConfig:
+    """How one SAE is optimised. The trainer reads only this section."""
+
+    tokens: int = 2_000_000
+    """Training tokens in total."""
+    batch_size: int = 4096
+    """Tokens per optimisation step."""
+    lr: float = 4e-4
+    """Peak learning rate of Adam (beta1 0.9, beta2 0.999)."""
+    lr_schedule: str = "constant"
+    """constant | cosine (to zero at the end) | linear (decays to zero over the last
+    lr_decay_fraction of training)."""
+    lr_warmup_tokens: int = 0
+    """Tokens of linear learning-rate warm-up from zero."""
+    lr_decay_fraction: float = 0.2
+    """linear schedule: fraction of training, at the end, over which lr decays to zero."""
+    l1_coefficient: float = 5.0
+    """Sparsity coefficient lambda (L1 for standard, gated and transcoders, L0 for jumprelu);
+    the starting value when target_l0 is set; ignored by topk-style SAEs."""
+    sparsity_warmup_tokens: int = 0
+    """Tokens over which lambda rises linearly from zero (not used with target_l0)."""
+    target_l0: float | None = None
+    """Wanted latents per token: sets k for topk-style SAEs; for the others a controller
+    adjusts lambda during training so the final L0 lands near it."""
+    l0_controller_gain: float = 0.03
+    """How fast the target-L0 controller moves log(lambda) per step, per unit of log-L0 error."""
+    aux_k_coefficient: float = 1 / 32
+    """AuxK loss weight for topk-style SAEs (revives dead latents)."""
+    dead_after_tokens: int = 1_000_000
+    """A latent is dead once it has not fired for this many training tokens."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0 disables clipping)."""
+    b_dec_init: str = "geometric_median"
+    """Initial decoder bias: zeros | mean | geometric_median (of the first batch)."""
+    decoder_norm: str = "auto"
+    """unit: decoder rows kept at unit norm, gradient parallel to them removed; free: no
+    constraint; auto: unit for topk-style and gated SAEs, free for the rest (their penalty
+    weighs latents by decoder-row norm)."""
+    jumprelu_bandwidth: float = 0.001
+    """Width of the straight-through kernel for JumpReLU thresholds."""
+    jumprelu_sparsity: str = "step"
+    """JumpReLU penalty: step (L0 through a straight-through estimator) or tanh."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tokens > 0 and self.batch_size > self.tokens:
+            out.append(f"batch_size={self.batch_size} is larger than tokens={self.tokens}")
+        if not self.lr > 0:
+            out.append(f"lr must be positive, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            out.append(f"lr_schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if not 0 < self.lr_decay_fraction <= 1:
+            out.append(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
+        for name in ("lr_warmup_tokens", "sparsity_warmup_tokens", "dead_after_tokens"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.l1_coefficient < 0:
+            out.append(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+        if self.target_l0 is not None and not self.target_l0 > 0:
+            out.append(f"target_l0 must be positive, got {self.target_l0}")
+        if self.l0_controller_gain <= 0:
+            out.append(f"l0_controller_gain must be positive, got {self.l0_controller_gain}")
+        if self.grad_clip < 0:
+            out.append(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.b_dec_init not in B_DEC_INITS:
+            out.append(f"b_dec_init {self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}")
+        if self.decoder_norm not in DECODER_NORMS:
+            out.append(
+                f"decoder_norm {self.decoder_norm!r} is not one of {', '.join(DECODER_NORMS)}"
+            )
+        if self.jumprelu_bandwidth <= 0:
+            out.append(f"jumprelu_bandwidth must be positive, got {self.jumprelu_bandwidth}")
+        if self.jumprelu_sparsity not in ("step", "tanh"):
+            out.append(f"jumprelu_sparsity must be step or tanh, got {self.jumprelu_sparsity!r}")
+        return out
+
+    def __post_init__(self) -> None:
+        _check(self.problems())
+
+
+@dataclass
+class RunSection:
+    """Where results go and how the run behaves."""
+
+    out: str = "runs/demo"
+    """Run folder: the final SAE, metrics.json, log.jsonl, run_config.yaml, checkpoints/."""
+    seed: int = 0
+    """Seed for weights and data order."""
+    device: str | None = None
+    """Device to train on (default: the first accelerator if there is one, else cpu)."""
+    dtype: str = "float32"
+    """SAE parameter dtype: float32, float64, float16 or bfloat16."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every this many tokens (default: about ten per run)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk; older ones are deleted."""
+    log_every: int = 20
+    """Steps between lines of log.jsonl."""
+    wandb: bool = False
+    """Also log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
+    wandb_project: str = "saekit"
+    """Weights & Biases project name."""
+    progress: bool = True
+    """Show a progress bar."""
+    resume: str | None = None
+    """Continue the run in this folder from its last checkpoint."""
+    overwrite: bool = False
+    """Delete an existing run folder at `out` and start afresh."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.dtype not in DTYPES:
+            out.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            out.append(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            out.append(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.log_every <= 0:
+            out.append(f"log_every must be positive, got {self.log_every}")
+        if self.resume is not None and self.overwrite:
+            out.append("resume and overwrite cannot both be given; pick one")
+        return out
+
+    def __post_init__(self) -> None:
+        _check(self.problems())
+
+
+#: Section name -> class, in the order they appear in files and in --help.
+SECTIONS: dict[str, type] = {
+    "sae": SAESection,
+    "data": DataSection,
+    "training": TrainingConfig,
+    "run": RunSection,
+}
+#: Run fields that are actions on a folder, not part of what the run is; not saved.
+ACTION_FIELDS = ("resume", "overwrite")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run. Build with `TrainConfig.from_dict` to get every problem at once."""
+
+    sae: SAESection = field(default_factory=SAESection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        _check(self.cross_problems())
+
+    def cross_problems(self) -> list[str]:
+        out = []
+        sae, training = self.sae, self.training
+        if sae.k is not None and training.target_l0 is not None and sae.k != training.target_l0:
+            out.append(
+                f"k={sae.k} and target_l0={training.target_l0} disagree; for "
+                f"{sae.architecture!r} target_l0 sets k, so give only one"
+            )
+        if sae.architecture in TOPK_ARCHITECTURES and training.target_l0 is not None:
+            if training.target_l0 != int(training.target_l0):
+                out.append(f"target_l0 must be a whole number for {sae.architecture!r}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from {"sae": {...}, "data": {...}, ...}, reporting every problem together."""
+        problems: list[str] = []
+        if not isinstance(data, dict):
+            raise ConfigError([f"a training config must be a mapping, got {type(data).__name__}"])
+        unknown = sorted(set(data) - set(SECTIONS))
+        for name in unknown:
+            problems.append(f"unknown section {name!r}{_suggest(name, SECTIONS)}")
+        sections: dict[str, Any] = {}
+        for name, section_cls in SECTIONS.items():
+            values = data.get(name) or {}
+            if not isinstance(values, dict):
+                problems.append(f"section {name!r} must be a mapping, got {values!r}")
+                continue
+            kwargs, found = _coerce_fields(section_cls, values, name)
+            problems.extend(found)
+            try:
+                sections[name] = section_cls(**kwargs)
+            except ConfigError as err:
+                problems.extend(f"{name}.{p}" for p in err.problems)
+            except (TypeError, ValueError) as err:
+                problems.append(f"{name}: {err}")
+        if problems:
+            raise ConfigError(problems)
+        return cls(**sections)
+
+    def to_dict(self, include_actions: bool = False) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        if not include_actions:
+            for name in ACTION_FIELDS:
+                out["run"].pop(name)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML or JSON config file."""
+        return cls.from_dict(read_config_file(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (action fields such as resume are left out)."""
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML or JSON: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def _suggest(name: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
+
+
+def _coerce_fields(
+    cls: type, values: dict[str, Any], section: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Values converted to each field's type, and a problem for each that cannot be."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    problems = []
+    for key, value in values.items():
+        if key not in hints:
+            problems.append(f"{section}: unknown field {key!r}{_suggest(key, names)}")
+            continue
+        try:
+            kwargs[key] = coerce(value, hints[key])
+        except (TypeError, ValueError):
+            problems.append(
+                f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}"
+            )
+    return kwargs, problems
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (int, float, str, bool, list[int] and their optional forms)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0])
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        return [coerce(v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise TypeError(value)
+    if hint is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return int(float(value)) if float(value).is_integer() else int(value)
+        if not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

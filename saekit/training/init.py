@@ -1,0 +1,60 @@
+"""Starting points and constraints that depend on data: the decoder bias and decoder-row norms."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saekit.saes.base import SAE
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """The point minimising the summed Euclidean distance to `points` [n, d] (Weiszfeld).
+
+    Unlike the mean it is not dragged by a few far-out activations (massive-norm tokens).
+    """
+    points = points.to(torch.float64)
+    median = points.mean(dim=0)
+    for _ in range(max_iter):
+        dist = (points - median).norm(dim=1).clamp_min(1e-12)  # [n]
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        moved = (new - median).norm()
+        median = new
+        if moved <= tol * max(float(median.norm()), 1.0):
+            break
+    return median
+
+
+@torch.no_grad()
+def initialize_b_dec(sae: SAE, mode: str, target: Tensor) -> None:
+    """Set b_dec from a sample of what the SAE reconstructs (`target` [n, d_out])."""
+    if mode == "zeros":
+        sae.b_dec.zero_()
+        return
+    sample = target.reshape(-1, target.shape[-1])
+    if mode == "mean":
+        value = sample.to(torch.float64).mean(dim=0)
+    elif mode == "geometric_median":
+        value = geometric_median(sample)
+    else:
+        raise ValueError(f"b_dec_init {mode!r} is not one of zeros, mean, geometric_median")
+    sae.b_dec.copy_(value.to(sae.b_dec.dtype))
+
+
+@torch.no_grad()
+def normalize_decoder_rows(sae: SAE) -> None:
+    """Scale every decoder row to unit norm (the unit-norm constraint's projection)."""
+    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def remove_parallel_gradient(sae: SAE) -> None:
+    """Remove from each decoder row's gradient its component along the row, so that a step
+    changes the row's direction, not its length (which normalisation would undo anyway)."""
+    grad = sae.W_dec.grad
+    if grad is None:
+        return
+    rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [d_sae, d_out]
+    grad -= (grad * rows).sum(dim=1, keepdim=True) * rows

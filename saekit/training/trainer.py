@@ -1,0 +1,522 @@
+"""The trainer: one stream of activations, one or more SAEs trained side by side.
+
+It sees only tensors. A batch is a tensor [tokens, d_in] (every SAE reads it), a pair
+(x, y) for transcoders, or a mapping {hook: tensor} from which each SAE picks its hook(s), so
+one model forward pass can feed SAEs on several hooks. It knows nothing of models or text.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.saes.base import SAE, LossSettings
+from saekit.training import checkpoint as ckpt
+from saekit.training.config import TOPK_ARCHITECTURES, TrainingConfig
+from saekit.training.init import (
+    initialize_b_dec,
+    normalize_decoder_rows,
+    remove_parallel_gradient,
+)
+from saekit.training.runlog import RunLog
+from saekit.training.schedules import L0Controller, lr_at, sparsity_warmup_factor
+
+log = logging.getLogger(__name__)
+
+Batch = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]
+#: Architectures trained with unit-norm decoder rows under decoder_norm="auto": topk-style SAEs
+#: (their loss has no norm-weighted penalty) and gated SAEs (whose frozen-decoder auxiliary
+#: loss lets free decoder norms grow without bound).
+UNIT_NORM_ARCHITECTURES = (*TOPK_ARCHITECTURES, "gated")
+#: Fraction of training over which the target-L0 controller's aim moves to the target.
+L0_RAMP_FRACTION = 0.4
+Evaluator = Callable[[SAE], Mapping[str, Any]]
+#: Receives each log record (e.g. to forward it to Weights & Biases).
+LogSink = Callable[[dict[str, Any]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became non-finite; the last good state was checkpointed."""
+
+
+@dataclass
+class SAEJob:
+    """One SAE to train and how: its hyper-parameters and which activations it reads."""
+
+    sae: SAE
+    cfg: TrainingConfig
+    name: str = "sae"
+    """Names the SAE in logs, checkpoints and (with several SAEs) its sub-folder."""
+    hook: str | None = None
+    """Key of the input in mapping batches (may be None when the mapping has one key)."""
+    hook_out: str | None = None
+    """Transcoders with mapping batches: key of the activation to reconstruct."""
+    norm_scale: float | None = None
+    """Inputs (and targets) are multiplied by this during training; folded in at the end."""
+    evaluate: Evaluator | None = None
+    """Final held-out evaluation of the finished SAE."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    saes: dict[str, SAE]
+    """The trained SAEs by job name, in the form they are saved (see SAE.published)."""
+    metrics: dict[str, dict[str, Any]]
+    """Final held-out metrics by job name (empty where a job had no evaluator)."""
+    tokens: int
+    """Training tokens seen."""
+    interrupted: int | None = None
+    """The signal number when the run stopped early on SIGINT/SIGTERM, else None."""
+    sparsity: dict[str, Tensor] = field(default_factory=dict)
+    """log10 firing frequency per latent over the second half of training, by job name."""
+
+
+class _JobState:
+    """What the trainer keeps per SAE besides its weights."""
+
+    def __init__(self, job: SAEJob) -> None:
+        cfg, sae = job.cfg, job.sae
+        self.job = job
+        self.unit_norm = cfg.decoder_norm == "unit" or (
+            cfg.decoder_norm == "auto"
+            and sae.architecture in UNIT_NORM_ARCHITECTURES
+            and not sae.cfg.rescale_acts_by_decoder_norm
+        )
+        if cfg.target_l0 is not None and sae.architecture in TOPK_ARCHITECTURES:
+            if sae.cfg.k != cfg.target_l0:
+                raise ValueError(
+                    f"SAE {job.name!r} is {sae.architecture} with k={sae.cfg.k}, but target_l0="
+                    f"{cfg.target_l0}; for topk-style SAEs target_l0 is k, so build it with "
+                    f"k={int(cfg.target_l0)}"
+                )
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.uses_coefficient = sae.architecture not in TOPK_ARCHITECTURES
+        self.controller: L0Controller | None = None
+        if cfg.target_l0 is not None and self.uses_coefficient:
+            total_steps = max(cfg.tokens // cfg.batch_size, 1)
+            self.controller = L0Controller(
+                cfg.target_l0,
+                cfg.l1_coefficient,
+                cfg.l0_controller_gain,
+                ramp_steps=int(L0_RAMP_FRACTION * total_steps),
+            )
+        d_sae = sae.cfg.d_sae
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)
+        self.counted_tokens = 0
+        self.interval: dict[str, float] = {}
+        self.interval_steps = 0
+        self.interval_last_l0 = 0.0
+        self.interval_coefficient = 0.0
+
+    def coefficient(self, tokens_seen: int) -> float:
+        if self.controller is not None:
+            return self.controller.coefficient
+        return self.job.cfg.l1_coefficient * sparsity_warmup_factor(self.job.cfg, tokens_seen)
+
+    def settings(self, tokens_seen: int) -> LossSettings:
+        cfg = self.job.cfg
+        return LossSettings(
+            sparsity_coefficient=self.coefficient(tokens_seen),
+            aux_k_coefficient=cfg.aux_k_coefficient,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+            jumprelu_sparsity=cfg.jumprelu_sparsity,
+        )
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.job.cfg.dead_after_tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sae": {k: v.detach().clone() for k, v in self.job.sae.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "fire_counts": self.fire_counts.clone(),
+            "counted_tokens": self.counted_tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.job.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.controller is not None and state["controller"] is not None:
+            self.controller.load_state_dict(state["controller"])
+        device = self.job.sae.device
+        self.tokens_since_fired = state["tokens_since_fired"].to(device)
+        self.fire_counts = state["fire_counts"].to(device)
+        self.counted_tokens = int(state["counted_tokens"])
+
+
+class Trainer:
+    """Train SAEJobs on a stream of batches. Call `fit()` (or `fit(resume=True)`)."""
+
+    def __init__(
+        self,
+        jobs: SAEJob | list[SAEJob],
+        data: Iterator[Batch],
+        run_dir: str | Path | None = None,
+        *,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int = 2,
+        log_every: int = 20,
+        progress: bool = False,
+        log_sinks: list[LogSink] | None = None,
+    ) -> None:
+        jobs = [jobs] if isinstance(jobs, SAEJob) else list(jobs)
+        if not jobs:
+            raise ValueError("no SAE to train; pass at least one SAEJob")
+        names = [j.name for j in jobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"SAEJob names must differ, got {names}")
+        token_budgets = {j.cfg.tokens for j in jobs}
+        if len(token_budgets) != 1:
+            raise ValueError(
+                f"SAEs trained side by side share one stream and one token budget; got "
+                f"tokens={sorted(token_budgets)}. Give every job the same TrainingConfig.tokens"
+            )
+        if checkpoint_every is not None and run_dir is None:
+            raise ValueError("checkpoint_every needs a run_dir to write checkpoints into")
+        self.jobs = jobs
+        self.states = [_JobState(j) for j in jobs]
+        self.data = data
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.total_tokens = jobs[0].cfg.tokens
+        self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.log_every = log_every
+        self.progress = progress
+        self.log_sinks = list(log_sinks or [])
+        self.tokens_seen = 0
+        self.step = 0
+        self.batches_consumed = 0
+        self._stop_signal: int | None = None
+
+    # ----- the loop ------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the token budget; with resume=True, first restore the last checkpoint."""
+        if resume:
+            self._restore()
+        runlog = RunLog(self.run_dir, multi=len(self.jobs) > 1)
+        if resume:
+            runlog.truncate_after(self.tokens_seen)
+        bar = self._progress_bar()
+        previous = self._install_signal_handlers()
+        try:
+            while self.tokens_seen < self.total_tokens:
+                if self._stop_signal is not None:
+                    self._checkpoint()
+                    log.warning(
+                        "stopped by signal %d after %d tokens (step %d); checkpoint written, "
+                        "continue with --resume %s",
+                        self._stop_signal, self.tokens_seen, self.step, self.run_dir,
+                    )
+                    return self._result(interrupted=self._stop_signal)
+                batch = self._next_batch()
+                n_tokens = self._train_step(batch)
+                before = self.tokens_seen
+                self.tokens_seen += n_tokens
+                self.step += 1
+                if bar is not None:
+                    bar.update(n_tokens)
+                if self.step % self.log_every == 0 or self.tokens_seen >= self.total_tokens:
+                    record = self._log_record()
+                    runlog.write(record)
+                    for sink in self.log_sinks:
+                        sink(record)
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(record), refresh=False)
+                every = self.checkpoint_every
+                if every and before // every != self.tokens_seen // every:
+                    if self.tokens_seen < self.total_tokens:
+                        self._checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self._restore_signal_handlers(previous)
+        return self._finish()
+
+    def _next_batch(self) -> Batch:
+        try:
+            batch = next(self.data)
+        except StopIteration:
+            raise ValueError(
+                f"the activation stream ran out after {self.tokens_seen} tokens, but the run "
+                f"needs {self.total_tokens}; lower tokens or provide more data"
+            ) from None
+        self.batches_consumed += 1
+        return batch
+
+    def _train_step(self, batch: Batch) -> int:
+        """Forward and backward every SAE, then step them all, or none if any diverged."""
+        inputs = [self._select(batch, st.job) for st in self.states]
+        n_tokens = inputs[0][0].shape[0]
+        if self.step == 0 and self.tokens_seen == 0:
+            for st, (x, target) in zip(self.states, inputs, strict=True):
+                self._initialize(st, x, target)
+        for st, (x, target) in zip(self.states, inputs, strict=True):
+            job, sae = st.job, st.job.sae
+            sae.train()
+            settings = st.settings(self.tokens_seen)
+            out = sae.training_forward(
+                x, target if sae.is_transcoder else None, settings, st.dead_mask()
+            )
+            if not torch.isfinite(out.loss):
+                self._diverged(job, f"loss is {out.loss.item()}")
+            st.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if st.unit_norm:
+                remove_parallel_gradient(sae)
+            if job.cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), job.cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    self._diverged(job, f"gradient norm is {grad_norm.item()}")
+            self._track(st, out.latents.detach(), out.losses, out.loss, n_tokens, settings)
+        for st in self.states:
+            for group in st.optimizer.param_groups:
+                group["lr"] = lr_at(st.job.cfg, self.tokens_seen)
+            st.optimizer.step()
+            if st.unit_norm:
+                normalize_decoder_rows(st.job.sae)
+            st.job.sae.post_optimizer_step()
+            if st.controller is not None:
+                st.controller.update(st.interval_last_l0)
+        return n_tokens
+
+    def _select(self, batch: Batch, job: SAEJob) -> tuple[Tensor, Tensor]:
+        """(input, target) for one job, on its device, scaled by its norm factor."""
+        if isinstance(batch, Mapping):
+            x = _pick(batch, job.hook, job.name, "hook")
+            y = _pick(batch, job.hook_out, job.name, "hook_out") if job.sae.is_transcoder else x
+        elif isinstance(batch, (tuple, list)):
+            if len(batch) != 2:
+                raise ValueError(f"a tuple batch must be (input, target), got {len(batch)} items")
+            x, y = batch
+        else:
+            if job.sae.is_transcoder:
+                raise ValueError(
+                    f"SAE {job.name!r} is a transcoder and needs (input, target) pairs or "
+                    "{hook: tensor} batches, but the stream yields single tensors"
+                )
+            x = y = batch
+        device = job.sae.device
+        x, y = x.to(device), y.to(device)
+        if job.norm_scale is not None:
+            x, y = x * job.norm_scale, y * job.norm_scale
+        return x, y
+
+    @torch.no_grad()
+    def _initialize(self, st: _JobState, x: Tensor, target: Tensor) -> None:
+        sae = st.job.sae
+        if st.unit_norm:
+            normalize_decoder_rows(sae)
+        initialize_b_dec(sae, st.job.cfg.b_dec_init, target.to(sae.dtype))
+
+    @torch.no_grad()
+    def _track(
+        self,
+        st: _JobState,
+        latents: Tensor,
+        losses: dict[str, Tensor],
+        loss: Tensor,
+        n_tokens: int,
+        settings: LossSettings,
+    ) -> None:
+        fired_per_token = latents != 0  # [tokens, d_sae]
+        fired = fired_per_token.any(dim=0)
+        st.tokens_since_fired += n_tokens
+        st.tokens_since_fired[fired] = 0
+        if self.tokens_seen >= self.total_tokens // 2:
+            st.fire_counts += fired_per_token.sum(dim=0)
+            st.counted_tokens += n_tokens
+        l0 = float(fired_per_token.sum(dim=-1).float().mean())
+        st.interval_last_l0 = l0
+        # Loss terms get a suffix: jumprelu's L0 penalty is called "l0", like the metric.
+        values = {"loss": float(loss), "l0": l0}
+        values.update({f"{k}_loss": float(v) for k, v in losses.items()})
+        for key, value in values.items():
+            st.interval[key] = st.interval.get(key, 0.0) + value
+        st.interval_steps += 1
+        st.interval_coefficient = settings.sparsity_coefficient
+
+    def _diverged(self, job: SAEJob, what: str) -> None:
+        where = ""
+        if self.run_dir is not None:
+            path = self._checkpoint()
+            where = f"; the last good state is saved in {path} (resume with --resume)"
+        raise TrainingDiverged(
+            f"training of SAE {job.name!r} diverged at step {self.step} (after "
+            f"{self.tokens_seen} tokens): {what}{where}. Try a lower lr (now {job.cfg.lr}), "
+            "a learning-rate warm-up (lr_warmup_tokens), normalize_activations, or a smaller "
+            "l1_coefficient"
+        )
+
+    # ----- logging -------------------------------------------------------------------------
+
+    def _log_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": self.step, "tokens": self.tokens_seen}
+        multi = len(self.states) > 1
+        for st in self.states:
+            prefix = f"{st.job.name}/" if multi else ""
+            steps = max(st.interval_steps, 1)
+            values = {k: v / steps for k, v in st.interval.items()}
+            values["lr"] = st.optimizer.param_groups[0]["lr"]
+            values["dead_fraction"] = float(st.dead_mask().float().mean())
+            if st.uses_coefficient:
+                values["sparsity_coefficient"] = st.interval_coefficient
+            record.update({prefix + k: v for k, v in values.items()})
+            st.interval, st.interval_steps = {}, 0
+        return record
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        prefix = f"{self.jobs[0].name}/" if len(self.jobs) > 1 else ""
+        return {
+            "loss": f"{record[prefix + 'loss']:.4g}",
+            "L0": f"{record[prefix + 'l0']:.1f}",
+            "dead": f"{record[prefix + 'dead_fraction']:.1%}",
+        }
+
+    def _progress_bar(self) -> Any:
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_tokens,
+            initial=self.tokens_seen,
+            unit="tok",
+            unit_scale=True,
+            desc="training",
+            dynamic_ncols=True,
+        )
+
+    # ----- checkpoints and signals ---------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        device = self.jobs[0].sae.device
+        data_state = None
+        if hasattr(self.data, "state_dict"):
+            data_state = self.data.state_dict()
+        return {
+            "tokens": self.tokens_seen,
+            "step": self.step,
+            "batches": self.batches_consumed,
+            "jobs": {st.job.name: st.state_dict() for st in self.states},
+            "rng": ckpt.rng_state(device),
+            "data": data_state,
+            "saved_at": time.time(),
+        }
+
+    def _checkpoint(self) -> Path:
+        assert self.run_dir is not None
+        path = ckpt.write_checkpoint(
+            self.run_dir, self.tokens_seen, self.state_dict(), self.keep_checkpoints
+        )
+        log.debug("checkpoint written to %s", path)
+        return path
+
+    def _restore(self) -> None:
+        if self.run_dir is None:
+            raise ValueError("resume needs the run_dir of the run to continue")
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}; the run wrote none "
+                "before it stopped, so start it again without resume"
+            )
+        state = ckpt.read_checkpoint(path)
+        missing = sorted({st.job.name for st in self.states} - set(state["jobs"]))
+        if missing:
+            raise ValueError(
+                f"checkpoint {path} has no state for SAE(s) {missing} (it has "
+                f"{sorted(state['jobs'])}); resume with the same SAEs the run started with"
+            )
+        for st in self.states:
+            st.load_state_dict(state["jobs"][st.job.name])
+        self.tokens_seen = int(state["tokens"])
+        self.step = int(state["step"])
+        self.batches_consumed = int(state["batches"])
+        if state["data"] is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        else:
+            # No position to restore: replay the stream up to where the run was, which
+            # reproduces it exactly when the stream is deterministic.
+            for _ in range(self.batches_consumed):
+                next(self.data)
+        ckpt.set_rng_state(state["rng"], self.jobs[0].sae.device)
+        log.info("resumed from %s at %d tokens (step %d)", path, self.tokens_seen, self.step)
+
+    def _install_signal_handlers(self) -> dict[int, Any] | None:
+        if self.run_dir is None or threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
+
+    # ----- the end -------------------------------------------------------------------------
+
+    def _finish(self) -> TrainResult:
+        for st in self.states:
+            _finalize(st)
+        return self._result(interrupted=None, final=True)
+
+    def _result(self, interrupted: int | None, final: bool = False) -> TrainResult:
+        saes, metrics, sparsity = {}, {}, {}
+        for st in self.states:
+            name = st.job.name
+            sae = st.job.sae.published() if final else st.job.sae
+            saes[name] = sae
+            counted = max(st.counted_tokens, 1)
+            sparsity[name] = torch.log10(st.fire_counts.double() / counted + 1e-10).float()
+            if final and st.job.evaluate is not None:
+                sae.eval()
+                metrics[name] = dict(st.job.evaluate(sae))
+            else:
+                metrics[name] = {}
+        return TrainResult(saes, metrics, self.tokens_seen, interrupted, sparsity)
+
+
+@torch.no_grad()
+def _finalize(st: _JobState) -> None:
+    """Fold the training-time input scale and the decoder norms into the weights."""
+    sae = st.job.sae
+    if st.job.norm_scale is not None:
+        sae.fold_activation_norm_scaling_factor(st.job.norm_scale)
+    try:
+        sae.fold_W_dec_norm()
+    except ValueError as err:  # topk with free decoder norms: folding would change it
+        log.info("decoder norms of %r left as trained: %s", st.job.name, err)
+
+
+def _pick(batch: Mapping[str, Tensor], key: str | None, name: str, what: str) -> Tensor:
+    if key is None:
+        if len(batch) == 1:
+            return next(iter(batch.values()))
+        raise ValueError(
+            f"SAE {name!r} has no {what} set, but batches hold several hooks "
+            f"({', '.join(batch)}); set SAEJob.{what}"
+        )
+    if key not in batch:
+        raise ValueError(f"SAE {name!r} reads {what} {key!r}, but batches hold {', '.join(batch)}")
+    return batch[key]
