@@ -1,0 +1,340 @@
+"""Per-latent statistics from one streaming pass, in memory bounded by latents x examples kept.
+
+For every latent at once: firing count (density), mean and max activation, the top
+activating examples with their context windows, a uniform random sample of firing examples
+(from which quantile bands are drawn), and an activation histogram. Logit effects come from
+the weights alone (`logit_effects`).
+
+Streaming rules: top examples are merged by top-k over (kept, new); the random sample is a
+reservoir kept as the top-k of uniform random keys, which is a uniform sample of everything
+seen; the histogram has `n_bins` equal bins on [0, R) with R a power of two per latent, and
+when a larger activation arrives R doubles and pairs of bins merge, so counts stay exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+STATS_TENSORS = "feature_stats.safetensors"
+STATS_INFO = "feature_stats.json"
+
+
+@dataclass
+class Examples:
+    """Kept examples per latent: [d_sae, k] scores and [d_sae, k, window] contexts."""
+
+    keys: Tensor
+    """What the examples are ranked by: activation (top) or a random key (sample); -1 empty."""
+    values: Tensor
+    """The latent's activation at the example's token [d_sae, k]."""
+    tokens: Tensor
+    """Token ids of the context window [d_sae, k, window]; -1 beyond the sequence."""
+    acts: Tensor
+    """The latent's activation at each token of the window [d_sae, k, window]."""
+
+
+@dataclass
+class FeatureStats:
+    """What `feature_statistics` returns; see the module docstring for the meaning."""
+
+    n_tokens: int
+    """Tokens seen (special tokens excluded)."""
+    left: int
+    """Context tokens kept before the example's token (its index in every window)."""
+    fire_count: Tensor
+    """[d_sae] tokens on which each latent fired."""
+    act_sum: Tensor
+    """[d_sae] sum of each latent's activations (float64)."""
+    max_act: Tensor
+    """[d_sae] largest activation seen (0 for latents that never fired)."""
+    top: Examples
+    """The top activating examples, best first."""
+    sample: Examples
+    """A uniform random sample of firing examples."""
+    hist_counts: Tensor
+    """[d_sae, n_bins] activation histogram of firing tokens."""
+    hist_range: Tensor
+    """[d_sae] upper edge R of each histogram (bins are R / n_bins wide); 0 if never fired."""
+    logit_top: tuple[Tensor, Tensor] | None = None
+    """(token ids, values) [d_sae, n] of the most promoted tokens (W_dec @ W_U), or None."""
+    logit_bottom: tuple[Tensor, Tensor] | None = None
+    """(token ids, values) [d_sae, n] of the most suppressed tokens, or None."""
+
+    @property
+    def d_sae(self) -> int:
+        return self.fire_count.shape[0]
+
+    @property
+    def density(self) -> Tensor:
+        """[d_sae] fraction of tokens on which each latent fired."""
+        return self.fire_count.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_act(self) -> Tensor:
+        """[d_sae] mean activation when firing (0 for latents that never fired)."""
+        return self.act_sum / self.fire_count.clamp_min(1).double()
+
+    def top_examples(self, latent: int) -> list[tuple[float, list[int], list[float]]]:
+        """(activation, window tokens, window activations) of the top examples, best first."""
+        return _examples(self.top, latent)
+
+    def quantile_samples(
+        self, latent: int, n_bands: int = 4, per_band: int = 5
+    ) -> list[list[tuple[float, list[int], list[float]]]]:
+        """The random sample split into `n_bands` bands by activation quantile (lowest first),
+        up to `per_band` examples each, highest in band first."""
+        examples = sorted(_examples(self.sample, latent), key=lambda e: e[0])
+        if not examples:
+            return []
+        bands = []
+        for b in range(n_bands):
+            lo, hi = len(examples) * b // n_bands, len(examples) * (b + 1) // n_bands
+            band = examples[lo:hi]
+            # Evenly spaced picks so a band shows its whole range, not just its top.
+            step = max(1, len(band) // per_band)
+            bands.append(list(reversed(band[::step][:per_band])))
+        return bands
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the statistics as `feature_stats.safetensors` + `feature_stats.json`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "fire_count": self.fire_count, "act_sum": self.act_sum, "max_act": self.max_act,
+            "hist_counts": self.hist_counts, "hist_range": self.hist_range,
+        }
+        for group in ("top", "sample"):
+            ex: Examples = getattr(self, group)
+            for f in fields(Examples):
+                tensors[f"{group}.{f.name}"] = getattr(ex, f.name)
+        for group in ("logit_top", "logit_bottom"):
+            pair = getattr(self, group)
+            if pair is not None:
+                tensors[f"{group}.ids"], tensors[f"{group}.values"] = pair
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATS_TENSORS))
+        info = {"n_tokens": self.n_tokens, "left": self.left}
+        (folder / STATS_INFO).write_text(json.dumps(info) + "\n")
+        return folder
+
+    @staticmethod
+    def load(folder: str | Path) -> FeatureStats:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in (STATS_TENSORS, STATS_INFO):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} is missing; write it with stats.save")
+        t = load_file(str(folder / STATS_TENSORS))
+        info = json.loads((folder / STATS_INFO).read_text())
+
+        def examples(group: str) -> Examples:
+            return Examples(*(t[f"{group}.{f.name}"] for f in fields(Examples)))
+
+        def pair(group: str) -> tuple[Tensor, Tensor] | None:
+            return (t[f"{group}.ids"], t[f"{group}.values"]) if f"{group}.ids" in t else None
+
+        return FeatureStats(
+            info["n_tokens"], info["left"], t["fire_count"], t["act_sum"], t["max_act"],
+            examples("top"), examples("sample"), t["hist_counts"], t["hist_range"],
+            pair("logit_top"), pair("logit_bottom"),
+        )
+
+
+def _examples(ex: Examples, latent: int) -> list[tuple[float, list[int], list[float]]]:
+    keep = ex.keys[latent] >= 0
+    keep &= ex.values[latent] > 0
+    return [
+        (float(ex.values[latent, j]), ex.tokens[latent, j].tolist(), ex.acts[latent, j].tolist())
+        for j in keep.nonzero().flatten().tolist()
+    ]
+
+
+class FeatureStatsAccumulator:
+    """Streaming accumulator; `update` per batch of latents, `result` at the end.
+
+    Args:
+        d_sae: number of latents.
+        top_k: top examples kept per latent.
+        n_samples: random firing examples kept per latent (for quantile bands).
+        left, right: context tokens kept before and after each example's token.
+        n_bins: histogram bins (even).
+        seed: seeds the random sample.
+    """
+
+    def __init__(
+        self,
+        d_sae: int,
+        *,
+        top_k: int = 20,
+        n_samples: int = 40,
+        left: int = 12,
+        right: int = 4,
+        n_bins: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if top_k < 1 or n_samples < 1:
+            raise ValueError(f"top_k and n_samples must be >= 1, got {top_k}, {n_samples}")
+        if left < 0 or right < 0:
+            raise ValueError(f"left and right must be >= 0, got {left}, {right}")
+        if n_bins < 2 or n_bins % 2:
+            raise ValueError(f"n_bins must be an even number >= 2, got {n_bins}")
+        self.d_sae, self.left, self.right, self.n_bins = d_sae, left, right, n_bins
+        self.window = left + 1 + right
+        self.n_tokens = 0
+        self.fire_count = torch.zeros(d_sae, dtype=torch.long)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.max_act = torch.zeros(d_sae)
+        self.top = self._empty(top_k)
+        self.sample = self._empty(n_samples)
+        self.hist_counts = torch.zeros(d_sae, n_bins, dtype=torch.long)
+        # log2 of each histogram's range; None-like sentinel for latents not yet seen firing.
+        self.hist_exp = torch.full((d_sae,), -10_000, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _empty(self, k: int) -> Examples:
+        return Examples(
+            torch.full((self.d_sae, k), -1.0),
+            torch.zeros(self.d_sae, k),
+            torch.full((self.d_sae, k, self.window), -1, dtype=torch.int32),
+            torch.zeros(self.d_sae, k, self.window),
+        )
+
+    @torch.no_grad()
+    def update(self, tokens: Tensor, latents: Tensor, mask: Tensor | None = None) -> None:
+        """Add a batch: tokens [batch, pos], latents [batch, pos, d_sae], mask [batch, pos]
+        (True where the token counts; special tokens should be False)."""
+        if latents.ndim != 3 or tuple(latents.shape[:2]) != tuple(tokens.shape):
+            raise ValueError(
+                f"expected tokens [batch, pos] and latents [batch, pos, d_sae], got "
+                f"{tuple(tokens.shape)} and {tuple(latents.shape)}"
+            )
+        if latents.shape[-1] != self.d_sae:
+            raise ValueError(f"latents have {latents.shape[-1]} latents, expected {self.d_sae}")
+        latents = latents.detach().float().cpu()
+        tokens = tokens.cpu()
+        if mask is not None:
+            latents = latents * mask.cpu()[:, :, None]
+            self.n_tokens += int(mask.sum())
+        else:
+            self.n_tokens += tokens.numel()
+        flat = latents.reshape(-1, self.d_sae)  # [n, d_sae]
+        firing = flat > 0
+        self.fire_count += firing.sum(dim=0)
+        self.act_sum += flat.sum(dim=0, dtype=torch.float64)
+        batch_max = flat.max(dim=0).values.clamp_min(0)
+        self.max_act = torch.maximum(self.max_act, batch_max)
+        self._update_histogram(flat, batch_max)
+        self.top = self._merge(self.top, flat, flat, tokens, latents)
+        keys = torch.where(firing, torch.rand(flat.shape, generator=self.generator), -1.0)
+        self.sample = self._merge(self.sample, keys, flat, tokens, latents)
+
+    def _merge(
+        self, kept: Examples, keys: Tensor, flat: Tensor, tokens: Tensor, latents: Tensor
+    ) -> Examples:
+        batch, n_pos = tokens.shape
+        k = kept.keys.shape[1]
+        new_keys, idx = keys.topk(min(k, keys.shape[0]), dim=0)  # [kk, d_sae]
+        new_keys, idx = new_keys.T, idx.T  # [d_sae, kk]
+        row, pos = idx // n_pos, idx % n_pos
+        latent = torch.arange(self.d_sae)[:, None]
+        values = flat[idx, latent]  # [d_sae, kk]
+        # Windows: pad the sequence so every window lies inside, then gather.
+        pad_tok = torch.full((batch, n_pos + self.left + self.right), -1, dtype=torch.int32)
+        pad_tok[:, self.left:self.left + n_pos] = tokens.to(torch.int32)
+        pad_act = torch.zeros(batch, n_pos + self.left + self.right, self.d_sae)
+        pad_act[:, self.left:self.left + n_pos] = latents
+        where = pos[..., None] + torch.arange(self.window)  # [d_sae, kk, window]
+        win_tok = pad_tok[row[..., None], where]
+        win_act = pad_act[row[..., None], where, latent[..., None]]
+        all_keys = torch.cat([kept.keys, new_keys], dim=1)
+        best = all_keys.topk(k, dim=1).indices  # [d_sae, k]
+
+        def pick(old: Tensor, new: Tensor) -> Tensor:
+            both = torch.cat([old, new], dim=1)
+            index = best.reshape(*best.shape, *([1] * (both.ndim - 2))).expand(
+                -1, -1, *both.shape[2:]
+            )
+            return both.gather(1, index)
+
+        return Examples(
+            pick(kept.keys, new_keys), pick(kept.values, values),
+            pick(kept.tokens, win_tok), pick(kept.acts, win_act),
+        )
+
+    def _update_histogram(self, flat: Tensor, batch_max: Tensor) -> None:
+        fired = batch_max > 0
+        if not fired.any():
+            return
+        needed = torch.ceil(torch.log2(batch_max.clamp_min(1e-30))).long()
+        unseen = fired & (self.hist_exp == -10_000)
+        self.hist_exp[unseen] = needed[unseen]
+        grow = (needed - self.hist_exp).clamp_min(0) * fired
+        half = self.n_bins // 2
+        for step in range(int(grow.max())):
+            sel = grow > step
+            merged = self.hist_counts[sel].reshape(-1, half, 2).sum(-1)
+            self.hist_counts[sel] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+        self.hist_exp += grow
+        rows, cols = flat.nonzero(as_tuple=True)
+        values = flat[rows, cols]
+        width = torch.pow(2.0, self.hist_exp[cols].double()) / self.n_bins
+        bins = (values.double() / width).floor().long().clamp(0, self.n_bins - 1)
+        counts = torch.bincount(cols * self.n_bins + bins, minlength=self.d_sae * self.n_bins)
+        self.hist_counts += counts.reshape(self.d_sae, self.n_bins)
+
+    def result(self) -> FeatureStats:
+        seen = self.hist_exp != -10_000
+        hist_range = torch.where(seen, torch.pow(2.0, self.hist_exp.float()), 0.0)
+        return FeatureStats(
+            self.n_tokens, self.left, self.fire_count.clone(), self.act_sum.clone(),
+            self.max_act.clone(), self.top, self.sample, self.hist_counts.clone(), hist_range,
+        )
+
+
+@torch.no_grad()
+def logit_effects(
+    W_dec: Tensor, W_U: Tensor, n: int = 10, chunk: int = 512
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((ids, values), (ids, values)) [d_sae, n] of the tokens each latent's decoder row most
+    promotes and most suppresses through the unembedding: W_dec [d_sae, d] @ W_U [d, vocab].
+
+    Works in chunks of latents, so memory is chunk x vocab, not d_sae x vocab.
+    """
+    if W_dec.shape[1] != W_U.shape[0]:
+        raise ValueError(
+            f"the decoder writes {W_dec.shape[1]} features but the unembedding reads "
+            f"{W_U.shape[0]}; logit effects need an SAE that writes to the residual stream"
+        )
+    n = min(n, W_U.shape[1])
+    tops, bottoms = [], []
+    for start in range(0, W_dec.shape[0], chunk):
+        effect = W_dec[start:start + chunk].float() @ W_U.float()  # [chunk, vocab]
+        top = effect.topk(n, dim=1)
+        bottom = effect.topk(n, dim=1, largest=False)
+        tops.append((top.indices, top.values))
+        bottoms.append((bottom.indices, bottom.values))
+    return (
+        (torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])),
+        (torch.cat([b[0] for b in bottoms]), torch.cat([b[1] for b in bottoms])),
+    )
+
+
+def histogram_edges(stats: FeatureStats, latent: int) -> Tensor:
+    """[n_bins + 1] bin edges of one latent's histogram."""
+    n_bins = stats.hist_counts.shape[1]
+    return torch.linspace(0, float(stats.hist_range[latent]), n_bins + 1)
+
+
+def log10_density(stats: FeatureStats) -> Tensor:
+    """[d_sae] log10 of each latent's firing density (-inf where it never fired)."""
+    return torch.log10(stats.density.float().clamp_min(0)).where(
+        stats.fire_count > 0, torch.tensor(-math.inf)
+    )
