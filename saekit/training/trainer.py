@@ -310,6 +310,13 @@ class Trainer:
                     "{hook: tensor} batches, but the stream yields single tensors"
                 )
             x = y = batch
+        widths = {"input": (x, job.sae.cfg.d_in), "target": (y, job.sae.cfg.output_width)}
+        for what, (tensor, width) in widths.items():
+            if job.sae.cfg.reshape_activations == "none" and tensor.shape[-1] != width:
+                raise ValueError(
+                    f"SAE {job.name!r} expects a batch {what} of width {width}, but the stream "
+                    f"yields shape {tuple(tensor.shape)}; check the hook and the SAE's size"
+                )
         device = job.sae.device
         x, y = x.to(device), y.to(device)
         if job.norm_scale is not None:
