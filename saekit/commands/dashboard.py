@@ -1,0 +1,103 @@
+"""`saekit dashboard TARGET --out DIR`: a static site describing every latent of an SAE.
+
+One pass of the model over held-out text gathers each latent's statistics
+(`feature_statistics`), which are saved beside the site and rendered by `write_dashboard`.
+Open DIR/index.html in a browser; no server is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from saekit.saes.base import SAE
+
+logger = logging.getLogger(__name__)
+
+#: Tokens read when none are asked for: enough for steady statistics, quick on a CPU.
+DEFAULT_DASHBOARD_TOKENS = 32_768
+
+
+def build_dashboard(
+    sae: SAE,
+    out: str | Path,
+    *,
+    model: Any = None,
+    dataset: Any = None,
+    n_tokens: int = DEFAULT_DASHBOARD_TOKENS,
+    context_size: int | None = None,
+    batch_size: int = 16,
+    top_k: int = 20,
+    title: str | None = None,
+) -> Path:
+    """Statistics and site for `sae` under `out`; returns the path of index.html.
+
+    `model` defaults to the model named in the SAE's metadata, `dataset` to the bundled
+    corpus's held-out works. The statistics are saved as `out/feature_stats.*`.
+    """
+    from saekit.analysis.collect import feature_statistics
+    from saekit.analysis.dashboard import write_dashboard
+    from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
+
+    backend = resolve_model([sae], model)
+    meta = sae.cfg.metadata
+    context = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
+    batches = heldout_token_batches(
+        backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
+        batch_size=batch_size, prepend_bos=meta.prepend_bos is not False,
+    )
+    stats = feature_statistics(sae, backend, batches, top_k=top_k)
+    out = Path(out)
+    stats.save(out)
+    name = title or f"{meta.model_name or 'model'} · {meta.hook_name} · {sae.cfg.d_sae} latents"
+    return write_dashboard(stats, backend.tokenizer, out, title=name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saekit.commands.eval import load_target
+
+    sae = load_target(args.target, args.device)
+    start = time.perf_counter()
+    index = build_dashboard(
+        sae, args.out, model=args.model, dataset=args.dataset, n_tokens=args.tokens,
+        context_size=args.context_size, batch_size=args.batch_size, top_k=args.top_k,
+    )
+    logger.info("dashboard written in %.1f s", time.perf_counter() - start)
+    print(index.resolve())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "dashboard",
+        help="write a static dashboard site of an SAE's latents",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "target", help="the SAE: a saved folder, RELEASE/SAE_ID, or a Hub repo id"
+    )
+    parser.add_argument("--out", required=True, help="folder to write the site into")
+    parser.add_argument(
+        "--model", default=None,
+        help="model to run (default: the model named in the SAE's metadata)",
+    )
+    parser.add_argument(
+        "--dataset", default=None,
+        help="text to read (path or Hub name; default: the bundled corpus's held-out works)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=DEFAULT_DASHBOARD_TOKENS,
+        help="tokens to read (default %(default)s)",
+    )
+    parser.add_argument(
+        "--context-size", type=int, default=None,
+        help="tokens per sequence (default: the SAE's training context size, else 128)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--top-k", type=int, default=20, help="top examples kept per latent")
+    parser.add_argument("--device", default="cpu", help="device for the SAE and the model")
+    parser.set_defaults(func=run)
