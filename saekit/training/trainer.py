@@ -363,7 +363,7 @@ class Trainer:
             path = self._checkpoint()
             where = f"; the last good state is saved in {path} (resume with --resume)"
         raise TrainingDiverged(
-            f"training of SAE {job.name!r} diverged at step {self.step} (after "
+            f"training of SAE {job.name!r} diverged at step {self.step + 1} (after "
             f"{self.tokens_seen} tokens): {what}{where}. Try a lower lr (now {job.cfg.lr}), "
             "a learning-rate warm-up (lr_warmup_tokens), normalize_activations, or a smaller "
             "l1_coefficient"
