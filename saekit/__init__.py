@@ -10,6 +10,8 @@ from saekit.saes import (
     list_architectures,
     register_architecture,
 )
+from saekit.training import TrainConfig
+from saekit.training.run import train
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,7 @@ __all__ = [
     "LossSettings",
     "SAEConfig",
     "SAEMetadata",
+    "TrainConfig",
     "TrainingOutput",
     "__version__",
     "architecture_class",
@@ -26,4 +29,5 @@ __all__ = [
     "list_architectures",
     "make_evaluator",
     "register_architecture",
+    "train",
 ]

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from saekit import __version__
 
 #: Subcommand modules under saekit.commands, in the order `--help` lists them.
-COMMAND_MODULES: list[str] = ["pretrained", "upload", "eval", "cache", "pretokenize", "dashboard"]
+COMMAND_MODULES: list[str] = [
+    "train", "pretrained", "upload", "eval", "cache", "pretokenize", "dashboard"
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

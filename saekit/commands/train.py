@@ -1,0 +1,112 @@
+"""`saekit train`: train an SAE from a config file and/or one flag per config field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import typing
+from typing import Any
+
+from saekit.training.config import (
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    field_docs,
+    read_config_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an SAE (with no arguments: the demo SAE on the bundled model)",
+        description=(
+            "Train a sparse autoencoder. Settings come from the defaults, then --config FILE "
+            "(YAML or JSON with sections sae, data, training, run), then the flags below. "
+            "With no arguments it trains the demo: a topk SAE (AuxK, 16x expansion) on the "
+            "bundled model's middle residual stream, on the bundled corpus."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON training config")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} ({cls.__doc__})")
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {
+                "dest": f"{section}.{f.name}",
+                "default": argparse.SUPPRESS,
+                "help": f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})",
+            }
+            if hints[f.name] is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif _is_list(hints[f.name]):
+                kwargs["nargs"] = "+"
+                kwargs["metavar"] = f.name.upper()
+            else:
+                kwargs["metavar"] = f.name.upper()
+            group.add_argument(flag, **kwargs)
+    parser.set_defaults(func=run_train)
+
+
+def _is_list(hint: Any) -> bool:
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in args)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, overridden by --config, overridden by flags; every problem reported at once."""
+    data: dict[str, dict[str, Any]] = {}
+    if getattr(args, "config", None):
+        data = {k: dict(v or {}) for k, v in read_config_file(args.config).items()}
+    problems: list[str] = []
+    for key, value in vars(args).items():
+        if "." not in key:
+            continue
+        section, name = key.split(".", 1)
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        try:
+            value = coerce(value, hint)
+        except (TypeError, ValueError):
+            problems.append(f"--{name.replace('_', '-')}: cannot read {value!r}")
+            continue
+        data.setdefault(section, {})[name] = value
+    try:
+        cfg = TrainConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(problems + err.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from saekit.training import TrainingDiverged
+    from saekit.training.run import train
+
+    cfg = config_from_args(args)
+    try:
+        outcome = train(cfg)
+    except TrainingDiverged as err:
+        log.error("saekit: error: %s", err)
+        return 1
+    if outcome.interrupted is not None:
+        name = signal.Signals(outcome.interrupted).name
+        log.warning(
+            "%s: stopped and checkpointed; continue with: saekit train --resume %s",
+            name, outcome.run_dir,
+        )
+        return 128 + outcome.interrupted
+    metrics = outcome.metrics
+    shown = ("l0", "explained_variance", "ce_loss_score", "dead_fraction")
+    summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if metrics.get(k) is not None)
+    log.info("saved the SAE to %s%s", outcome.run_dir, f" ({summary})" if summary else "")
+    return 0

@@ -1,0 +1,333 @@
+"""`saekit.train`: a whole run from a TrainConfig, model and text to a finished run folder.
+
+This is the one place that joins the pieces: model backend, activation store, SAE, trainer,
+evaluator and run folder. The trainer itself sees only tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saekit.config import SAEConfig, SAEMetadata
+from saekit.saes import SAE, architecture_class
+from saekit.training.config import TOPK_ARCHITECTURES, TrainConfig
+from saekit.training.trainer import SAEJob, Trainer
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.yaml"
+METRICS_FILE = "metrics.json"
+#: Values fixed when the run started that a resumed run must reuse (e.g. the norm factor).
+RUN_STATE_FILE = "run_state.json"
+#: Batches read to estimate the activation norm scaling factor.
+NORM_ESTIMATE_BATCHES = 20
+DEFAULT_K = 32
+
+
+@dataclass
+class TrainOutcome:
+    """What `saekit.train` returns."""
+
+    sae: SAE
+    """The trained SAE (as saved: folded, published form), or the partly trained one when
+    the run was interrupted."""
+    metrics: dict[str, Any]
+    """Final held-out metrics (also in metrics.json); empty when interrupted."""
+    run_dir: Path
+    """The run folder (loadable with SAE.load when the run finished)."""
+    interrupted: int | None = None
+    """The signal that stopped the run early, else None."""
+
+
+def train(
+    config: TrainConfig | dict[str, Any] | str | Path | None = None,
+    model: Any = None,
+    dataset: Any = None,
+) -> TrainOutcome:
+    """Train an SAE as `config` says and write the run folder.
+
+    Args:
+        config: a TrainConfig, a dict of sections, a YAML/JSON file, or None for the demo.
+        model: an in-memory model (HookedTransformer, TransformerBridge, Hugging Face model or
+            backend) used instead of `config.data.model`.
+        dataset: a `datasets` Dataset, a list of texts or an iterable of token tensors used
+            instead of `config.data.dataset`.
+    """
+    cfg = _as_config(config)
+    run_dir, resume = _prepare_run_dir(cfg)
+    if resume:
+        saved = TrainConfig.load(run_dir / RUN_CONFIG_FILE)
+        saved.run.resume, saved.run.progress = str(run_dir), cfg.run.progress
+        cfg = saved
+    _seed_everything(cfg.run.seed)
+
+    from saekit.models import load_model
+
+    if model is not None:
+        # A model the caller built stays where they put it unless a device is asked for.
+        backend = load_model(model, device=cfg.run.device)
+        device = cfg.run.device or str(backend.device)
+    else:
+        device = _device(cfg.run.device)
+        backend = load_model(cfg.data.model, device=device)
+    hook, hook_out = _hooks(cfg, backend)
+    store = _store(cfg, backend, hook, hook_out, dataset, device)
+    sae = _build_sae(cfg, store, hook, hook_out, device)
+    run_state = _run_state(cfg, run_dir, resume, store, hook)
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / RUN_CONFIG_FILE)
+        (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
+    job = SAEJob(
+        sae,
+        cfg.training,
+        hook=hook,
+        hook_out=hook_out if sae.is_transcoder else None,
+        norm_scale=run_state["norm_scaling_factor"],
+        evaluate=_evaluator(cfg, backend, hook, hook_out, dataset),
+    )
+    sinks, finish_wandb = _wandb_sinks(cfg)
+    trainer = Trainer(
+        job,
+        store,
+        run_dir,
+        checkpoint_every=cfg.run.checkpoint_every or max(cfg.training.tokens // 10, 1),
+        keep_checkpoints=cfg.run.keep_checkpoints,
+        log_every=cfg.run.log_every,
+        progress=cfg.run.progress,
+        log_sinks=sinks,
+    )
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        finish_wandb()
+    trained = result.saes["sae"]
+    if result.interrupted is not None:
+        return TrainOutcome(trained, {}, run_dir, result.interrupted)
+    metrics = _json_safe(result.metrics["sae"])
+    trained.save(run_dir, sparsity=result.sparsity["sae"])
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if sinks:
+        for sink in sinks:
+            sink({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return TrainOutcome(trained, metrics, run_dir)
+
+
+def _as_config(config: TrainConfig | dict[str, Any] | str | Path | None) -> TrainConfig:
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, dict):
+        return TrainConfig.from_dict(config)
+    return TrainConfig.load(config)
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    if cfg.run.resume is not None:
+        run_dir = Path(cfg.run.resume)
+        if not (run_dir / RUN_CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} is not a saekit run folder (no {RUN_CONFIG_FILE}); --resume takes "
+                "the folder a previous `saekit train` wrote"
+            )
+        return run_dir, True
+    run_dir = Path(cfg.run.out)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not cfg.run.overwrite:
+            raise FileExistsError(
+                f"output folder {run_dir} already exists; pass --resume {run_dir} to continue "
+                "that run, --overwrite to replace it, or choose another --out"
+            )
+        if run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        else:
+            run_dir.unlink()
+    return run_dir, False
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str | None) -> str:
+    if name is not None:
+        return name
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        found = accelerator.current_accelerator()
+        if found is not None:
+            return found.type
+    return "cpu"
+
+
+def _hooks(cfg: TrainConfig, backend: Any) -> tuple[str, str | None]:
+    names = backend.hook_names()
+    hook = cfg.data.hook
+    layers = sorted(
+        {int(m.group(1)) for n in names if (m := re.match(r"^blocks\.(\d+)\.hook_resid_pre$", n))}
+    )
+    if hook is None:
+        if not layers:
+            raise ValueError(
+                "no default hook for this model (it has no blocks.N.hook_resid_pre hooks); "
+                f"pass --hook, e.g. one of {', '.join(names[:5])}"
+            )
+        hook = f"blocks.{layers[len(layers) // 2]}.hook_resid_pre"
+    hook_out = cfg.data.hook_out
+    if architecture_class(cfg.sae.architecture).is_transcoder and hook_out is None:
+        match = re.match(r"^blocks\.(\d+)\.", hook)
+        if match is None:
+            raise ValueError(f"no default hook_out for hook {hook!r}; pass --hook-out")
+        hook_out = f"blocks.{match.group(1)}.hook_mlp_out"
+    return hook, hook_out
+
+
+def _store(
+    cfg: TrainConfig, backend: Any, hook: str, hook_out: str | None, dataset: Any, device: str
+) -> Any:
+    from saekit.data import ActivationStore
+
+    if dataset is None:
+        dataset = cfg.data.dataset
+        if dataset == "bundled":
+            from saekit.assets.corpus import train_texts
+
+            dataset = train_texts()
+    transcoder = architecture_class(cfg.sae.architecture).is_transcoder
+    hooks: str | list[str] = [hook, hook_out] if transcoder and hook_out else hook
+    batch = cfg.training.batch_size
+    return ActivationStore(
+        backend,
+        hooks,
+        dataset,
+        context_size=cfg.data.context_size,
+        batch_size=batch,
+        buffer_size=max(batch * 8, 16_384),
+        prepend_bos=cfg.data.prepend_bos,
+        seed=cfg.run.seed,
+        device=device,
+    )
+
+
+def _build_sae(
+    cfg: TrainConfig, store: Any, hook: str, hook_out: str | None, device: str
+) -> SAE:
+    widths = store.d_in
+    if isinstance(widths, dict):
+        d_in, d_out = widths[hook], widths[hook_out]
+    else:
+        d_in, d_out = widths, None
+    s = cfg.sae
+    d_sae = s.d_sae or s.expansion_factor * d_in
+    k = None
+    if s.architecture in TOPK_ARCHITECTURES:
+        k = s.k or (int(cfg.training.target_l0) if cfg.training.target_l0 else DEFAULT_K)
+        if k > d_sae:
+            raise ValueError(f"k={k} is larger than d_sae={d_sae}; lower k or widen the SAE")
+    widths_list = s.matryoshka_widths
+    if s.architecture == "matryoshka_batchtopk" and widths_list is None:
+        widths_list = sorted({max(d_sae // 4, 1), max(d_sae // 2, 1), d_sae})
+    apply_b_dec = s.apply_b_dec_to_input and (d_out is None or d_out == d_in)
+    metadata = SAEMetadata(
+        model_name=cfg.data.model,
+        hook_name=hook,
+        hook_name_out=hook_out,
+        context_size=cfg.data.context_size,
+        prepend_bos=cfg.data.prepend_bos,
+        dataset_path=cfg.data.dataset,
+    )
+    sae_cfg = SAEConfig(
+        architecture=s.architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=cfg.run.dtype,
+        device=device,
+        apply_b_dec_to_input=apply_b_dec,
+        d_out=d_out,
+        k=k,
+        matryoshka_widths=widths_list,
+        metadata=metadata,
+    )
+    training = cfg.training
+    if s.architecture in TOPK_ARCHITECTURES and training.target_l0 is not None:
+        training.target_l0 = float(k)
+    return SAE.from_config(sae_cfg)
+
+
+def _run_state(
+    cfg: TrainConfig, run_dir: Path, resume: bool, store: Any, hook: str
+) -> dict[str, Any]:
+    if resume:
+        return json.loads((run_dir / RUN_STATE_FILE).read_text())
+    factor = None
+    if cfg.sae.normalize_activations:
+        estimate = store.estimate_norm_scaling_factor(NORM_ESTIMATE_BATCHES)
+        # Transcoders: one factor (the input's) for input and target, so that folding it
+        # into the weights at the end is exact.
+        factor = float(estimate[hook] if isinstance(estimate, dict) else estimate)
+    return {"norm_scaling_factor": factor}
+
+
+def _evaluator(
+    cfg: TrainConfig, backend: Any, hook: str, hook_out: str | None, dataset: Any
+) -> Any:
+    if cfg.data.eval_tokens <= 0:
+        return None
+    from saekit.evals import make_evaluator
+    from saekit.evals.api import heldout_token_batches
+
+    if dataset is not None or cfg.data.dataset != "bundled":
+        source = dataset if dataset is not None else cfg.data.dataset
+        batches = None
+        for split in ("test", "validation"):
+            try:
+                batches = heldout_token_batches(
+                    backend.tokenizer, cfg.data.eval_tokens, dataset=source,
+                    context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos,
+                    split=split,
+                )
+                break
+            except (ValueError, KeyError, FileNotFoundError):
+                continue
+        if batches is None:
+            log.warning(
+                "the dataset has no test or validation split, so the final evaluation is "
+                "skipped (it must not use training tokens); evaluate later with saekit.evaluate"
+            )
+            return None
+    else:
+        batches = heldout_token_batches(
+            backend.tokenizer, cfg.data.eval_tokens, context_size=cfg.data.context_size,
+            prepend_bos=cfg.data.prepend_bos,
+        )
+    return make_evaluator(backend, batches, hook=hook, hook_out=hook_out)
+
+
+def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:
+    if not cfg.run.wandb:
+        return [], lambda: None
+    try:
+        import wandb
+    except ImportError as err:
+        raise ValueError("--wandb needs the wandb package: pip install wandb") from err
+    run = wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict())
+    return [lambda record: run.log(record)], run.finish
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    from saekit.evals.metrics import json_safe
+
+    return json_safe(metrics)
