@@ -1,4 +1,4 @@
-"""Shared test helpers."""
+"""Random SAEs for tests (importable from any test folder: tests/ is on pytest's pythonpath)."""
 
 from __future__ import annotations
 

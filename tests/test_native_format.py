@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_sae
+from sae_factory import random_sae
 from safetensors.torch import save_file
 
 from saekit import SAE, SAEConfig, list_architectures

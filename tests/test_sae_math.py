@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_sae
+from sae_factory import random_sae
 
 from saekit import SAE, LossSettings, SAEConfig, list_architectures, register_architecture
 from saekit.kernels.sparse_topk import batch_topk_pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_sae
+from sae_factory import random_sae
 
 from saekit import SAE, SAEConfig, SAEMetadata, architecture_class, list_architectures
 from saekit.evals.runner import SAESite, evaluate_saes, sae_site
