@@ -1,0 +1,29 @@
+"""Every Python code block of docs/training.md runs, top to bottom, in one namespace."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
+
+
+def test_docs_training_code_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
+    assert len(blocks) >= 8
+    namespace: dict[str, object] = {"__name__": "docs_training"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{DOC.name} block {i + 1}", "exec"), namespace)  # noqa: S102
+    out = capsys.readouterr().out
+    assert "2 32" in out  # two layers, width 32
+    assert "lr must be positive" in out and "'wavy'" in out
+    assert "runs/tutorial 8 blocks.1.hook_resid_pre" in out
+    assert "'cfg.json', 'checkpoints', 'log.jsonl', 'metrics.json'" in out
+    assert "L0 8.0" in out
+    assert "['jumprelu', 'topk']" in out
+    assert (tmp_path / "runs" / "tutorial" / "cfg.json").is_file()
