@@ -23,14 +23,14 @@ def test_every_architecture_round_trips(tmp_path: Path, architecture: str) -> No
     x = torch.randn(7, 8)
     sparsity = torch.randn(32)
     sae.save(tmp_path / "sae", sparsity=sparsity)
-    loaded = native.load_sae_folder(tmp_path / "sae")
-    assert loaded.sae.cfg.architecture == sae.published().cfg.architecture
-    assert torch.equal(loaded.sae.encode(x), sae.encode(x))
-    assert torch.equal(loaded.sae(x), sae(x))
-    assert torch.equal(loaded.sparsity, sparsity)
-    assert loaded.sae.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    loaded = SAE.load(tmp_path / "sae")
+    assert loaded.cfg.architecture == sae.published().cfg.architecture
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    assert torch.equal(loaded(x), sae(x))
+    assert torch.equal(native.read_sae_folder(tmp_path / "sae").sparsity, sparsity)
+    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
     # Saving the loaded SAE again writes the same config.
-    loaded.sae.save(tmp_path / "again")
+    loaded.save(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "cfg.json").read_text())
     assert again == json.loads((tmp_path / "sae" / "cfg.json").read_text())
 

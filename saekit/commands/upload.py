@@ -61,17 +61,17 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_upload(args: argparse.Namespace) -> int:
-    from saekit.io.native import SPARSITY_FILE, load_sae_folder
+    from saekit import SAE
+    from saekit.io.hub import push_to_hub
 
     run_dir = Path(args.run_dir)
     folder = find_sae_folder(run_dir)
-    loaded = load_sae_folder(folder)
+    SAE.load(folder)  # refuse to upload a folder that does not load
     metrics = read_metrics(folder, run_dir)
-    sparsity = loaded.sparsity if (folder / SPARSITY_FILE).is_file() else None
-    url = loaded.sae.push_to_hub(
+    url = push_to_hub(
+        folder,
         args.repo_id,
         args.sae_id,
-        sparsity=sparsity,
         metrics=metrics,
         private=args.private,
         revision=args.revision,

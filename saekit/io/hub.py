@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from torch import Tensor
-
+from saekit.config import SAEConfig
+from saekit.io.cfg_layout import config_from_dict
+from saekit.io.native import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, read_cfg_json
 from saekit.io.releases import check_relative_path
-
-if TYPE_CHECKING:
-    from saekit.saes.base import SAE
 
 CARD_FILE = "README.md"
 
@@ -29,10 +28,9 @@ def _format_metric(value: Any) -> str:
 
 
 def model_card(
-    sae: SAE, repo_id: str, sae_id: str | None = None, metrics: dict[str, Any] | None = None
+    cfg: SAEConfig, repo_id: str, sae_id: str | None = None, metrics: dict[str, Any] | None = None
 ) -> str:
     """A model card (README.md) for one SAE: what it is, where it reads, how to load it."""
-    cfg = sae.cfg
     meta = cfg.metadata
     rows = [
         ("architecture", cfg.architecture),
@@ -78,11 +76,10 @@ def model_card(
 
 
 def push_to_hub(
-    sae: SAE,
+    sae_folder: str | Path,
     repo_id: str,
     sae_id: str | None = None,
     *,
-    sparsity: Tensor | None = None,
     metrics: dict[str, Any] | None = None,
     private: bool = False,
     token: str | bool | None = None,
@@ -90,7 +87,8 @@ def push_to_hub(
     commit_message: str | None = None,
     endpoint: str | None = None,
 ) -> str:
-    """Upload `sae` (native layout + model card) to `repo_id`, in folder `sae_id` if given.
+    """Upload a saved native SAE folder (its cfg.json, weights and sparsity, plus a model card)
+    to `repo_id`, in folder `sae_id` if given. Other files in the folder are not uploaded.
 
     Creates the repo if needed. With `sae_id` the card goes into the folder, and also to the
     repo root when the repo has no README yet. Returns the commit's URL.
@@ -102,11 +100,16 @@ def push_to_hub(
         sae_id = sae_id.strip("/") or None
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    card = model_card(sae, repo_id, sae_id, metrics)
+    source = Path(sae_folder)
+    cfg = config_from_dict(read_cfg_json(source), source=str(source / CFG_FILE))
+    card = model_card(cfg, repo_id, sae_id, metrics)
     with tempfile.TemporaryDirectory(prefix="saekit-upload-") as tmp:
         root = Path(tmp)
         folder = root / sae_id if sae_id else root / "sae"
-        sae.save(folder, sparsity=sparsity)
+        folder.mkdir(parents=True)
+        for name in (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, folder / name)
         (folder / CARD_FILE).write_text(card, encoding="utf-8")
         if metrics:
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -121,7 +124,7 @@ def push_to_hub(
             folder_path=upload_root,
             path_in_repo=path_in_repo,
             revision=revision,
-            commit_message=commit_message or f"Upload {sae.cfg.architecture} SAE"
+            commit_message=commit_message or f"Upload {cfg.architecture} SAE"
             + (f" {sae_id}" if sae_id else ""),
         )
     return str(info.commit_url) if hasattr(info, "commit_url") else str(info)

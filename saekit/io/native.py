@@ -15,12 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit.config import dtype_name
+from saekit.config import SAEConfig
 from saekit.io.cfg_layout import config_from_dict
 
 CFG_FILE = "cfg.json"
@@ -30,10 +29,15 @@ SPARSITY_FILE = "sparsity.safetensors"
 _DECODER_SCALE_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
 
 
-class LoadedSAE(NamedTuple):
-    sae: Any  # saekit.saes.base.SAE (not imported here to keep io free of the model classes)
-    cfg_dict: dict[str, Any]
+class SAEFolder(NamedTuple):
+    """What a native folder holds, read and checked; `SAE.load` builds the SAE from it."""
+
+    cfg: SAEConfig
+    tensors: dict[str, Tensor]
     sparsity: Tensor | None
+    cfg_dict: dict[str, Any]
+    """cfg.json as written, in whichever layout."""
+    weights_path: Path
 
 
 def save_sae_folder(
@@ -134,14 +138,8 @@ def fold_decoder_scales(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return tensors
 
 
-def load_sae_folder(
-    path: str | Path,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-) -> LoadedSAE:
-    """Load a native folder (either cfg.json layout) onto `device` in `dtype`."""
-    from saekit.saes.base import SAE
-
+def read_sae_folder(path: str | Path) -> SAEFolder:
+    """Read a native folder (either cfg.json layout); errors name the file and what is wrong."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"SAE folder {folder} does not exist")
@@ -152,12 +150,8 @@ def load_sae_folder(
         )
     raw = read_cfg_json(folder)
     cfg = config_from_dict(raw, source=str(folder / CFG_FILE))
-    cfg.device = str(device) if device is not None else "cpu"
-    if dtype is not None:
-        cfg.dtype = dtype_name(dtype)
     weights_path = folder / WEIGHTS_FILE
     tensors = fold_decoder_scales(read_safetensors(weights_path))
-    sae = SAE.from_tensors(cfg, tensors, source=str(weights_path))
     sparsity = None
     if (folder / SPARSITY_FILE).is_file():
         sparsity_tensors = read_safetensors(folder / SPARSITY_FILE)
@@ -166,5 +160,5 @@ def load_sae_folder(
                 f"{folder / SPARSITY_FILE} has no 'sparsity' tensor "
                 f"(found {sorted(sparsity_tensors)})"
             )
-        sparsity = sparsity_tensors["sparsity"].to(sae.device)
-    return LoadedSAE(sae, raw, sparsity)
+        sparsity = sparsity_tensors["sparsity"]
+    return SAEFolder(cfg, tensors, sparsity, raw, weights_path)

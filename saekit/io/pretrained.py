@@ -1,16 +1,15 @@
-"""`SAE.from_pretrained`: load a published SAE by registry name, Hub repo id or local folder."""
+"""Fetch a published SAE by registry name, Hub repo id or local folder, converted to saekit's
+layout (`SAE.from_pretrained` builds the SAE from what this returns)."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
-from saekit.config import DTYPES, SAEConfig, dtype_name
+from saekit.config import SAEConfig
 from saekit.io.cfg_layout import config_from_dict, is_flat_layout
 from saekit.io.converters import ConvertContext, converter_for, detect_layout
 from saekit.io.releases import (
@@ -22,26 +21,26 @@ from saekit.io.releases import (
 )
 from saekit.io.sources import FileSource, HubSource, LocalSource
 
-log = logging.getLogger(__name__)
-
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class PretrainedSAE(NamedTuple):
-    """What `SAE.from_pretrained` returns; unpacks as `sae, cfg_dict, sparsity`."""
+class PretrainedParts(NamedTuple):
+    """A published SAE fetched and converted to saekit's layout; `SAE.from_pretrained`
+    builds the SAE from it."""
 
-    sae: Any  # saekit.saes.base.SAE
-    cfg_dict: dict[str, Any]
-    """The loaded SAE's config in the current cfg.json layout (after any folding)."""
+    cfg: SAEConfig
+    tensors: dict[str, Tensor]
     sparsity: Tensor | None
     """log10 firing frequency per latent [d_sae], or None when the release has none."""
+    norm_scaling_factor: float | None
+    """The release's activation scaling factor, to fold into the weights, if it has one."""
+    source: str
+    """Where the files came from, for messages."""
 
 
-def load_pretrained(
+def fetch_pretrained(
     release: str,
     sae_id: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
     *,
     revision: str | None = None,
     force_download: bool = False,
@@ -49,16 +48,14 @@ def load_pretrained(
     cache_dir: str | Path | None = None,
     endpoint: str | None = None,
     layout: str | None = None,
-    fold_norm_scaling: bool = True,
-) -> PretrainedSAE:
-    """Load a published SAE.
+) -> PretrainedParts:
+    """Fetch and convert a published SAE.
 
     `release` is a registry name (`saekit pretrained list`), an alias such as `gemma-2b-res`,
     a Hub repo id `owner/name` (then `sae_id` is the folder inside the repo) or a local folder
     laid out like such a repo. Hub files go through the Hugging Face cache (`cache_dir`,
     default HF_HUB_CACHE), at `revision`; `force_download` fetches them again. `layout`
-    overrides the registry's or the detected file layout. A release's `norm_scaling_factor`
-    is folded into the weights (`fold_norm_scaling=False` keeps the input scaling instead).
+    overrides the registry's or the detected file layout.
     """
     if sae_id is not None:
         check_relative_path(sae_id, "sae_id")  # before any path is built from it
@@ -89,28 +86,8 @@ def load_pretrained(
     cfg = config_from_dict(raw, source=where)
     if entry is not None and entry.neuronpedia_id and not cfg.metadata.neuronpedia_id:
         cfg.metadata.neuronpedia_id = entry.neuronpedia_id
-    target_dtype = dtype_name(dtype) if dtype is not None else cfg.dtype
-    # Build and fold in float32 on the CPU; cast and move once at the end.
-    cfg = cfg.replace(dtype="float32", device="cpu")
-    from saekit.saes.base import SAE
-
-    sae = SAE.from_tensors(cfg, converted.tensors, source=where)
     scale = entry.norm_scaling_factor if entry is not None else None
-    if scale is not None and fold_norm_scaling:
-        sae.fold_activation_norm_scaling_factor(scale)
-        sae.cfg.normalize_activations = "none"
-    elif sae.cfg.normalize_activations == "expected_average_only_in":
-        log.warning(
-            "%s expects inputs scaled to an average norm of sqrt(d_in) "
-            "(normalize_activations='expected_average_only_in') and no scaling factor is "
-            "known; scale activations yourself before encoding",
-            where,
-        )
-    sae.to(device=torch.device(device), dtype=DTYPES[target_dtype])
-    sparsity = converted.sparsity
-    if sparsity is not None:
-        sparsity = sparsity.to(sae.device)
-    return PretrainedSAE(sae, sae.cfg.to_dict(), sparsity)
+    return PretrainedParts(cfg, converted.tensors, converted.sparsity, scale, where)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:

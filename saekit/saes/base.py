@@ -7,10 +7,12 @@ community publishes it in another form, how it is published.
 
 from __future__ import annotations
 
+import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +20,7 @@ from torch import Tensor, nn
 from saekit.config import DTYPES, SAEConfig, dtype_name
 from saekit.saes.registry import architecture_class
 
-if TYPE_CHECKING:
-    from saekit.io.pretrained import PretrainedSAE
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ class TrainingOutput(NamedTuple):
     """Scalar total loss: the sum of `losses`."""
     losses: dict[str, Tensor]
     """Each loss term by name, e.g. {"mse": ..., "l1": ...}."""
+
+
+class PretrainedSAE(NamedTuple):
+    """What `SAE.from_pretrained` returns; unpacks as `sae, cfg_dict, sparsity`."""
+
+    sae: SAE
+    cfg_dict: dict[str, Any]
+    """The loaded SAE's config in the current cfg.json layout (after any folding)."""
+    sparsity: Tensor | None
+    """log10 firing frequency per latent [d_sae], or None when the release has none."""
 
 
 class NormState(NamedTuple):
@@ -353,28 +364,64 @@ class SAE(nn.Module):
         path: str | Path, device: str | torch.device | None = None, dtype: str | None = None
     ) -> SAE:
         """Load a native folder (current or pre-6.0 flat cfg.json)."""
-        from saekit.io.native import load_sae_folder
+        from saekit.io.native import read_sae_folder
 
-        return load_sae_folder(path, device=device, dtype=dtype).sae
+        folder = read_sae_folder(path)
+        sae = SAE.from_tensors(folder.cfg, folder.tensors, source=str(folder.weights_path))
+        return sae.to(device=device or "cpu", dtype=resolve_dtype(dtype))
 
     @staticmethod
     def from_pretrained(
         release: str,
         sae_id: str | None = None,
-        device: str = "cpu",
-        dtype: str | None = None,
-        **kwargs: Any,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        *,
+        fold_norm_scaling: bool = True,
+        **fetch_options: Any,
     ) -> PretrainedSAE:
-        """Load a published SAE: registry release name, Hub repo id or local folder."""
-        from saekit.io.pretrained import load_pretrained
+        """Load a published SAE: a registry release name (`saekit pretrained list`), a Hub
+        repo id `owner/name` (with `sae_id` the folder inside it) or a local folder.
 
-        return load_pretrained(release, sae_id, device=device, dtype=dtype, **kwargs)
+        `fetch_options` go to `saekit.io.pretrained.fetch_pretrained`: revision,
+        force_download, token, cache_dir, endpoint, layout. A release's norm scaling factor
+        is folded into the weights unless `fold_norm_scaling=False`.
+        """
+        from saekit.io.pretrained import fetch_pretrained
 
-    def push_to_hub(self, repo_id: str, sae_id: str | None = None, **kwargs: Any) -> str:
-        """Upload to the Hugging Face Hub with a model card; see `saekit.io.hub.push_to_hub`."""
+        parts = fetch_pretrained(release, sae_id, **fetch_options)
+        target_dtype = resolve_dtype(dtype) or parts.cfg.torch_dtype
+        # Build and fold in float32; cast and move once at the end.
+        sae = SAE.from_tensors(parts.cfg.replace(dtype="float32"), parts.tensors, parts.source)
+        if parts.norm_scaling_factor is not None and fold_norm_scaling:
+            sae.fold_activation_norm_scaling_factor(parts.norm_scaling_factor)
+            sae.cfg.normalize_activations = "none"
+        elif sae.cfg.normalize_activations == "expected_average_only_in":
+            log.warning(
+                "%s expects inputs scaled to an average norm of sqrt(d_in) "
+                "(normalize_activations='expected_average_only_in') and no scaling factor is "
+                "known; scale activations yourself before encoding",
+                parts.source,
+            )
+        sae.to(device=device, dtype=target_dtype)
+        sparsity = parts.sparsity.to(sae.device) if parts.sparsity is not None else None
+        return PretrainedSAE(sae, sae.cfg.to_dict(), sparsity)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        sae_id: str | None = None,
+        sparsity: Tensor | None = None,
+        **upload_options: Any,
+    ) -> str:
+        """Upload to the Hugging Face Hub with a model card; `upload_options` (metrics,
+        private, token, revision, commit_message, endpoint) go to `saekit.io.hub.push_to_hub`.
+        Returns the commit URL."""
         from saekit.io.hub import push_to_hub
 
-        return push_to_hub(self, repo_id, sae_id, **kwargs)
+        with tempfile.TemporaryDirectory(prefix="saekit-push-") as tmp:
+            folder = self.save(Path(tmp) / "sae", sparsity=sparsity)
+            return push_to_hub(folder, repo_id, sae_id, **upload_options)
 
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "") -> SAE:

@@ -4,14 +4,13 @@ replace a built-in; users add their own with `@register_architecture("name")`.""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from saekit.saes.base import SAE
+# Classes are stored untyped so this module need not import the SAE base class (which imports
+# this one); every entry is an SAE subclass, since only SAE subclasses are decorated.
+_ARCHITECTURES: dict[str, Any] = {}
 
-_ARCHITECTURES: dict[str, type[SAE]] = {}
-
-SAEClass = TypeVar("SAEClass", bound="type[SAE]")
+SAEClass = TypeVar("SAEClass", bound=type)
 
 
 def register_architecture(name: str) -> Callable[[SAEClass], SAEClass]:
@@ -30,7 +29,7 @@ def register_architecture(name: str) -> Callable[[SAEClass], SAEClass]:
     return decorate
 
 
-def architecture_class(name: str) -> type[SAE]:
+def architecture_class(name: str) -> Any:
     """The class registered under `name`, or an error listing the known names."""
     try:
         return _ARCHITECTURES[name]
