@@ -49,6 +49,7 @@ class ShuffledRows:
         self.seed = seed
         self._rng = torch.Generator().manual_seed(seed)
         self._buffer: dict[str, Tensor] | None = None
+        self._order: Tensor | None = None
         self._cursor = 0
         self._cycle: dict[str, Any] | None = None
         self._batches = 0
@@ -95,12 +96,13 @@ class ShuffledRows:
         if rows == 0:
             self._buffer = None
             return
-        buffer = {h: torch.cat(chunks[h]) for h in self.hooks}
+        self._buffer = {h: torch.cat(chunks[h]) for h in self.hooks}
         chunks.clear()
-        if self.shuffle:
-            order = torch.randperm(rows, generator=self._rng).to(self.device)
-            buffer = {h: t[order] for h, t in buffer.items()}
-        self._buffer = buffer
+        # Batches gather their rows through this permutation, which copies each row once
+        # instead of permuting the whole buffer first.
+        self._order = (
+            torch.randperm(rows, generator=self._rng).to(self.device) if self.shuffle else None
+        )
 
     def _rows_left(self) -> int:
         return 0 if self._buffer is None else self._buffer[self.hooks[0]].shape[0] - self._cursor
@@ -112,7 +114,7 @@ class ShuffledRows:
         if self._rows_left() < self.batch_size:
             carry = None
             if self._buffer is not None:
-                carry = {h: t[self._cursor :] for h, t in self._buffer.items()}
+                carry = self._rows(self._cursor, None)
             self._buffer = None  # free it before the next one fills
             self._fill(carry)
             if self._rows_left() < self.batch_size:
@@ -121,8 +123,16 @@ class ShuffledRows:
         assert self._buffer is not None
         start, self._cursor = self._cursor, self._cursor + self.batch_size
         self._batches += 1
-        batch = {h: t[start : self._cursor] for h, t in self._buffer.items()}
+        batch = self._rows(start, self._cursor)
         return batch[self.hooks[0]] if self.single else batch
+
+    def _rows(self, start: int, stop: int | None) -> dict[str, Tensor]:
+        """Rows start:stop of the buffer in shuffled order."""
+        assert self._buffer is not None
+        if self._order is None:
+            return {h: t[start:stop] for h, t in self._buffer.items()}
+        index = self._order[start:stop]
+        return {h: t.index_select(0, index) for h, t in self._buffer.items()}
 
     # norm scaling
 

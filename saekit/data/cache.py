@@ -321,6 +321,34 @@ def check_cache_matches(
         raise CacheError("the activation cache does not match this run: " + "; ".join(diffs))
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_views(data: bytearray, hooks: Sequence[str], path: Path) -> dict[str, Tensor]:
+    """Tensors over the bytes of a safetensors file, without copying them.
+
+    The format: an 8-byte little-endian header length, a JSON header giving each tensor's
+    dtype, shape and byte range, then the data."""
+    header_len = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(f"shard {path} has a damaged header; write the cache again") from err
+    base = 8 + header_len
+    out = {}
+    for hook in hooks:
+        info = header.get(hook)
+        if info is None:
+            raise CacheError(f"shard {path} holds no tensor for hook {hook!r}")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        flat = torch.frombuffer(
+            data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=base + begin
+        )
+        out[hook] = flat.view(info["shape"])
+    return out
+
+
 class CachedActivations(ShuffledRows):
     """Training batches read from an activation cache: the same protocol as
     `ActivationStore` (iteration, `d_in`, `estimate_norm_scaling_factor`, `state_dict` /
@@ -390,7 +418,7 @@ class CachedActivations(ShuffledRows):
         self.dtype = DTYPES[dtype_name(dtype or self.metadata["dtype"])]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._init_buffer(seed)
-        self._order = self._shard_order()
+        self._shard_sequence = self._shard_order()
         self._next_shard = 0
 
     @property
@@ -410,12 +438,12 @@ class CachedActivations(ShuffledRows):
 
     def read_shard(self, index: int) -> dict[str, Tensor]:
         """Shard `index`'s tensors for our hooks, after checking its size and CRC-32."""
-        from safetensors.torch import load
-
         record = self.shards[index]
         path = self.path / record["file"]
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         except FileNotFoundError:
             raise CacheError(f"shard {path} is missing; write the cache again") from None
         if len(data) != record["bytes"]:
@@ -427,13 +455,12 @@ class CachedActivations(ShuffledRows):
             raise CacheError(
                 f"shard {path} fails its CRC-32 check: it is corrupted; write the cache again"
             )
-        tensors = load(data)
-        return {h: tensors[h] for h in self.hooks}
+        return _safetensors_views(data, self.hooks, path)
 
     def _next_chunk(self) -> dict[str, Tensor] | None:
-        if self._next_shard >= len(self._order):
+        if self._next_shard >= len(self._shard_sequence):
             return None
-        chunk = self.read_shard(self._order[self._next_shard])
+        chunk = self.read_shard(self._shard_sequence[self._next_shard])
         self._next_shard += 1
         return chunk
 

@@ -188,9 +188,13 @@ class TokenWindows:
         if self._rows is None:
             self._rows = iter_rows(self.dataset, self._rows_read)
         rows = []
+        chars = 0
         for row in self._rows:
             rows.append(row)
-            if len(rows) == self.tokenize_batch:
+            value = row if self.column is None else row[self.column]
+            chars += len(value) if isinstance(value, str) else 0
+            # Long documents: tokenize about a million characters at a time, not 64 books.
+            if len(rows) == self.tokenize_batch or chars >= 1_000_000:
                 break
         if not rows:
             return None
