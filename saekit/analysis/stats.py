@@ -226,36 +226,58 @@ class FeatureStatsAccumulator:
         else:
             self.n_tokens += tokens.numel()
         flat = latents.reshape(-1, self.d_sae)  # [n, d_sae]
-        firing = flat > 0
-        self.fire_count += firing.sum(dim=0)
-        self.act_sum += flat.sum(dim=0, dtype=torch.float64)
-        batch_max = flat.max(dim=0).values.clamp_min(0)
+        # Only firing entries matter to every statistic: work on them alone (latents are
+        # sparse, so this is much less work than passes over the dense batch).
+        token_idx, latent_idx = flat.nonzero(as_tuple=True)
+        values = flat[token_idx, latent_idx]
+        self.fire_count += torch.bincount(latent_idx, minlength=self.d_sae)
+        self.act_sum.index_add_(0, latent_idx, values.double())
+        batch_max = torch.zeros(self.d_sae).scatter_reduce(0, latent_idx, values, "amax")
         self.max_act = torch.maximum(self.max_act, batch_max)
-        self._update_histogram(flat, batch_max)
-        self.top = self._merge(self.top, flat, flat, tokens, latents)
-        keys = torch.where(firing, torch.rand(flat.shape, generator=self.generator), -1.0)
-        self.sample = self._merge(self.sample, keys, flat, tokens, latents)
+        self._update_histogram(latent_idx, values, batch_max)
+        self.top = self._merge(self.top, values, token_idx, latent_idx, tokens, latents)
+        keys = torch.rand(values.shape, generator=self.generator)
+        self.sample = self._merge(self.sample, keys, token_idx, latent_idx, tokens, latents)
 
     def _merge(
-        self, kept: Examples, keys: Tensor, flat: Tensor, tokens: Tensor, latents: Tensor
+        self,
+        kept: Examples,
+        keys: Tensor,
+        token_idx: Tensor,
+        latent_idx: Tensor,
+        tokens: Tensor,
+        latents: Tensor,
     ) -> Examples:
-        batch, n_pos = tokens.shape
+        """Keep the k highest keys per latent among the kept examples and the new entries
+        (keys, flat token index and latent of each firing entry)."""
+        n_pos = tokens.shape[1]
         k = kept.keys.shape[1]
-        new_keys, idx = keys.topk(min(k, keys.shape[0]), dim=0)  # [kk, d_sae]
-        new_keys, idx = new_keys.T, idx.T  # [d_sae, kk]
-        row, pos = idx // n_pos, idx % n_pos
-        latent = torch.arange(self.d_sae)[:, None]
-        values = flat[idx, latent]  # [d_sae, kk]
-        # Windows: pad the sequence so every window lies inside, then gather.
-        pad_tok = torch.full((batch, n_pos + self.left + self.right), -1, dtype=torch.int32)
-        pad_tok[:, self.left:self.left + n_pos] = tokens.to(torch.int32)
-        pad_act = torch.zeros(batch, n_pos + self.left + self.right, self.d_sae)
-        pad_act[:, self.left:self.left + n_pos] = latents
-        where = pos[..., None] + torch.arange(self.window)  # [d_sae, kk, window]
-        win_tok = pad_tok[row[..., None], where]
-        win_act = pad_act[row[..., None], where, latent[..., None]]
-        all_keys = torch.cat([kept.keys, new_keys], dim=1)
-        best = all_keys.topk(k, dim=1).indices  # [d_sae, k]
+        # An entry can only enter if it beats its latent's k-th kept key (kept is sorted).
+        entering = keys > kept.keys[latent_idx, -1]
+        keys, token_idx, latent_idx = keys[entering], token_idx[entering], latent_idx[entering]
+        # Sort by latent, highest key first within a latent; rank within the latent.
+        order = torch.argsort(keys, descending=True, stable=True)
+        order = order[torch.argsort(latent_idx[order], stable=True)]
+        lat = latent_idx[order]
+        counts = torch.bincount(lat, minlength=self.d_sae)
+        rank = torch.arange(lat.numel()) - (torch.cumsum(counts, 0) - counts)[lat]
+        first = rank < k
+        lat, rank, order = lat[first], rank[first], order[first]
+        tok = token_idx[order]
+        row, pos = tok // n_pos, tok % n_pos
+        # Context windows of the entering entries only: [entries, window].
+        where = pos[:, None] + torch.arange(self.window) - self.left
+        inside = (where >= 0) & (where < n_pos)
+        where = where.clamp(0, n_pos - 1)
+        new_keys = torch.full((self.d_sae, k), -1.0)
+        new_keys[lat, rank] = keys[order]
+        new_values = torch.zeros(self.d_sae, k)
+        new_values[lat, rank] = latents[row, pos, lat]
+        new_tokens = torch.full((self.d_sae, k, self.window), -1, dtype=torch.int32)
+        new_tokens[lat, rank] = torch.where(inside, tokens[row[:, None], where].to(torch.int32), -1)
+        new_acts = torch.zeros(self.d_sae, k, self.window)
+        new_acts[lat, rank] = torch.where(inside, latents[row[:, None], where, lat[:, None]], 0.0)
+        best = torch.cat([kept.keys, new_keys], dim=1).topk(k, dim=1).indices  # [d_sae, k]
 
         def pick(old: Tensor, new: Tensor) -> Tensor:
             both = torch.cat([old, new], dim=1)
@@ -265,11 +287,11 @@ class FeatureStatsAccumulator:
             return both.gather(1, index)
 
         return Examples(
-            pick(kept.keys, new_keys), pick(kept.values, values),
-            pick(kept.tokens, win_tok), pick(kept.acts, win_act),
+            pick(kept.keys, new_keys), pick(kept.values, new_values),
+            pick(kept.tokens, new_tokens), pick(kept.acts, new_acts),
         )
 
-    def _update_histogram(self, flat: Tensor, batch_max: Tensor) -> None:
+    def _update_histogram(self, latent_idx: Tensor, values: Tensor, batch_max: Tensor) -> None:
         fired = batch_max > 0
         if not fired.any():
             return
@@ -283,11 +305,11 @@ class FeatureStatsAccumulator:
             merged = self.hist_counts[sel].reshape(-1, half, 2).sum(-1)
             self.hist_counts[sel] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
         self.hist_exp += grow
-        rows, cols = flat.nonzero(as_tuple=True)
-        values = flat[rows, cols]
-        width = torch.pow(2.0, self.hist_exp[cols].double()) / self.n_bins
+        width = torch.pow(2.0, self.hist_exp[latent_idx].double()) / self.n_bins
         bins = (values.double() / width).floor().long().clamp(0, self.n_bins - 1)
-        counts = torch.bincount(cols * self.n_bins + bins, minlength=self.d_sae * self.n_bins)
+        counts = torch.bincount(
+            latent_idx * self.n_bins + bins, minlength=self.d_sae * self.n_bins
+        )
         self.hist_counts += counts.reshape(self.d_sae, self.n_bins)
 
     def result(self) -> FeatureStats:
