@@ -22,6 +22,7 @@ from torch import Tensor
 from saekit.saes.base import SAE, LossSettings
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TOPK_ARCHITECTURES, TrainingConfig
+from saekit.training.distributed import Parallelism
 from saekit.training.init import (
     initialize_b_dec,
     normalize_decoder_rows,
@@ -172,6 +173,7 @@ class Trainer:
         log_every: int = 20,
         progress: bool = False,
         log_sinks: list[LogSink] | None = None,
+        parallel: Parallelism | None = None,
     ) -> None:
         jobs = [jobs] if isinstance(jobs, SAEJob) else list(jobs)
         if not jobs:
@@ -187,8 +189,11 @@ class Trainer:
             )
         if checkpoint_every is not None and run_dir is None:
             raise ValueError("checkpoint_every needs a run_dir to write checkpoints into")
-        self.jobs = jobs
-        self.states = [_JobState(j) for j in jobs]
+        self.parallel = parallel if parallel is not None else Parallelism()
+        #: Every job of the run; `jobs` are those trained by this rank (all in one process).
+        self.all_jobs = jobs
+        self.jobs = [j for i, j in enumerate(jobs) if self.parallel.owns(i, len(jobs))]
+        self.states = [_JobState(j) for j in self.jobs]
         self.data = data
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.total_tokens = jobs[0].cfg.tokens
@@ -208,14 +213,19 @@ class Trainer:
         """Train to the token budget; with resume=True, first restore the last checkpoint."""
         if resume:
             self._restore()
-        runlog = RunLog(self.run_dir, multi=len(self.jobs) > 1)
+        writer = self.parallel.is_writer
+        runlog = RunLog(self.run_dir if writer else None, multi=len(self.all_jobs) > 1)
         if resume:
             runlog.truncate_after(self.tokens_seen)
-        bar = self._progress_bar()
+        bar = self._progress_bar() if writer else None
         previous = self._install_signal_handlers()
+        device = self.jobs[0].sae.device
         try:
             while self.tokens_seen < self.total_tokens:
-                if self._stop_signal is not None:
+                # Every rank stops at the same step when any of them was signalled.
+                if self.parallel.any(self._stop_signal is not None, device):
+                    if self._stop_signal is None:
+                        self._stop_signal = signal.SIGTERM
                     self._checkpoint()
                     log.warning(
                         "stopped by signal %d after %d tokens (step %d); checkpoint written, "
@@ -232,11 +242,12 @@ class Trainer:
                     bar.update(n_tokens)
                 if self.step % self.log_every == 0 or self.tokens_seen >= self.total_tokens:
                     record = self._log_record()
-                    runlog.write(record)
-                    for sink in self.log_sinks:
-                        sink(record)
-                    if bar is not None:
-                        bar.set_postfix(self._postfix(record), refresh=False)
+                    if record is not None:
+                        runlog.write(record)
+                        for sink in self.log_sinks:
+                            sink(record)
+                        if bar is not None:
+                            bar.set_postfix(self._postfix(record), refresh=False)
                 every = self.checkpoint_every
                 if every and before // every != self.tokens_seen // every:
                     if self.tokens_seen < self.total_tokens:
@@ -256,15 +267,18 @@ class Trainer:
                 f"needs {self.total_tokens}; lower tokens or provide more data"
             ) from None
         self.batches_consumed += 1
-        return batch
+        return self.parallel.exchange(batch, self.all_jobs)
 
     def _train_step(self, batch: Batch) -> int:
         """Forward and backward every SAE, then step them all, or none if any diverged."""
         inputs = [self._select(batch, st.job) for st in self.states]
-        n_tokens = inputs[0][0].shape[0]
+        n_tokens = self.parallel.global_rows(inputs[0][0].shape[0])
         if self.step == 0 and self.tokens_seen == 0:
             for st, (x, target) in zip(self.states, inputs, strict=True):
                 self._initialize(st, x, target)
+        # With several ranks, a rank whose SAE diverged must still join every collective of
+        # the step; the failure is shared once all are done, and then every rank stops.
+        failure: tuple[SAEJob, str] | None = None
         for st, (x, target) in zip(self.states, inputs, strict=True):
             job, sae = st.job, st.job.sae
             sae.train()
@@ -273,16 +287,25 @@ class Trainer:
                 x, target if sae.is_transcoder else None, settings, st.dead_mask()
             )
             if not torch.isfinite(out.loss):
-                self._diverged(job, f"loss is {out.loss.item()}")
+                failure = failure or (job, f"loss is {out.loss.item()}")
+                if not self.parallel.distributed:
+                    break
             st.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            self.parallel.reduce_gradients(list(sae.parameters()))
             if st.unit_norm:
                 remove_parallel_gradient(sae)
             if job.cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), job.cfg.grad_clip)
                 if not torch.isfinite(grad_norm):
-                    self._diverged(job, f"gradient norm is {grad_norm.item()}")
+                    failure = failure or (job, f"gradient norm is {grad_norm.item()}")
+                    if not self.parallel.distributed:
+                        break
             self._track(st, out.latents.detach(), out.losses, out.loss, n_tokens, settings)
+        device = self.jobs[0].sae.device
+        if self.parallel.any(failure is not None, device):
+            job, what = failure or (self.jobs[0], "another rank's SAE diverged")
+            self._diverged(job, what)
         for st in self.states:
             for group in st.optimizer.param_groups:
                 group["lr"] = lr_at(st.job.cfg, self.tokens_seen)
@@ -326,8 +349,11 @@ class Trainer:
     @torch.no_grad()
     def _initialize(self, st: _JobState, x: Tensor, target: Tensor) -> None:
         sae = st.job.sae
+        # Data-parallel ranks start from rank 0's weights and one b_dec from the global batch.
+        self.parallel.sync_parameters(sae)
         if st.unit_norm:
             normalize_decoder_rows(sae)
+        target = self.parallel.gather_rows(target)
         initialize_b_dec(sae, st.job.cfg.b_dec_init, target.to(sae.dtype))
 
     @torch.no_grad()
@@ -340,18 +366,28 @@ class Trainer:
         n_tokens: int,
         settings: LossSettings,
     ) -> None:
-        fired_per_token = latents != 0  # [tokens, d_sae]
-        fired = fired_per_token.any(dim=0)
+        # One vector per step holds the firing counts [d_sae] and the loss values, so that
+        # data-parallel ranks sum them in a single collective.
+        counts = (latents != 0).sum(dim=0)  # [d_sae]
+        names = ["loss", *(f"{k}_loss" for k in losses)]
+        local = torch.cat(
+            [counts.double(), torch.stack([loss.detach(), *losses.values()]).double()]
+        )
+        total = self.parallel.reduce_stats(local)
+        d_sae = counts.shape[0]
+        counts = total[:d_sae].round().to(torch.int64)
+        ranks = self.parallel.world_size if self.parallel.mode == "data" else 1
+        loss_values = (total[d_sae:] / ranks).tolist()
         st.tokens_since_fired += n_tokens
-        st.tokens_since_fired[fired] = 0
+        st.tokens_since_fired[counts > 0] = 0
         if self.tokens_seen >= self.total_tokens // 2:
-            st.fire_counts += fired_per_token.sum(dim=0)
+            st.fire_counts += counts
             st.counted_tokens += n_tokens
-        l0 = float(fired_per_token.sum(dim=-1).float().mean())
+        l0 = float(counts.sum()) / n_tokens
         st.interval_last_l0 = l0
         # Loss terms get a suffix: jumprelu's L0 penalty is called "l0", like the metric.
-        values = {"loss": float(loss), "l0": l0}
-        values.update({f"{k}_loss": float(v) for k, v in losses.items()})
+        values = {"loss": loss_values[0], "l0": l0}
+        values.update(dict(zip(names[1:], loss_values[1:], strict=True)))
         for key, value in values.items():
             st.interval[key] = st.interval.get(key, 0.0) + value
         st.interval_steps += 1
@@ -371,9 +407,22 @@ class Trainer:
 
     # ----- logging -------------------------------------------------------------------------
 
-    def _log_record(self) -> dict[str, Any]:
+    def _log_record(self) -> dict[str, Any] | None:
+        """This step's log line on the writer (None on other ranks)."""
+        record = self._local_log_record()
+        if self.parallel.mode != "sae":
+            return record if self.parallel.is_writer else None
+        parts = self.parallel.gather_objects(record)
+        if parts is None:
+            return None
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def _local_log_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens_seen}
-        multi = len(self.states) > 1
+        multi = len(self.all_jobs) > 1
         for st in self.states:
             prefix = f"{st.job.name}/" if multi else ""
             steps = max(st.interval_steps, 1)
@@ -387,7 +436,7 @@ class Trainer:
         return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        prefix = f"{self.jobs[0].name}/" if len(self.jobs) > 1 else ""
+        prefix = f"{self.all_jobs[0].name}/" if len(self.all_jobs) > 1 else ""
         return {
             "loss": f"{record[prefix + 'loss']:.4g}",
             "L0": f"{record[prefix + 'l0']:.1f}",
@@ -410,39 +459,65 @@ class Trainer:
 
     # ----- checkpoints and signals ---------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole run's state on the writer, None on other ranks (a collective with
+        several ranks: each sends its data position and random state, and in SAE-parallel
+        mode its SAEs, to rank 0)."""
         device = self.jobs[0].sae.device
         data_state = None
         if hasattr(self.data, "state_dict"):
             data_state = self.data.state_dict()
-        return {
+        local: dict[str, Any] = {"rng": ckpt.rng_state(device), "data": data_state}
+        if self.parallel.mode == "sae" or self.parallel.is_writer:
+            local["jobs"] = {st.job.name: st.state_dict() for st in self.states}
+        ranks = self.parallel.gather_objects(local)
+        if ranks is None:
+            return None
+        jobs: dict[str, Any] = {}
+        for part in ranks:
+            jobs.update(part.get("jobs", {}))
+        state = {
             "tokens": self.tokens_seen,
             "step": self.step,
             "batches": self.batches_consumed,
-            "jobs": {st.job.name: st.state_dict() for st in self.states},
-            "rng": ckpt.rng_state(device),
-            "data": data_state,
+            "jobs": jobs,
+            "rng": ranks[0]["rng"],
+            "data": ranks[0]["data"],
             "saved_at": time.time(),
         }
+        if self.parallel.distributed:
+            state["world_size"] = self.parallel.world_size
+            state["parallel"] = self.parallel.mode
+            state["ranks"] = [{"rng": r["rng"], "data": r["data"]} for r in ranks]
+        return state
 
     def _checkpoint(self) -> Path:
         assert self.run_dir is not None
-        path = ckpt.write_checkpoint(
-            self.run_dir, self.tokens_seen, self.state_dict(), self.keep_checkpoints
-        )
-        log.debug("checkpoint written to %s", path)
+        state = self.state_dict()
+        path = ckpt.checkpoint_dir(self.run_dir) / f"tokens_{self.tokens_seen:015d}"
+        if state is not None:
+            path = ckpt.write_checkpoint(
+                self.run_dir, self.tokens_seen, state, self.keep_checkpoints
+            )
+            log.debug("checkpoint written to %s", path)
+        # No rank runs ahead of a checkpoint that is still being written.
+        self.parallel.barrier()
         return path
 
     def _restore(self) -> None:
         if self.run_dir is None:
             raise ValueError("resume needs the run_dir of the run to continue")
-        path = ckpt.latest_checkpoint(self.run_dir)
+        # Rank 0 chooses, so every rank resumes from the same checkpoint.
+        found = ckpt.latest_checkpoint(self.run_dir)
+        path = self.parallel.broadcast_object(None if found is None else str(found))
+        path = None if path is None else Path(path)
         if path is None:
             raise FileNotFoundError(
                 f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}; the run wrote none "
                 "before it stopped, so start it again without resume"
             )
         state = ckpt.read_checkpoint(path)
+        state = self._own_rank_state(state, path)
         missing = sorted({st.job.name for st in self.states} - set(state["jobs"]))
         if missing:
             raise ValueError(
@@ -463,6 +538,23 @@ class Trainer:
                 next(self.data)
         ckpt.set_rng_state(state["rng"], self.jobs[0].sae.device)
         log.info("resumed from %s at %d tokens (step %d)", path, self.tokens_seen, self.step)
+
+    def _own_rank_state(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The checkpoint with this rank's data position and random state in front."""
+        saved_world = int(state.get("world_size", 1))
+        saved_mode = state.get("parallel", "single")
+        if saved_world != self.parallel.world_size or (
+            self.parallel.distributed and saved_mode != self.parallel.mode
+        ):
+            raise ValueError(
+                f"checkpoint {path} was written by {saved_world} rank(s) in {saved_mode} mode, "
+                f"but this run has {self.parallel.world_size} rank(s) in {self.parallel.mode} "
+                "mode; resume with the same launch (torchrun --nproc-per-node, --nnodes)"
+            )
+        if "ranks" in state:
+            mine = state["ranks"][self.parallel.rank]
+            state = {**state, "rng": mine["rng"], "data": mine["data"]}
+        return state
 
     def _install_signal_handlers(self) -> dict[int, Any] | None:
         if self.run_dir is None or threading.current_thread() is not threading.main_thread():
@@ -490,17 +582,31 @@ class Trainer:
 
     def _result(self, interrupted: int | None, final: bool = False) -> TrainResult:
         saes, metrics, sparsity = {}, {}, {}
+        # Data-parallel ranks hold identical SAEs: only the writer evaluates them.
+        evaluates = final and (self.parallel.mode == "sae" or self.parallel.is_writer)
         for st in self.states:
             name = st.job.name
             sae = st.job.sae.published() if final else st.job.sae
             saes[name] = sae
             counted = max(st.counted_tokens, 1)
             sparsity[name] = torch.log10(st.fire_counts.double() / counted + 1e-10).float()
-            if final and st.job.evaluate is not None:
+            if evaluates and st.job.evaluate is not None:
                 sae.eval()
                 metrics[name] = dict(st.job.evaluate(sae))
             else:
                 metrics[name] = {}
+        if final and self.parallel.mode == "sae":
+            # The writer returns every rank's SAEs, so it can save the whole run.
+            parts = self.parallel.gather_objects((saes, metrics, sparsity))
+            if parts is not None:
+                for part in parts:
+                    saes.update(part[0])
+                    metrics.update(part[1])
+                    sparsity.update(part[2])
+                order = [j.name for j in self.all_jobs]
+                saes = {n: saes[n] for n in order}
+                metrics = {n: metrics[n] for n in order}
+                sparsity = {n: sparsity[n] for n in order}
         return TrainResult(saes, metrics, self.tokens_seen, interrupted, sparsity)
 
 
