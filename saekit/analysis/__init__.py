@@ -2,6 +2,8 @@
 and dashboards."""
 
 from saekit.analysis.attribution import AttributionResult, attribute, logit_diff
+from saekit.analysis.collect import feature_statistics
+from saekit.analysis.dashboard import write_dashboard
 from saekit.analysis.interventions import (
     LatentEdit,
     ablate_latents,
@@ -9,21 +11,26 @@ from saekit.analysis.interventions import (
     scale_latents,
 )
 from saekit.analysis.splice import SAE_POINTS, CacheResult, SplicedModel
+from saekit.analysis.stats import FeatureStats, logit_effects
 from saekit.analysis.steering import Generation, generate, steering_hooks, steering_vector
 
 __all__ = [
     "SAE_POINTS",
     "AttributionResult",
     "CacheResult",
+    "FeatureStats",
     "Generation",
     "LatentEdit",
     "SplicedModel",
     "ablate_latents",
     "attribute",
     "clamp_latents",
+    "feature_statistics",
     "generate",
     "logit_diff",
+    "logit_effects",
     "scale_latents",
     "steering_hooks",
     "steering_vector",
+    "write_dashboard",
 ]
