@@ -63,6 +63,7 @@ def load_model(
     *,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
 ) -> ModelBackend:
     """A `ModelBackend` for a model given by name or as an object.
 
@@ -80,6 +81,8 @@ def load_model(
         tokenizer: the tokenizer for a `PreTrainedModel` object (names load their own).
         trust_remote_code: let transformers run code from the model's repository; off by
             default because that code runs on this machine.
+        device_map: Hugging Face models by name: shard the model over several devices
+            (e.g. "auto", which needs the accelerate package); `device` is then ignored.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(BACKENDS)}")
@@ -110,7 +113,12 @@ def load_model(
             kwargs["dtype"] = torch_dtype
         model = HookedTransformer.from_pretrained(name, device=device, **kwargs)
         return TransformerLensBackend(model, name=name)
-    return _load_hf(name, device, torch_dtype, trust_remote_code)
+    if device_map is not None and backend == "transformer_lens":
+        raise ValueError(
+            "device_map shards Hugging Face models; TransformerLens models take n_devices "
+            "instead; use backend 'hf' or drop device_map"
+        )
+    return _load_hf(name, device, torch_dtype, trust_remote_code, device_map)
 
 
 def _from_object(
@@ -162,7 +170,11 @@ def _load_bundled(
 
 
 def _load_hf(
-    name: str, device: torch.device | str | None, dtype: torch.dtype | None, trust: bool
+    name: str,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    trust: bool,
+    device_map: str | dict[str, Any] | None = None,
 ) -> ModelBackend:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,8 +183,11 @@ def _load_hf(
     kwargs: dict[str, Any] = {"trust_remote_code": trust}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    _move(model, device, None)
+    if device_map is None:  # a sharded model stays where device_map put each part
+        _move(model, device, None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
     except (OSError, ValueError) as err:

@@ -109,6 +109,9 @@ class DataSection:
     """Start every sequence with the BOS token (its activations are not trained on)."""
     eval_tokens: int = 65_536
     """Held-out tokens for the final evaluation (metrics.json)."""
+    device_map: str | None = None
+    """Hugging Face models: shard the model over the visible devices (e.g. auto, which needs
+    accelerate) for models larger than one device; model_device is then ignored."""
 
     def problems(self) -> list[str]:
         out = []
@@ -215,7 +218,12 @@ class RunSection:
     seed: int = 0
     """Seed for weights and data order."""
     device: str | None = None
-    """Device to train on (default: the first accelerator if there is one, else cpu)."""
+    """Device the SAEs train on (default: the first accelerator if there is one, else cpu).
+    Under torchrun an accelerator type gets each process's LOCAL_RANK index."""
+    model_device: str | None = None
+    """Device the model runs on (default: device); activations are moved to device."""
+    prefetch: bool = True
+    """Make the next activation batch in a background thread while the SAE step runs."""
     dtype: str = "float32"
     """SAE parameter dtype: float32, float64, float16 or bfloat16."""
     checkpoint_every: int | None = None

@@ -19,8 +19,16 @@ import numpy as np
 import torch
 
 from saekit.config import SAEConfig, SAEMetadata
+from saekit.data.prefetch import Prefetcher
 from saekit.saes import SAE, architecture_class
 from saekit.training.config import TOPK_ARCHITECTURES, TrainConfig
+from saekit.training.distributed import (
+    DistEnv,
+    destroy_process_group,
+    init_process_group,
+    local_device,
+    make_parallelism,
+)
 from saekit.training.trainer import SAEJob, Trainer
 
 log = logging.getLogger(__name__)
@@ -64,7 +72,28 @@ def train(
             instead of `config.data.dataset`.
     """
     cfg = _as_config(config)
-    run_dir, resume = _prepare_run_dir(cfg)
+    env = DistEnv.from_env()
+    started_group = env.distributed and not torch.distributed.is_initialized()
+    try:
+        return _train(cfg, model, dataset, env)
+    finally:
+        if started_group:
+            destroy_process_group()
+
+
+def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOutcome:
+    # Under torchrun every rank trains on its share of each global batch; rank 0 alone
+    # checks and writes the run folder, and the others wait until it is ready.
+    if env.distributed:
+        device = str(local_device(_device(cfg.run.device), env))
+        init_process_group(device, env)
+    parallel = make_parallelism("data")
+    if env.is_main:
+        run_dir, resume = _prepare_run_dir(cfg)
+    else:
+        resume = cfg.run.resume is not None
+        run_dir = Path(cfg.run.resume if resume else cfg.run.out)
+    parallel.barrier()
     if resume:
         saved = TrainConfig.load(run_dir / RUN_CONFIG_FILE)
         saved.run.resume, saved.run.progress = str(run_dir), cfg.run.progress
@@ -73,18 +102,22 @@ def train(
 
     from saekit.models import load_model
 
+    model_device = cfg.run.model_device
     if model is not None:
         # A model the caller built stays where they put it unless a device is asked for.
-        backend = load_model(model, device=cfg.run.device)
+        backend = load_model(model, device=model_device or cfg.run.device)
         device = cfg.run.device or str(backend.device)
     else:
         device = _device(cfg.run.device)
-        backend = load_model(cfg.data.model, device=device)
+        backend = load_model(
+            cfg.data.model, device=model_device or device, device_map=cfg.data.device_map
+        )
+    device = str(local_device(device, env))
     hook, hook_out = _hooks(cfg, backend)
-    store = _store(cfg, backend, hook, hook_out, dataset, device)
+    store = _store(cfg, backend, hook, hook_out, dataset, device, env)
     sae = _build_sae(cfg, store, hook, hook_out, device)
-    run_state = _run_state(cfg, run_dir, resume, store, hook)
-    if not resume:
+    run_state = _run_state(cfg, run_dir, resume, store, hook, parallel)
+    if not resume and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / RUN_CONFIG_FILE)
         (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
@@ -94,26 +127,32 @@ def train(
         hook=hook,
         hook_out=hook_out if sae.is_transcoder else None,
         norm_scale=run_state["norm_scaling_factor"],
-        evaluate=_evaluator(cfg, backend, hook, hook_out, dataset),
+        evaluate=_evaluator(cfg, backend, hook, hook_out, dataset) if env.is_main else None,
     )
-    sinks, finish_wandb = _wandb_sinks(cfg)
+    sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
+    source = Prefetcher(store, device=device) if cfg.run.prefetch else store
     trainer = Trainer(
         job,
-        store,
+        source,
         run_dir,
         checkpoint_every=cfg.run.checkpoint_every or max(cfg.training.tokens // 10, 1),
         keep_checkpoints=cfg.run.keep_checkpoints,
         log_every=cfg.run.log_every,
         progress=cfg.run.progress,
         log_sinks=sinks,
+        parallel=parallel,
     )
     try:
         result = trainer.fit(resume=resume)
     finally:
         finish_wandb()
+        if isinstance(source, Prefetcher):
+            source.close()
     trained = result.saes["sae"]
     if result.interrupted is not None:
         return TrainOutcome(trained, {}, run_dir, result.interrupted)
+    if not env.is_main:
+        return TrainOutcome(trained, {}, run_dir)
     metrics = _json_safe(result.metrics["sae"])
     trained.save(run_dir, sparsity=result.sparsity["sae"])
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -196,9 +235,16 @@ def _hooks(cfg: TrainConfig, backend: Any) -> tuple[str, str | None]:
 
 
 def _store(
-    cfg: TrainConfig, backend: Any, hook: str, hook_out: str | None, dataset: Any, device: str
+    cfg: TrainConfig,
+    backend: Any,
+    hook: str,
+    hook_out: str | None,
+    dataset: Any,
+    device: str,
+    env: DistEnv,
 ) -> Any:
     from saekit.data import ActivationStore
+    from saekit.data.shard import ShardedActivationStore
 
     if dataset is None:
         dataset = cfg.data.dataset
@@ -209,17 +255,25 @@ def _store(
     transcoder = architecture_class(cfg.sae.architecture).is_transcoder
     hooks: str | list[str] = [hook, hook_out] if transcoder and hook_out else hook
     batch = cfg.training.batch_size
-    return ActivationStore(
-        backend,
-        hooks,
-        dataset,
+    if batch % env.world_size:
+        raise ValueError(
+            f"batch_size={batch} (the global batch) does not split evenly over "
+            f"{env.world_size} ranks; make it a multiple of the number of processes"
+        )
+    batch //= env.world_size
+    options: dict[str, Any] = dict(
         context_size=cfg.data.context_size,
         batch_size=batch,
         buffer_size=max(batch * 8, 16_384),
         prepend_bos=cfg.data.prepend_bos,
-        seed=cfg.run.seed,
+        seed=cfg.run.seed + env.rank,
         device=device,
     )
+    if env.distributed:
+        return ShardedActivationStore(
+            backend, hooks, dataset, rank=env.rank, world_size=env.world_size, **options
+        )
+    return ActivationStore(backend, hooks, dataset, **options)
 
 
 def _build_sae(
@@ -268,7 +322,7 @@ def _build_sae(
 
 
 def _run_state(
-    cfg: TrainConfig, run_dir: Path, resume: bool, store: Any, hook: str
+    cfg: TrainConfig, run_dir: Path, resume: bool, store: Any, hook: str, parallel: Any
 ) -> dict[str, Any]:
     if resume:
         return json.loads((run_dir / RUN_STATE_FILE).read_text())
@@ -278,6 +332,8 @@ def _run_state(
         # Transcoders: one factor (the input's) for input and target, so that folding it
         # into the weights at the end is exact.
         factor = float(estimate[hook] if isinstance(estimate, dict) else estimate)
+        # Every rank estimated on its own shard; all use rank 0's, which is the one saved.
+        factor = parallel.broadcast_object(factor)
     return {"norm_scaling_factor": factor}
 
 

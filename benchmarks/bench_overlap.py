@@ -1,0 +1,110 @@
+"""End-to-end training tokens/s with and without the background producer, side by side.
+
+    python benchmarks/bench_overlap.py [--model tiny] [--tokens 16384] [--repeats 3]
+
+`--model tiny` (the default) is a random-weight GPT-2 of 4 layers and width 256 built in
+memory (nothing downloaded); any name `saekit.models.load_model` accepts works too.
+
+Both variants train the same SAE on the same model and text, from the model forward through
+the SAE step; they alternate within one run, so the ratio holds on a shared machine. With the
+producer (saekit.data.prefetch.Prefetcher) the next batch's forward runs in a background
+thread while the SAE step runs; without it they take turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from saekit import SAE
+from saekit.data import ActivationStore
+from saekit.data.prefetch import Prefetcher
+from saekit.models import load_model
+from saekit.training import SAEJob, Trainer, TrainingConfig
+
+
+def texts() -> list[str]:
+    try:
+        from saekit.assets.corpus import train_texts
+
+        return list(train_texts())
+    except (ImportError, FileNotFoundError):
+        from saekit.models.tiny import TINY_TEXTS
+
+        return list(TINY_TEXTS) * 200
+
+
+def model(name: str, layers: int, width: int) -> object:
+    if name != "tiny":
+        return load_model(name)
+    from saekit.models.tiny import tiny_gpt2, tiny_tokenizer
+
+    return load_model(tiny_gpt2(300, n_layer=layers, d_model=width), tokenizer=tiny_tokenizer())
+
+
+def run_once(
+    backend: object, hook: str, data: list[str], args: argparse.Namespace, prefetch: bool
+) -> float:
+    store = ActivationStore(
+        backend, hook, data, context_size=args.context, batch_size=args.batch,
+        buffer_size=args.batch * 4, model_batch_size=args.model_batch, seed=0,
+    )
+    d_in = store.d_in
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in, d_in * args.expansion, k=32)
+    cfg = TrainingConfig(tokens=args.tokens, batch_size=args.batch, b_dec_init="mean")
+    source = Prefetcher(store, depth=2) if prefetch else store
+    start = time.perf_counter()
+    Trainer(SAEJob(sae, cfg), source).fit()
+    elapsed = time.perf_counter() - start
+    if prefetch:
+        source.close()
+    return args.tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--layers", type=int, default=4, help="--model tiny: layers")
+    parser.add_argument("--width", type=int, default=256, help="--model tiny: d_model")
+    parser.add_argument("--hook", default=None, help="default: the middle resid_pre")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--model-batch", type=int, default=8)
+    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backend = model(args.model, args.layers, args.width)
+    layers = sorted(
+        int(h.split(".")[1]) for h in backend.hook_names()
+        if h.startswith("blocks.") and h.endswith(".hook_resid_pre")
+    )
+    hook = args.hook or f"blocks.{layers[len(layers) // 2]}.hook_resid_pre"
+    data = texts()
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), model {args.model}, hook {hook}, "
+        f"{args.tokens} tokens per run, batch {args.batch}, expansion {args.expansion}"
+    )
+    run_once(backend, hook, data, args, prefetch=False)  # warm-up
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for prefetch in (False, True):
+            rates[prefetch].append(run_once(backend, hook, data, args, prefetch))
+    plain, overlapped = statistics.median(rates[False]), statistics.median(rates[True])
+    print(f"  without producer: {plain:9.0f} tokens/s  (runs: {_fmt(rates[False])})")
+    print(f"  with producer:    {overlapped:9.0f} tokens/s  (runs: {_fmt(rates[True])})")
+    print(f"  overlap gain: {overlapped / plain:.2f}x")
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.0f}" for v in values)
+
+
+if __name__ == "__main__":
+    main()
