@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--model-batch", type=int, default=8)
-    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args()
