@@ -223,7 +223,8 @@ class RunSection:
     model_device: str | None = None
     """Device the model runs on (default: device); activations are moved to device."""
     prefetch: bool = True
-    """Make the next activation batch in a background thread while the SAE step runs."""
+    """Make the next activation batch in a background thread while the SAE step runs (on
+    accelerators only: on the CPU the two share the same cores and measured slower)."""
     dtype: str = "float32"
     """SAE parameter dtype: float32, float64, float16 or bfloat16."""
     checkpoint_every: int | None = None

@@ -130,7 +130,8 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         evaluate=_evaluator(cfg, backend, hook, hook_out, dataset) if env.is_main else None,
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
-    source = Prefetcher(store, device=device) if cfg.run.prefetch else store
+    overlap = cfg.run.prefetch and torch.device(device).type != "cpu"
+    source = Prefetcher(store, device=device) if overlap else store
     trainer = Trainer(
         job,
         source,
