@@ -105,8 +105,20 @@ def run_train(args: argparse.Namespace) -> int:
             name, outcome.run_dir,
         )
         return 128 + outcome.interrupted
-    metrics = outcome.metrics
-    shown = ("l0", "explained_variance", "ce_loss_score", "dead_fraction")
-    summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if metrics.get(k) is not None)
-    log.info("saved the SAE to %s%s", outcome.run_dir, f" ({summary})" if summary else "")
+    print_report(cfg, outcome)
     return 0
+
+
+def print_report(cfg: TrainConfig, outcome: Any) -> None:
+    """Where the SAE is, how it scores on held-out text, and five latents with their text."""
+    from saekit.commands.report import latent_report, metrics_table
+    from saekit.models import load_model
+
+    print(f"\nsaved the SAE to {outcome.run_dir}  (load it: SAE.load({str(outcome.run_dir)!r}))")
+    if outcome.metrics:
+        n = outcome.metrics.get("n_tokens")
+        print(f"held-out metrics{f' on {n:,} tokens' if n else ''}:")
+        print(metrics_table(outcome.metrics))
+    backend = load_model(cfg.data.model, device=cfg.run.model_device or cfg.run.device)
+    print("\nfive latents and the held-out text that activates them most:")
+    print(latent_report(outcome.sae, backend))

@@ -1,0 +1,80 @@
+"""The short report `saekit train` prints when a run finishes: the held-out metrics next to the
+values a good SAE reaches, and a few latents with the text that activates them most."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+#: (metric, what a good SAE reaches, test) for the headline metrics.
+TARGETS: tuple[tuple[str, str, Any], ...] = (
+    ("l0", "50 to 200", lambda v: 50 <= v <= 200),
+    ("explained_variance", ">= 0.95", lambda v: v >= 0.95),
+    ("ce_loss_score", ">= 0.99", lambda v: v >= 0.99),
+    ("kl_div_score", ">= 0.95", lambda v: v >= 0.95),
+    ("dead_fraction", "<= 0.02", lambda v: v <= 0.02),
+    ("dense_fraction", "<= 0.01", lambda v: v <= 0.01),
+)
+#: Latents shown, chosen among those firing on this share of tokens (rare enough to be
+#: specific, common enough to have examples).
+DENSITY_RANGE = (1e-3, 5e-2)
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """The headline metrics, each with the value a good SAE reaches and whether this one does."""
+    rows = ["  metric                  value      good SAE", "  " + "-" * 46]
+    for name, good, passes in TARGETS:
+        value = metrics.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        mark = "ok" if passes(value) else "--"
+        rows.append(f"  {name:22s} {value:9.4f}   {good:10s} {mark}")
+    return "\n".join(rows)
+
+
+def pick_latents(stats: Any, n: int = 5) -> list[int]:
+    """The `n` latents with the most consistent top examples (the same token again and again
+    reads as a clear feature), among latents of moderate density."""
+    density = stats.density
+    lo, hi = DENSITY_RANGE
+    candidates = [i for i in range(stats.d_sae) if lo <= float(density[i]) <= hi]
+    if len(candidates) < n:  # a short run or an odd SAE: fall back to any latent that fired
+        candidates = [i for i in range(stats.d_sae) if stats.fire_count[i] > 0]
+
+    def consistency(latent: int) -> tuple[float, float]:
+        tokens = [window[stats.left] for _, window, _ in stats.top_examples(latent)]
+        top_share = Counter(tokens).most_common(1)[0][1] / len(tokens) if tokens else 0.0
+        return top_share, float(stats.max_act[latent])
+
+    return sorted(candidates, key=consistency, reverse=True)[:n]
+
+
+def describe_latent(stats: Any, latent: int, tokenizer: Any, examples: int = 3) -> str:
+    """One latent: its density, the tokens it fires on most, and a few contexts."""
+    top = stats.top_examples(latent)
+    counts = Counter(window[stats.left] for _, window, _ in top)
+    tokens = ", ".join(
+        f"{tokenizer.decode([t]).strip() or repr(tokenizer.decode([t]))!s} x{c}"
+        for t, c in counts.most_common(4)
+    )
+    lines = [f"  latent {latent} (fires on {float(stats.density[latent]):.2%} of tokens): {tokens}"]
+    for value, window, _ in top[:examples]:
+        before = tokenizer.decode([t for t in window[: stats.left] if t >= 0])
+        token = tokenizer.decode([window[stats.left]])
+        after = tokenizer.decode([t for t in window[stats.left + 1 :] if t >= 0])
+        context = f"...{before[-40:]}[[{token}]]{after[:20]}...".replace("\n", " ")
+        lines.append(f"      {value:6.2f}  {context}")
+    return "\n".join(lines)
+
+
+def latent_report(sae: Any, backend: Any, n_tokens: int = 16_384, n_latents: int = 5) -> str:
+    """Five latents of `sae` with the held-out text that activates them most."""
+    from saekit.analysis import feature_statistics
+    from saekit.evals.api import heldout_token_batches
+
+    context = sae.cfg.metadata.context_size or 128
+    batches = heldout_token_batches(backend.tokenizer, n_tokens, context_size=context)
+    stats = feature_statistics(sae, backend, batches, top_k=12, n_samples=1)
+    chosen = pick_latents(stats, n_latents)
+    return "\n".join(describe_latent(stats, i, backend.tokenizer) for i in chosen)
