@@ -101,7 +101,11 @@ def _tokenizer_only(folder: Path) -> Any:
 
 
 def run_one(
-    backend: ModelBackend, hook: str, architecture: str, args: argparse.Namespace
+    backend: ModelBackend,
+    hook: str,
+    architecture: str,
+    model_batch_size: int,
+    args: argparse.Namespace,
 ) -> dict[str, float]:
     tokenize, forward, stream = Clock(), Clock(), Clock()
     original = backend.activations
@@ -110,7 +114,7 @@ def run_one(
         store = ActivationStore(
             backend, hook, train_texts(), context_size=args.context,
             batch_size=args.batch_size, buffer_size=max(args.batch_size * 8, 16_384),
-            seed=0, device="cpu",
+            model_batch_size=model_batch_size, seed=0, device="cpu",
         )
         store.windows.batch = tokenize.wrap(store.windows.batch)  # type: ignore[method-assign]
         d_in = int(store.d_in)  # type: ignore[arg-type]
@@ -151,6 +155,9 @@ def main() -> None:
     parser.add_argument("--l1-coefficient", type=float, default=5.0)
     parser.add_argument("--hook", default="blocks.2.hook_resid_pre")
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--model-batch-sizes", type=int, nargs="+", default=[32],
+                        help="sequences per model forward pass (the store's model_batch_size); "
+                        "several are run one after another, for a side-by-side comparison")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="a GPT-2 folder with tokenizer (default: the bundled model)")
@@ -160,12 +167,14 @@ def main() -> None:
     backend, label = bundled_or_stand_in(args.model_dir)
     print(f"model: {label}; hook {args.hook}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size}, {args.tokens} tokens")
-    for architecture in args.architectures:
-        r = run_one(backend, args.hook, architecture, args)
+    runs = [(a, m) for a in args.architectures for m in args.model_batch_sizes]
+    for architecture, model_batch_size in runs:
+        r = run_one(backend, args.hook, architecture, model_batch_size, args)
         parts = {"tokenize": r["tokenize"], "model forward": r["forward"],
                  "store (mask, buffer, shuffle)": r["store"], "SAE step": r["sae_step"]}
         width = args.expansion
         name = f"{architecture} {width}x" + (f" k={args.k}" if architecture == "topk" else "")
+        name += f", {model_batch_size} sequences per forward"
         print(f"\n{name}: {r['tokens'] / r['loop']:,.0f} training tokens/s end to end "
               f"({r['tokens']} tokens in {r['loop']:.1f} s; setup/norm estimate "
               f"{r['setup']:.1f} s apart)")
