@@ -278,3 +278,16 @@ def test_transcoder_needs_a_target() -> None:
     sae = random_sae("transcoder")
     with pytest.raises(ValueError, match="target"):
         sae.training_forward(torch.randn(3, 8))
+
+
+def test_topk_fold_accepts_uniform_decoder_norms() -> None:
+    """After an activation scale is folded in, every row has the same norm 1/s; folding that
+    keeps the top-k ranking, so it is allowed and changes nothing."""
+    sae = random_sae("topk", k=4)
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True) * 2.5
+    x = torch.randn(10, 8)
+    before = sae(x)
+    sae.fold_W_dec_norm()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+    assert torch.allclose(sae(x), before, atol=1e-5)

@@ -70,7 +70,9 @@ def load_bundled_hf(
     path = _check_dir(Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR)
     # Load in float32 and convert afterwards: the dtype keyword changed name across
     # transformers versions (torch_dtype -> dtype), .to() has not.
-    model = GPT2LMHeadModel.from_pretrained(path)
+    # "gelu_pytorch_tanh" is the same tanh-approximated GELU as the saved "gelu_new", computed
+    # in one fused kernel instead of five element-wise steps (about a fifth of forward time).
+    model = GPT2LMHeadModel.from_pretrained(path, activation_function="gelu_pytorch_tanh")
     model.to(device=device, dtype=dtype)
     model.eval()
     return model
@@ -97,7 +99,7 @@ def load_bundled_hooked_transformer(
     hf_cfg = hf_model.config
     tokenizer = load_bundled_tokenizer(path)
 
-    if hf_cfg.activation_function != "gelu_new":
+    if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"unexpected activation {hf_cfg.activation_function!r} in {path}")
     cfg = HookedTransformerConfig(
         model_name=MODEL_NAME,

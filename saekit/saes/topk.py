@@ -120,19 +120,19 @@ class TopKSAE(TopKFamily):
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
-        if self.cfg.rescale_acts_by_decoder_norm:
-            # Ranking already uses h * ||W_dec[i]||; unit rows keep the function as it is.
-            norms = self.decoder_norms().clamp_min(1e-12)
-            self.W_dec /= norms[:, None]
-            self.W_enc *= norms
-            self.b_enc *= norms
-            return
         norms = self.decoder_norms()
-        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
+        # Scaling every latent by the same factor keeps the ranking, and rescale mode ranks by
+        # h * ||W_dec[i]|| already; any other fold would change which latents win the top-k.
+        uniform = torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-4)
+        if not (uniform or self.cfg.rescale_acts_by_decoder_norm):
             raise ValueError(
-                "folding decoder norms into a topk SAE would change which latents win the top-k; "
-                "train with unit-norm decoder rows or set rescale_acts_by_decoder_norm=True"
+                "folding decoder norms into a topk SAE would change which latents win the "
+                "top-k; train with unit-norm decoder rows or set rescale_acts_by_decoder_norm"
             )
+        norms = norms.clamp_min(1e-12)
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms
+        self.b_enc *= norms
 
 
 @register_architecture("batchtopk")

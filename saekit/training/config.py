@@ -53,7 +53,7 @@ class SAESection:
     expansion_factor: int = 16
     """Latents per input dimension (d_sae = expansion_factor * d_in) when d_sae is not given."""
     k: int | None = None
-    """Latents kept per token for topk-style SAEs (default 32, or target_l0 when given)."""
+    """Latents kept per token for topk-style SAEs (default 64, or target_l0 when given)."""
     matryoshka_widths: list[int] | None = None
     """matryoshka_batchtopk: nested prefix widths ending at d_sae (default d_sae/4, /2, 1)."""
     apply_b_dec_to_input: bool = True
@@ -107,7 +107,7 @@ class DataSection:
     """Tokens per sequence fed to the model."""
     prepend_bos: bool = True
     """Start every sequence with the BOS token (its activations are not trained on)."""
-    eval_tokens: int = 65_536
+    eval_tokens: int = 102_400
     """Held-out tokens for the final evaluation (metrics.json)."""
     device_map: str | None = None
     """Hugging Face models: shard the model over the visible devices (e.g. auto, which needs

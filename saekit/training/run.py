@@ -38,8 +38,8 @@ METRICS_FILE = "metrics.json"
 #: Values fixed when the run started that a resumed run must reuse (e.g. the norm factor).
 RUN_STATE_FILE = "run_state.json"
 #: Batches read to estimate the activation norm scaling factor.
-NORM_ESTIMATE_BATCHES = 20
-DEFAULT_K = 32
+NORM_ESTIMATE_BATCHES = 5
+DEFAULT_K = 64
 
 
 @dataclass
@@ -266,6 +266,9 @@ def _store(
         context_size=cfg.data.context_size,
         batch_size=batch,
         buffer_size=max(batch * 8, 16_384),
+        # Sequences per model forward: small batches leave a CPU mostly idle (8 -> 32 ran
+        # the bundled model 2.8x faster here).
+        model_batch_size=32,
         prepend_bos=cfg.data.prepend_bos,
         seed=cfg.run.seed + env.rank,
         device=device,
@@ -370,7 +373,7 @@ def _evaluator(
             backend.tokenizer, cfg.data.eval_tokens, context_size=cfg.data.context_size,
             prepend_bos=cfg.data.prepend_bos,
         )
-    return make_evaluator(backend, batches, hook=hook, hook_out=hook_out)
+    return make_evaluator(backend, batches, batch_size=32, hook=hook, hook_out=hook_out)
 
 
 def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:
