@@ -42,12 +42,28 @@ def pick_latents(stats: Any, n: int = 5) -> list[int]:
     if len(candidates) < n:  # a short run or an odd SAE: fall back to any latent that fired
         candidates = [i for i in range(stats.d_sae) if stats.fire_count[i] > 0]
 
-    def consistency(latent: int) -> tuple[float, float]:
+    def dominant(latent: int) -> tuple[int, float]:
+        """(most common top-example token, its share of the top examples)."""
         tokens = [window[stats.left] for _, window, _ in stats.top_examples(latent)]
-        top_share = Counter(tokens).most_common(1)[0][1] / len(tokens) if tokens else 0.0
-        return top_share, float(stats.max_act[latent])
+        if not tokens:
+            return -1, 0.0
+        token, count = Counter(tokens).most_common(1)[0]
+        return token, count / len(tokens)
 
-    return sorted(candidates, key=consistency, reverse=True)[:n]
+    ranked = sorted(
+        candidates, key=lambda i: (dominant(i)[1], float(stats.max_act[i])), reverse=True
+    )
+    # One latent per dominant token, so the report shows different features.
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for latent in ranked:
+        token = dominant(latent)[0]
+        if token not in seen:
+            chosen.append(latent)
+            seen.add(token)
+        if len(chosen) == n:
+            return chosen
+    return chosen + [i for i in ranked if i not in chosen][: n - len(chosen)]
 
 
 def describe_latent(stats: Any, latent: int, tokenizer: Any, examples: int = 3) -> str:

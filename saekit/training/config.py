@@ -129,11 +129,12 @@ class DataSection:
 class TrainingConfig:
     """How one SAE is optimised. The trainer reads only this section."""
 
-    tokens: int = 2_000_000
-    """Training tokens in total."""
+    tokens: int = 307_200
+    """Training tokens in total (the default suits the bundled demo model: about two minutes
+    on a laptop CPU)."""
     batch_size: int = 4096
     """Tokens per optimisation step."""
-    lr: float = 4e-4
+    lr: float = 1e-3
     """Peak learning rate of Adam (beta1 0.9, beta2 0.999)."""
     lr_schedule: str = "constant"
     """constant | cosine (to zero at the end) | linear (decays to zero over the last
