@@ -47,3 +47,19 @@ class ModelBackend(Protocol):
         """Logits [batch, pos, vocab], with each hook in `replacements` replaced by the
         function's output during the forward pass."""
         ...
+
+
+class ModuleBackendBase:
+    """Device and dtype of a backend that wraps a torch module as `self.model`."""
+
+    model: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        param = next(self.model.parameters(), None)
+        return param.dtype if param is not None else torch.float32

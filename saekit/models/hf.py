@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saekit.models.backend import Replacement
+from saekit.models.backend import ModuleBackendBase, Replacement
 from saekit.models.hooks import check_hooks, unknown_hook_error
 
 _ALIAS = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -61,7 +61,7 @@ def _with_first_tensor(value: Any, new: Tensor) -> Any:
     raise TypeError(f"cannot replace the activation inside a {type(value).__name__}")
 
 
-class HFBackend:
+class HFBackend(ModuleBackendBase):
     """A `ModelBackend` over a Hugging Face `PreTrainedModel` (causal LMs first).
 
     Args:
@@ -90,16 +90,6 @@ class HFBackend:
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        param = next(self.model.parameters(), None)
-        return param.dtype if param is not None else torch.float32
 
     def hook_names(self) -> list[str]:
         names = [f"{path}.{end}" for path in self._modules for end in ("input", "output")]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saekit.models.backend import Replacement
+from saekit.models.backend import ModuleBackendBase, Replacement
 from saekit.models.hooks import check_hooks
 
 
@@ -21,7 +21,7 @@ class _StopForward(Exception):
     """Raised inside a hook once every requested activation is captured."""
 
 
-class TransformerLensBackend:
+class TransformerLensBackend(ModuleBackendBase):
     """A `ModelBackend` over a TransformerLens `HookedTransformer` or `TransformerBridge`.
 
     Args:
@@ -43,16 +43,6 @@ class TransformerLensBackend:
     @property
     def tokenizer(self) -> Any:
         return getattr(self.model, "tokenizer", None)
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        param = next(self.model.parameters(), None)
-        return param.dtype if param is not None else torch.float32
 
     def hook_names(self) -> list[str]:
         return list(self.model.hook_dict)
