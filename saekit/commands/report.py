@@ -84,13 +84,18 @@ def describe_latent(stats: Any, latent: int, tokenizer: Any, examples: int = 3) 
     return "\n".join(lines)
 
 
-def latent_report(sae: Any, backend: Any, n_tokens: int = 16_384, n_latents: int = 5) -> str:
-    """Five latents of `sae` with the held-out text that activates them most."""
+def heldout_statistics(sae: Any, backend: Any, n_tokens: int = 16_384) -> Any:
+    """Feature statistics of `sae` on the bundled corpus's held-out works."""
     from saekit.analysis import feature_statistics
     from saekit.evals.api import heldout_token_batches
 
     context = sae.cfg.metadata.context_size or 128
-    batches = heldout_token_batches(backend.tokenizer, n_tokens, context_size=context)
-    stats = feature_statistics(sae, backend, batches, top_k=12, n_samples=1)
-    chosen = pick_latents(stats, n_latents)
-    return "\n".join(describe_latent(stats, i, backend.tokenizer) for i in chosen)
+    batches = heldout_token_batches(
+        backend.tokenizer, n_tokens, context_size=context, batch_size=32
+    )
+    return feature_statistics(sae, backend, batches)
+
+
+def latent_report(stats: Any, tokenizer: Any, n_latents: int = 5) -> str:
+    """A few latents with the held-out text that activates them most."""
+    return "\n".join(describe_latent(stats, i, tokenizer) for i in pick_latents(stats, n_latents))

@@ -110,8 +110,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def print_report(cfg: TrainConfig, outcome: Any) -> None:
-    """Where the SAE is, how it scores on held-out text, and five latents with their text."""
-    from saekit.commands.report import latent_report, metrics_table
+    """Where the SAE is, how it scores on held-out text, five latents with their text, and a
+    dashboard of every latent in the run folder."""
+    from saekit.analysis.dashboard import write_dashboard
+    from saekit.commands.report import heldout_statistics, latent_report, metrics_table
     from saekit.models import load_model
 
     print(f"\nsaved the SAE to {outcome.run_dir}  (load it: SAE.load({str(outcome.run_dir)!r}))")
@@ -120,5 +122,10 @@ def print_report(cfg: TrainConfig, outcome: Any) -> None:
         print(f"held-out metrics{f' on {n:,} tokens' if n else ''}:")
         print(metrics_table(outcome.metrics))
     backend = load_model(cfg.data.model, device=cfg.run.model_device or cfg.run.device)
+    stats = heldout_statistics(outcome.sae, backend)
     print("\nfive latents and the held-out text that activates them most:")
-    print(latent_report(outcome.sae, backend))
+    print(latent_report(stats, backend.tokenizer))
+    meta = outcome.sae.cfg.metadata
+    title = f"{meta.model_name} · {meta.hook_name} · {outcome.sae.cfg.d_sae} latents"
+    index = write_dashboard(stats, backend.tokenizer, outcome.run_dir / "dashboard", title=title)
+    print(f"\ndashboard of every latent: {index}  (open it in a browser)")
