@@ -6,22 +6,14 @@ import re
 from pathlib import Path
 
 import pytest
+from doc_pages import run_page
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
-
-
-def python_blocks(page: Path) -> list[str]:
-    return PYTHON_BLOCK.findall(page.read_text())
 
 
 def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = python_blocks(ROOT / "README.md")
-    assert blocks, "the README should show Python usage"
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+    run_page("README.md")
 
 
 def test_readme_first_two_blocks_are_the_setup_commands() -> None:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
-
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "analysis.md"
+from doc_pages import run_page
 
 
 def test_analysis_page_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
-    assert len(blocks) >= 6
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(PAGE), "exec"), namespace)
+    namespace = run_page("docs/analysis.md", min_blocks=6)
     assert (tmp_path / "dashboard" / "index.html").is_file()
     assert not namespace["steered"].tokens.equal(namespace["plain"].tokens)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
-
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "evaluation.md"
+from doc_pages import run_page
 
 
 def test_evaluation_page_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
-    assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(PAGE), "exec"), namespace)
+    namespace = run_page("docs/evaluation.md", min_blocks=2)
     assert namespace["metrics"].to_dict()["l0"] == 8.0

@@ -4,11 +4,11 @@ Hub cache, the sharing example against a stand-in Hub endpoint (HF_ENDPOINT)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import doc_pages
 import pytest
 import torch
 
@@ -19,7 +19,7 @@ HOOK = "blocks.8.hook_resid_pre"
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    return doc_pages.python_blocks("docs/pretrained.md")
 
 
 def run(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
+from doc_pages import run_page
 
 
 def test_docs_training_code_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
-    assert len(blocks) >= 8
-    namespace: dict[str, object] = {"__name__": "docs_training"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{DOC.name} block {i + 1}", "exec"), namespace)  # noqa: S102
+    run_page("docs/training.md", min_blocks=8)
     out = capsys.readouterr().out
     assert "2 32" in out  # two layers, width 32
     assert "lr must be positive" in out and "'wavy'" in out
