@@ -97,12 +97,17 @@ class DataSection:
     """Model to read: "bundled" (the demo model), a local Hugging Face folder or a Hub id."""
     hook: str | None = None
     """Hook the SAE reads, e.g. blocks.2.hook_resid_pre (default: the residual stream
-    before the middle layer)."""
+    before the middle layer, or the cache's hook when activations names a one-hook cache)."""
     hook_out: str | None = None
     """Transcoders: the hook whose activation is reconstructed (default: the mlp output
     of the layer read by hook)."""
     dataset: str = "bundled"
     """Text dataset: "bundled" (the demo corpus), a local file or folder, or a Hub id."""
+    activations: str | None = None
+    """A folder written by `saekit cache`: training reads activations from it instead of
+    running the model (the cache must match model, hook(s), width and context_size, and
+    hold at least tokens rows). The model is still loaded for the final held-out
+    evaluation, which needs it for the CE loss."""
     context_size: int = 128
     """Tokens per sequence fed to the model."""
     prepend_bos: bool = True
@@ -119,6 +124,8 @@ class DataSection:
             out.append(f"context_size must be positive, got {self.context_size}")
         if self.eval_tokens < 0:
             out.append(f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        if self.activations is not None and not self.activations.strip():
+            out.append("activations must name a cache folder, got an empty string")
         return out
 
     def __post_init__(self) -> None:

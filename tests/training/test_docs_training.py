@@ -19,5 +19,6 @@ def test_docs_training_code_runs(
     assert "runs/tutorial 8 blocks.1.hook_resid_pre" in out
     assert "'cfg.json', 'checkpoints', 'log.jsonl', 'metrics.json'" in out
     assert "L0 8.0" in out
+    assert "from the cache: blocks.1.hook_resid_pre 8.0" in out
     assert "['jumprelu', 'topk']" in out
     assert (tmp_path / "runs" / "tutorial" / "cfg.json").is_file()
