@@ -291,3 +291,16 @@ def test_topk_fold_accepts_uniform_decoder_norms() -> None:
     sae.fold_W_dec_norm()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
     assert torch.allclose(sae(x), before, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "row_norm"), [("standard", 0.1), ("topk", 1.0), ("batchtopk", 1.0)]
+)
+def test_initial_weights_are_tied(architecture: str, row_norm: float) -> None:
+    """Fresh SAEs start with W_enc = W_dec^T; topk-style ones at unit row norm (a small
+    encoder leaves most latents dead after a short run), the rest at 0.1."""
+    k = {"k": 4} if architecture != "standard" else {}
+    sae = SAE.create(architecture, 16, 64, **k)
+    norms = sae.W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, row_norm), atol=1e-5)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)

@@ -87,6 +87,8 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     #: Transcoders read at one hook and reconstruct another (d_out may differ from d_in).
     is_transcoder: ClassVar[bool] = False
+    #: Norm of the decoder rows (and so of the tied encoder columns) at initialisation.
+    decoder_init_norm: ClassVar[float] = 0.1
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -165,9 +167,10 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """Decoder rows of norm 0.1 in random directions, W_enc = W_dec^T, biases zero."""
+        """Decoder rows of norm `decoder_init_norm` in random directions, W_enc = W_dec^T,
+        biases zero."""
         w_dec = torch.randn(self.W_dec.shape, device=self.W_dec.device, dtype=torch.float32)
-        w_dec = 0.1 * w_dec / w_dec.norm(dim=1, keepdim=True)
+        w_dec = self.decoder_init_norm * w_dec / w_dec.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w_dec)
         if self.W_enc.shape == (self.cfg.d_in, self.cfg.d_sae) and self.cfg.d_in == w_dec.shape[1]:
             self.W_enc.copy_(w_dec.T)
