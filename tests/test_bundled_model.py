@@ -166,3 +166,18 @@ def test_model_beats_unigram_baseline_on_heldout_text(tokenizer, hf_model):
     ).item()
     assert unigram_ce > 5.5  # sanity: the baseline itself is a sensible number
     assert model_ce < unigram_ce - 1.0, (model_ce, unigram_ce)
+
+
+def test_bundled_is_a_dataset_name(tmp_path, monkeypatch) -> None:
+    """"bundled" names the corpus wherever a dataset is read (train, cache, pretokenize), with
+    the held-out works as its test split; a local folder called bundled still wins."""
+    from saekit.data.text import load_text_dataset
+
+    assert load_text_dataset("bundled") == corpus.train_texts()
+    assert load_text_dataset("bundled", split="test") == corpus.heldout_texts()
+    with pytest.raises(ValueError, match="splits train and test"):
+        load_text_dataset("bundled", split="dev")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundled").mkdir()
+    (tmp_path / "bundled" / "a.txt").write_text("local text\n")
+    assert list(load_text_dataset("bundled")["text"]) == ["local text"]

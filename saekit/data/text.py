@@ -29,6 +29,22 @@ TEXT_COLUMNS = ("text", "content", "document", "story", "body", "raw_content", "
 TOKEN_COLUMNS = ("input_ids", "tokens")
 
 
+#: The name that stands for the corpus shipped with saekit (see saekit/assets/corpus).
+BUNDLED_DATASET = "bundled"
+
+
+def _bundled_split(split: str) -> list[str]:
+    from saekit.assets import corpus
+
+    if split == "train":
+        return corpus.train_texts()
+    if split in ("test", "validation"):
+        return corpus.heldout_texts()
+    raise ValueError(
+        f"the bundled corpus has splits train and test (held-out works), not {split!r}"
+    )
+
+
 def load_text_dataset(
     source: Any,
     *,
@@ -39,8 +55,10 @@ def load_text_dataset(
     """The dataset behind `source`, as a `datasets` object or the iterable itself.
 
     Args:
-        source: a path (file or folder), a Hub dataset name, a `Dataset`, `IterableDataset`,
-            `DatasetDict` (its `split` is taken), or an iterable of strings / dicts.
+        source: a path (file or folder), a Hub dataset name, "bundled" (the demo corpus:
+            split "train" is its training works, "test" / "validation" the held-out ones), a
+            `Dataset`, `IterableDataset`, `DatasetDict` (its `split` is taken), or an iterable
+            of strings / dicts.
         split: the split to read from Hub names, folders of files and dataset dicts.
         streaming: stream a Hub dataset instead of downloading it whole.
         trust_remote_code: allow a Hub dataset's loading script to run (off by default).
@@ -57,6 +75,8 @@ def load_text_dataset(
         path = Path(source).expanduser()
         if path.exists():
             return _load_local(path, split)
+        if source == BUNDLED_DATASET:
+            return _bundled_split(split)
         if isinstance(source, Path) or str(source).startswith((".", "/", "~")):
             raise FileNotFoundError(f"dataset path {source} does not exist")
         kwargs: dict[str, Any] = {"split": split, "streaming": streaming}

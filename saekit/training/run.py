@@ -270,11 +270,7 @@ def _store(
         assert cache_meta is not None, "_cache_metadata reads the cache before _store"
         return _cached_store(cfg, backend, hook, hook_out, cache_meta, device, model_given)
     if dataset is None:
-        dataset = cfg.data.dataset
-        if dataset == "bundled":
-            from saekit.assets.corpus import train_texts
-
-            dataset = train_texts()
+        dataset = cfg.data.dataset  # a name ("bundled" included) the store resolves
     transcoder = architecture_class(cfg.sae.architecture).is_transcoder
     hooks: str | list[str] = [hook, hook_out] if transcoder and hook_out else hook
     batch = cfg.training.batch_size
