@@ -49,6 +49,8 @@ class ShuffledRows:
         self.seed = seed
         self._rng = torch.Generator().manual_seed(seed)
         self._buffer: dict[str, Tensor] | None = None
+        #: The buffer's memory by hook, reused from fill to fill (`_buffer` views into it).
+        self._storage: dict[str, Tensor] = {}
         self._order: Tensor | None = None
         self._cursor = 0
         self._cycle: dict[str, Any] | None = None
@@ -81,28 +83,61 @@ class ShuffledRows:
             "rng": self._rng.get_state(),
             "carry": None if carry is None else {h: t.cpu() for h, t in carry.items()},
         }
-        chunks: dict[str, list[Tensor]] = {
-            h: [] if carry is None else [carry[h]] for h in self.hooks
-        }
-        rows = 0 if carry is None else carry[self.hooks[0]].shape[0]
+        rows = 0
+        if carry is not None:
+            rows = carry[self.hooks[0]].shape[0]
+            widths = {h: carry[h].shape[-1] for h in self.hooks}
+            for hook, dest in self._reserve(0, rows, widths).items():
+                dest.copy_(carry[hook])
         while rows < self.buffer_size:
-            chunk = self._next_chunk()
-            if chunk is None:
+            added = self._read_chunk_into(rows)
+            if added is None:
                 break
-            for hook in self.hooks:
-                chunks[hook].append(chunk[hook].to(device=self.device, dtype=self.dtype))
-            rows += chunk[self.hooks[0]].shape[0]
+            rows += added
         self._cursor = 0
         if rows == 0:
             self._buffer = None
             return
-        self._buffer = {h: torch.cat(chunks[h]) for h in self.hooks}
-        chunks.clear()
+        self._buffer = {h: t[:rows] for h, t in self._storage.items()}
         # Batches gather their rows through this permutation, which copies each row once
         # instead of permuting the whole buffer first.
         self._order = (
             torch.randperm(rows, generator=self._rng).to(self.device) if self.shuffle else None
         )
+
+    def _reserve(self, start: int, rows: int, widths: dict[str, int]) -> dict[str, Tensor]:
+        """Writable rows start:start+rows of the buffer, one tensor per hook.
+
+        The buffer's memory is allocated once and reused by every fill: writing into pages
+        the process already holds runs several times faster here than into fresh ones."""
+        end = start + rows
+        for hook in self.hooks:
+            held = self._storage.get(hook)
+            if held is not None and held.shape[0] >= end:
+                continue
+            width = widths[hook]
+            grown = torch.empty(
+                max(end, self.buffer_size + self.batch_size), width,
+                dtype=self.dtype, device=self.device,
+            )
+            if held is not None and start:
+                grown[:start].copy_(held[:start])
+            self._storage[hook] = grown
+        return {h: t[start:end] for h, t in self._storage.items()}
+
+    def _read_chunk_into(self, start: int) -> int | None:
+        """Append the next chunk at buffer row `start`; returns its rows (None at the end).
+
+        This copies a `_next_chunk()`; a source that can write straight into the buffer
+        (the cache reader) overrides it."""
+        chunk = self._next_chunk()
+        if chunk is None:
+            return None
+        rows = chunk[self.hooks[0]].shape[0]
+        widths = {h: chunk[h].shape[-1] for h in self.hooks}
+        for hook, dest in self._reserve(start, rows, widths).items():
+            dest.copy_(chunk[hook])
+        return rows
 
     def _rows_left(self) -> int:
         return 0 if self._buffer is None else self._buffer[self.hooks[0]].shape[0] - self._cursor
@@ -115,7 +150,7 @@ class ShuffledRows:
             carry = None
             if self._buffer is not None:
                 carry = self._rows(self._cursor, None)
-            self._buffer = None  # free it before the next one fills
+            self._buffer = None
             self._fill(carry)
             if self._rows_left() < self.batch_size:
                 self._buffer = None
@@ -130,7 +165,8 @@ class ShuffledRows:
         """Rows start:stop of the buffer in shuffled order."""
         assert self._buffer is not None
         if self._order is None:
-            return {h: t[start:stop] for h, t in self._buffer.items()}
+            # Copies: the buffer's memory is overwritten by the next fill.
+            return {h: t[start:stop].clone() for h, t in self._buffer.items()}
         index = self._order[start:stop]
         return {h: t.index_select(0, index) for h, t in self._buffer.items()}
 

@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -322,31 +323,118 @@ def check_cache_matches(
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: Bytes read (and checksummed) at a time: small enough that the CRC of one piece runs in a
+#: second thread while the next piece is read, large enough to keep system calls few.
+READ_PIECE_BYTES = 8 * 2**20
+#: Makes the writable tensors for a shard's hooks, given its rows and {hook: width}.
+Destinations = Callable[[int, dict[str, int]], dict[str, Tensor]]
 
 
-def _safetensors_views(data: bytearray, hooks: Sequence[str], path: Path) -> dict[str, Tensor]:
-    """Tensors over the bytes of a safetensors file, without copying them.
+class _RunningCRC:
+    """CRC-32 of a stream of byte pieces, computed in order by a worker thread (zlib releases
+    the GIL), so checksumming one piece overlaps reading the next."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._value = 0
+        self._pending: list[Future[None]] = []
+
+    def add(self, piece: memoryview | bytes) -> None:
+        self._pending.append(self._pool.submit(self._update, piece))
+
+    def _update(self, piece: memoryview | bytes) -> None:
+        self._value = zlib.crc32(piece, self._value)
+
+    def result(self) -> int:
+        for future in self._pending:
+            future.result()
+        self._pool.shutdown()
+        return self._value
+
+
+def _read_exactly(f: BinaryIO, view: memoryview, crc: _RunningCRC, path: Path) -> None:
+    """Fill `view` from `f` piece by piece, handing each piece to the running CRC."""
+    for begin in range(0, view.nbytes, READ_PIECE_BYTES):
+        piece = view[begin : begin + READ_PIECE_BYTES]
+        got = 0
+        while got < piece.nbytes:
+            n = f.readinto(piece[got:])
+            if not n:
+                raise CacheError(
+                    f"shard {path} ended early: it is truncated; write the cache again"
+                )
+            got += n
+        crc.add(piece)
+
+
+def _byte_view(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable (any dtype, bfloat16 included)."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def read_shard_into(
+    path: Path, record: dict[str, Any], hooks: Sequence[str], destinations: Destinations
+) -> int:
+    """Read a cache shard (a safetensors file) straight into the tensors `destinations`
+    gives, checking its byte size and CRC-32 against its progress `record`; returns its rows.
 
     The format: an 8-byte little-endian header length, a JSON header giving each tensor's
-    dtype, shape and byte range, then the data."""
-    header_len = int.from_bytes(data[:8], "little")
+    dtype, shape and byte range, then the data. Tensors whose destination has the file's
+    dtype on the CPU are read into it directly, without an intermediate copy."""
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"shard {path} has a damaged header; write the cache again") from err
-    base = 8 + header_len
-    out = {}
-    for hook in hooks:
-        info = header.get(hook)
-        if info is None:
-            raise CacheError(f"shard {path} holds no tensor for hook {hook!r}")
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        flat = torch.frombuffer(
-            data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=base + begin
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise CacheError(f"shard {path} is missing; write the cache again") from None
+    crc = _RunningCRC()
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size != record["bytes"]:
+            raise CacheError(
+                f"shard {path} has {size} bytes, {record['bytes']} were written: it is "
+                "truncated or was changed; write the cache again"
+            )
+        head = f.read(8)
+        header_bytes = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+        crc.add(head)
+        crc.add(header_bytes)
+        try:
+            header = json.loads(header_bytes)
+            tensors = sorted(
+                ((name, info) for name, info in header.items() if name != "__metadata__"),
+                key=lambda item: item[1]["data_offsets"][0],
+            )
+            shapes = {name: info["shape"] for name, info in tensors}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CacheError(f"shard {path} has a damaged header; write the cache again") from err
+        for hook in hooks:
+            if hook not in shapes:
+                raise CacheError(f"shard {path} holds no tensor for hook {hook!r}")
+        rows = int(record["rows"])
+        dest = destinations(rows, {h: int(shapes[h][-1]) for h in hooks})
+        for name, info in tensors:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            target = dest.get(name)
+            if target is not None and tuple(info["shape"]) != tuple(target.shape):
+                raise CacheError(
+                    f"shard {path}: {name} has shape {info['shape']}, the progress record "
+                    f"says {rows} rows; the cache is damaged, write it again"
+                )
+            direct = target is not None and target.dtype == dtype and target.device.type == "cpu"
+            landing = target if direct else torch.empty(end - begin, dtype=torch.uint8)
+            _read_exactly(f, _byte_view(landing), crc, path)
+            if target is not None and not direct:
+                target.copy_(landing.view(dtype).view(target.shape))
+        if f.read(1):
+            raise CacheError(f"shard {path} holds more bytes than its header describes")
+    finally:
+        f.close()
+        checksum = crc.result()
+    if f"{checksum:08x}" != record["crc32"]:
+        raise CacheError(
+            f"shard {path} fails its CRC-32 check: it is corrupted; write the cache again"
         )
-        out[hook] = flat.view(info["shape"])
-    return out
+    return rows
 
 
 class CachedActivations(ShuffledRows):
@@ -437,25 +525,18 @@ class CachedActivations(ShuffledRows):
         return torch.randperm(len(self.shards), generator=generator).tolist()
 
     def read_shard(self, index: int) -> dict[str, Tensor]:
-        """Shard `index`'s tensors for our hooks, after checking its size and CRC-32."""
-        record = self.shards[index]
-        path = self.path / record["file"]
-        try:
-            with open(path, "rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(data)
-        except FileNotFoundError:
-            raise CacheError(f"shard {path} is missing; write the cache again") from None
-        if len(data) != record["bytes"]:
-            raise CacheError(
-                f"shard {path} has {len(data)} bytes, {record['bytes']} were written: it is "
-                "truncated or was changed; write the cache again"
-            )
-        if f"{zlib.crc32(data):08x}" != record["crc32"]:
-            raise CacheError(
-                f"shard {path} fails its CRC-32 check: it is corrupted; write the cache again"
-            )
-        return _safetensors_views(data, self.hooks, path)
+        """Shard `index`'s tensors for our hooks (in the cache's dtype), after checking its
+        size and CRC-32."""
+        out: dict[str, Tensor] = {}
+
+        def fresh(rows: int, widths: dict[str, int]) -> dict[str, Tensor]:
+            stored = DTYPES[self.metadata["dtype"]]
+            out.update({h: torch.empty(rows, widths[h], dtype=stored) for h in self.hooks})
+            return out
+
+        read_shard_into(self.path / self.shards[index]["file"], self.shards[index],
+                        self.hooks, fresh)
+        return out
 
     def _next_chunk(self) -> dict[str, Tensor] | None:
         if self._next_shard >= len(self._shard_sequence):
@@ -463,6 +544,18 @@ class CachedActivations(ShuffledRows):
         chunk = self.read_shard(self._shard_sequence[self._next_shard])
         self._next_shard += 1
         return chunk
+
+    def _read_chunk_into(self, start: int) -> int | None:
+        # Straight from the file into the shuffle buffer: no copy of the shard in between.
+        if self._next_shard >= len(self._shard_sequence):
+            return None
+        index = self._shard_sequence[self._next_shard]
+        rows = read_shard_into(
+            self.path / self.shards[index]["file"], self.shards[index], self.hooks,
+            lambda rows, widths: self._reserve(start, rows, widths),
+        )
+        self._next_shard += 1
+        return rows
 
     def _source_state(self) -> int:
         return self._next_shard

@@ -170,3 +170,26 @@ def test_several_hooks_and_folder_checks(backend, tmp_path) -> None:
         CachedActivations(tmp_path / "busy")
     with pytest.raises(ValueError, match="buffer_size=4 cannot hold one batch"):
         CachedActivations(tmp_path / "two", batch_size=8, buffer_size=4)
+
+
+def test_converting_reads_and_unread_tensors_are_checked(backend, tmp_path) -> None:
+    """A bfloat16 cache read as float32 goes through a conversion (not the direct read) and
+    gives the stored values; a tensor of a hook not asked for is still covered by the CRC."""
+    hooks = ["blocks.0.hook_resid_post", "blocks.0.hook_resid_pre"]
+    write(backend, tmp_path, hooks=hooks, dtype="bfloat16")
+    stored = CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False,
+                               hooks=hooks[1])
+    as_float = CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False,
+                                 hooks=hooks[1], dtype="float32")
+    for low, high in zip(stored, as_float, strict=True):
+        assert high.dtype == torch.float32
+        torch.testing.assert_close(high, low.float(), rtol=0, atol=0)
+    shard = tmp_path / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data_start = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8:data_start]))
+    begin = data_start + header[hooks[0]]["data_offsets"][0]  # in the tensor we do not read
+    data[begin] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="fails its CRC-32 check"):
+        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, hooks=hooks[1]))
