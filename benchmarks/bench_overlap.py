@@ -57,11 +57,15 @@ def run_once(
     sae = SAE.create("topk", d_in, d_in * args.expansion, k=32)
     cfg = TrainingConfig(tokens=args.tokens, batch_size=args.batch, b_dec_init="mean")
     source = Prefetcher(store, depth=2) if prefetch else store
+    # With the producer, the forward and the step each get their share of the cores
+    # (two teams of `threads` each would oversubscribe them).
+    torch.set_num_threads(max(1, args.threads // 2) if prefetch else args.threads)
     start = time.perf_counter()
     Trainer(SAEJob(sae, cfg), source).fit()
     elapsed = time.perf_counter() - start
     if prefetch:
         source.close()
+    torch.set_num_threads(args.threads)
     return args.tokens / elapsed
 
 
@@ -77,7 +81,8 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=8)
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads without the producer; with it, half each side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backend = model(args.model, args.layers, args.width)
