@@ -25,6 +25,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 DECODER_NORMS = ("auto", "unit", "free")
 TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+#: The file in a run folder that holds its TrainConfig (`--config` can re-run it).
+RUN_CONFIG_FILE = "run_config.yaml"
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,13 @@ import torch
 from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.prefetch import Prefetcher
 from saekit.saes import SAE, architecture_class
-from saekit.training.config import TOPK_ARCHITECTURES, TrainConfig
+from saekit.training.cache_source import (
+    buffer_rows,
+    cached_store,
+    refuse_cache_under_torchrun,
+    run_cache_metadata,
+)
+from saekit.training.config import RUN_CONFIG_FILE, TOPK_ARCHITECTURES, TrainConfig
 from saekit.training.distributed import (
     DistEnv,
     destroy_process_group,
@@ -33,7 +39,6 @@ from saekit.training.trainer import SAEJob, Trainer
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "run_config.yaml"
 METRICS_FILE = "metrics.json"
 #: Values fixed when the run started that a resumed run must reuse (e.g. the norm factor).
 RUN_STATE_FILE = "run_state.json"
@@ -82,12 +87,12 @@ def train(
 
 
 def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOutcome:
-    _refuse_cache_under_torchrun(cfg, env)
+    refuse_cache_under_torchrun(cfg, env)
     # A missing, unfinished or too small cache fails before any folder or model is touched
     # (on resume, once the saved config has said which cache the run reads).
     cache_meta = None
     if cfg.run.resume is None and cfg.data.activations is not None:
-        cache_meta = _cache_metadata(cfg)
+        cache_meta = run_cache_metadata(cfg)
     # Under torchrun every rank trains on its share of each global batch; rank 0 alone
     # checks and writes the run folder, and the others wait until it is ready.
     if env.distributed:
@@ -105,7 +110,7 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         saved.run.resume, saved.run.progress = str(run_dir), cfg.run.progress
         cfg = saved
         if cfg.data.activations is not None:
-            cache_meta = _cache_metadata(cfg)
+            cache_meta = run_cache_metadata(cfg)
     _seed_everything(cfg.run.seed)
 
     from saekit.models import load_model
@@ -267,8 +272,8 @@ def _store(
     from saekit.data.shard import ShardedActivationStore
 
     if cfg.data.activations is not None:
-        assert cache_meta is not None, "_cache_metadata reads the cache before _store"
-        return _cached_store(cfg, backend, hook, hook_out, cache_meta, device, model_given)
+        assert cache_meta is not None, "run_cache_metadata reads the cache before _store"
+        return cached_store(cfg, backend, hook, hook_out, cache_meta, device, model_given)
     if dataset is None:
         dataset = cfg.data.dataset  # a name ("bundled" included) the store resolves
     transcoder = architecture_class(cfg.sae.architecture).is_transcoder
@@ -283,7 +288,7 @@ def _store(
     options: dict[str, Any] = dict(
         context_size=cfg.data.context_size,
         batch_size=batch,
-        buffer_size=_buffer_size(batch),
+        buffer_size=buffer_rows(batch),
         # Sequences per model forward: small batches leave a CPU mostly idle (8 -> 32 ran
         # the bundled model 2.8x faster here).
         model_batch_size=32,
@@ -296,174 +301,6 @@ def _store(
             backend, hooks, dataset, rank=env.rank, world_size=env.world_size, **options
         )
     return ActivationStore(backend, hooks, dataset, **options)
-
-
-def _buffer_size(batch: int) -> int:
-    """Shuffle-buffer rows for a (per-rank) batch size; the same for the model and a cache."""
-    return max(batch * 8, 16_384)
-
-
-def _refuse_cache_under_torchrun(cfg: TrainConfig, env: DistEnv) -> None:
-    """Refuse --activations with several processes, before any process group starts.
-
-    Each rank would need a disjoint share of the cache; different seeds over the same
-    shards are not disjoint (ranks would train on the same rows), so say so instead."""
-    if not env.distributed:
-        return
-    activations = cfg.data.activations
-    if cfg.run.resume is not None:
-        saved = Path(cfg.run.resume) / RUN_CONFIG_FILE
-        if saved.is_file():
-            activations = TrainConfig.load(saved).data.activations
-    if activations is not None:
-        raise ValueError(
-            f"--activations with torchrun is not supported yet ({env.world_size} processes "
-            f"launched, cache {activations}): the ranks would not get disjoint shares of the "
-            "cache. Train from the cache in one process (without torchrun), or drop "
-            "--activations to read activations from the model on every rank"
-        )
-
-
-def _cache_metadata(cfg: TrainConfig) -> dict[str, Any]:
-    """The metadata of the run's activation cache, refusing one that cannot serve the run
-    whatever the model: unfinished, per-head, or holding too few tokens."""
-    from saekit.data.cache import CacheError, read_cache_metadata
-
-    folder = cfg.data.activations
-    assert folder is not None
-    meta = read_cache_metadata(folder)
-    if not meta["complete"]:
-        raise CacheError(
-            f"the activation cache in {folder} is unfinished ({meta['n_tokens']} tokens "
-            "recorded); run the same `saekit cache` command again to finish it"
-        )
-    if meta.get("hook_head_index") is not None:
-        raise CacheError(
-            f"the activation cache in {folder} holds one attention head "
-            f"(hook_head_index={meta['hook_head_index']}) of {meta['hooks']}; saekit train "
-            "trains on whole hooks, so write the cache without --hook-head-index"
-        )
-    batch = cfg.training.batch_size
-    # The trainer takes whole batches until it has seen `tokens`, so it needs this many rows.
-    needed = -(-cfg.training.tokens // batch) * batch
-    have = int(meta["n_tokens"])
-    if have < needed:
-        usable = have // batch * batch
-        lower = (
-            f"lower --tokens to at most {usable:,}" if usable
-            else f"lower --batch-size and --tokens to at most {have:,}"
-        )
-        raise CacheError(
-            f"the activation cache in {folder} holds {have:,} tokens, but the run trains on "
-            f"{cfg.training.tokens:,} tokens ({needed:,} rows in whole batches of {batch:,}); "
-            f"{lower}, or write a larger cache with `saekit cache --tokens {needed}`"
-        )
-    return meta
-
-
-def _cached_store(
-    cfg: TrainConfig,
-    backend: Any,
-    hook: str,
-    hook_out: str | None,
-    meta: dict[str, Any],
-    device: str,
-    model_given: bool,
-) -> Any:
-    """A `CachedActivations` over the run's cache, after checking the cache fits the run."""
-    from saekit.data.cache import CachedActivations
-
-    transcoder = architecture_class(cfg.sae.architecture).is_transcoder
-    hooks = [hook, hook_out] if transcoder and hook_out else [hook]
-    _check_cache_fits(cfg, backend, hooks, meta, model_given)
-    batch = cfg.training.batch_size
-    return CachedActivations(
-        cfg.data.activations,  # type: ignore[arg-type]
-        batch_size=batch,
-        buffer_size=_buffer_size(batch),
-        hooks=hooks if len(hooks) > 1 else hook,
-        seed=cfg.run.seed,
-        # Batches in float32, as the ActivationStore gives them whatever the model's dtype.
-        dtype=torch.float32,
-        device=device,
-    )
-
-
-def _check_cache_fits(
-    cfg: TrainConfig, backend: Any, hooks: list[str], meta: dict[str, Any], model_given: bool
-) -> None:
-    """Refuse a cache written for another model, hook, width, context size, BOS setting or
-    tokenizer, naming every difference.
-
-    The model name agrees when the cache names the config's model or the loaded backend's
-    own name (`saekit cache --model bundled` records "bundled", as the run's default does; an
-    in-memory model is recorded under its backend name by `write_activation_cache`)."""
-    from saekit.data.cache import CacheError, check_cache_matches, tokenizer_identity
-    from saekit.data.store import flatten_activation
-
-    folder = cfg.data.activations
-    backend_name = getattr(backend, "name", None)
-    names = {cfg.data.model, backend_name} - {None}
-    expect_model = None
-    if meta["model"] not in names:
-        expect_model = backend_name if model_given and backend_name else cfg.data.model
-    problems: list[str] = []
-    # The loaded model's own width at each hook, from a two-token forward pass; it also
-    # checks the hooks exist in the model, which the final evaluation needs.
-    probe_id = 0
-    tokenizer = backend.tokenizer
-    for attr in ("bos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            probe_id = int(value)
-            break
-    probe = torch.full((1, 2), probe_id, dtype=torch.long)
-    widths: dict[str, int] | None = None
-    try:
-        with torch.no_grad():
-            acts = backend.activations(probe, hooks)
-        widths = {h: int(flatten_activation(acts[h]).shape[-1]) for h in hooks}
-    except (ValueError, KeyError) as err:
-        problems.append(f"the model cannot give the run's hook(s) {hooks}: {err}")
-    if meta["prepend_bos"] != cfg.data.prepend_bos:
-        problems.append(
-            f"prepend_bos: cache has {meta['prepend_bos']}, the run uses {cfg.data.prepend_bos}"
-        )
-    if not meta.get("exclude_special_tokens", True):
-        problems.append(
-            "special tokens: the cache keeps BOS/EOS/pad activations, training leaves them "
-            "out (write the cache without --include-special-tokens)"
-        )
-    cached_tok, run_tok = meta.get("tokenizer"), tokenizer_identity(tokenizer)
-    if cached_tok and run_tok and any(
-        cached_tok.get(k) != run_tok.get(k) for k in ("vocab_size", "vocab_crc32")
-    ):
-        problems.append(
-            f"tokenizer: cache has {cached_tok.get('name')!r} ({cached_tok.get('vocab_size')} "
-            f"tokens), the model's is {run_tok.get('name')!r} ({run_tok.get('vocab_size')} "
-            "tokens)"
-        )
-    advice = (
-        f" (cache: {folder}). Pass the flags the cache was written with, or write a cache "
-        "for this run with `saekit cache`"
-    )
-    try:
-        check_cache_matches(
-            meta, model=expect_model, hooks=hooks, d_in=widths, context_size=cfg.data.context_size
-        )
-    except CacheError as err:
-        raise CacheError("; ".join([str(err), *problems]) + advice) from None
-    if problems:
-        raise CacheError(
-            "the activation cache does not match this run: " + "; ".join(problems) + advice
-        )
-    if cfg.data.dataset != meta.get("dataset") and meta.get("dataset") is not None:
-        log.warning(
-            "the cache in %s was written from dataset %r, the run names %r: training reads the "
-            "cache, the final held-out evaluation reads %r (pass --dataset %s to evaluate on "
-            "the cache's dataset)",
-            folder, meta["dataset"], cfg.data.dataset, cfg.data.dataset, meta["dataset"],
-        )
 
 
 def _build_sae(
