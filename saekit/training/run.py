@@ -45,6 +45,8 @@ RUN_STATE_FILE = "run_state.json"
 #: Batches read to estimate the activation norm scaling factor.
 NORM_ESTIMATE_BATCHES = 5
 DEFAULT_K = 64
+#: How far (relative) the final held-out L0 may be from target_l0 before the run warns.
+L0_TOLERANCE = 0.10
 
 
 @dataclass
@@ -171,12 +173,30 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
     if not env.is_main:
         return TrainOutcome(trained, {}, run_dir)
     metrics = _json_safe(result.metrics["sae"])
+    _check_target_l0(cfg, metrics)
     trained.save(run_dir, sparsity=result.sparsity["sae"])
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     if sinks:
         for sink in sinks:
             sink({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return TrainOutcome(trained, metrics, run_dir)
+
+
+def _check_target_l0(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+    """Say so when the controller did not bring the held-out L0 within 10% of the target."""
+    target, l0 = cfg.training.target_l0, metrics.get("l0")
+    if target is None or l0 is None or cfg.sae.architecture in TOPK_ARCHITECTURES:
+        return
+    if abs(l0 - target) > L0_TOLERANCE * target:
+        steps = cfg.training.tokens // cfg.training.batch_size
+        log.warning(
+            "held-out L0 is %.1f, not within %d%% of target_l0=%g after %d steps: the "
+            "controller needs enough optimiser steps for the SAE to follow it (Adam moves each "
+            "weight by about lr per step); give it more steps (a smaller batch_size or more "
+            "tokens) or a higher lr, or start l1_coefficient near the last "
+            "sparsity_coefficient in log.jsonl",
+            l0, round(100 * L0_TOLERANCE), target, steps,
+        )
 
 
 def _as_config(config: TrainConfig | dict[str, Any] | str | Path | None) -> TrainConfig:

@@ -124,3 +124,17 @@ def test_cli_reports_config_problems_without_a_traceback(
     err = capsys.readouterr().err
     assert "lr must be positive" in err and "architecture 'nope'" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_missed_target_l0_is_reported(
+    tmp_path: Path, model: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twelve steps cannot take a standard SAE from ~half its latents active to 1: the run
+    finishes and says the target was missed and what to change."""
+    cfg = config(tmp_path / "run", target_l0=1)
+    cfg["sae"] = {"architecture": "standard", "expansion_factor": 2}
+    with caplog.at_level("WARNING", logger="saekit.training.run"):
+        out = saekit.train(cfg, model=model, dataset=TEXTS)
+    assert out.metrics["l0"] > 1.1
+    assert "not within 10% of target_l0=1 after 12 steps" in caplog.text
+    assert "smaller batch_size" in caplog.text
