@@ -116,3 +116,16 @@ def test_parallel_gradient_removed_and_rows_normalised() -> None:
     torch.testing.assert_close(dots, torch.zeros(10), atol=1e-6, rtol=0)
     normalize_decoder_rows(sae)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(10))
+
+
+def test_controller_does_not_lower_lambda_far_above_the_target() -> None:
+    """An L0 falling fast from far above the target (a fresh SAE learning to reconstruct)
+    lowers lambda under a plain trend-predicting controller; far above the target it holds."""
+    ctl = L0Controller(target=10, initial=1.0, gain=0.1, ramp_steps=100)
+    for l0 in range(2000, 200, -100):  # 9x to 20x the target, falling 5% a step
+        ctl.update(float(l0))
+        assert ctl.coefficient >= 1.0
+    near = L0Controller(target=10, initial=1.0, gain=0.1)
+    for l0 in (15.0, 12.0, 8.0, 5.0, 3.0):  # within 2x and falling past the target
+        near.update(l0)
+    assert near.coefficient < 1.0
