@@ -123,23 +123,30 @@ class SAE(nn.Module):
             "b_dec": (c.output_width,),
         }
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """h = x~ W_enc + b_enc for a prepared, centred input [batch, d_in]."""
-        return x @ self.W_enc + self.b_enc
+    def pre_activations(self, x: Tensor, centre: Tensor | None = None) -> Tensor:
+        """h = x~ W_enc + b_enc for a prepared input [batch, d_in].
+
+        x is already centred when `centre` is None; otherwise x~ = x - centre is formed here,
+        so that the centre's gradient costs a vector-matrix product (see `centred_affine`).
+        """
+        if centre is None:
+            return x @ self.W_enc + self.b_enc
+        return centred_affine(x, centre, self.W_enc, self.b_enc)
 
     def activation(self, hidden_pre: Tensor) -> Tensor:
         """Latents from pre-activations (inference rule)."""
         raise NotImplementedError
 
     def encode_parts(
-        self, x: Tensor, settings: LossSettings | None = None
+        self, x: Tensor, settings: LossSettings | None = None, centre: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(pre-activations, latents) for a prepared, centred input [batch, d_in].
+        """(pre-activations, latents) for a prepared, centred input [batch, d_in] (or, with
+        `centre`, a prepared input that x - centre centres).
 
         With `settings` the training rule is used (batch-level top-k, straight-through
         estimators); without, the inference rule.
         """
-        hidden_pre = self.pre_activations(x)
+        hidden_pre = self.pre_activations(x, centre)
         if settings is None:
             return hidden_pre, self.activation(hidden_pre)
         return hidden_pre, self.training_latents(hidden_pre, settings)
@@ -290,9 +297,22 @@ class SAE(nn.Module):
     def training_pass(
         self, x: Tensor, centred: Tensor, settings: LossSettings
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(pre-activations, latents, reconstruction) for a prepared input x [batch, d_in]."""
-        hidden_pre, latents = self.encode_parts(centred, settings)
+        """(pre-activations, latents, reconstruction) for a prepared input x [batch, d_in];
+        `centred` is `center(x)`."""
+        encoder_input, centre = self.encoder_input(x, centred)
+        hidden_pre, latents = self.encode_parts(encoder_input, settings, centre)
         return hidden_pre, latents, self.reconstruct(x, latents)
+
+    def encoder_input(self, x: Tensor, centred: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(input, centre) for `encode_parts` during training.
+
+        Handing the encoder x and b_dec separately, rather than x - b_dec, spares the one big
+        matmul of the backward pass that is not needed: the gradient of the centred input
+        [batch, d_in], which only b_dec (broadcast over the batch) would consume.
+        """
+        if self.cfg.apply_b_dec_to_input:
+            return x, self.b_dec
+        return centred, None
 
     def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
         """Reconstruction during training (transcoders with a skip path add it here)."""
@@ -459,6 +479,59 @@ class SAE(nn.Module):
 def squared_error(recon: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens of the squared error summed over features."""
     return (recon - target).pow(2).sum(dim=-1).mean()
+
+
+def weighted_sum_mean(latents: Tensor, weights: Tensor) -> Tensor:
+    """Mean over tokens of sum_i latents_i * weights_i, for latents [..., d_sae].
+
+    Summed over tokens first, then dotted with the weights: the same value as
+    `(latents * weights).sum(-1).mean()` without a [batch, d_sae] product, and its backward
+    hands the latents a broadcast gradient instead of another [batch, d_sae] tensor.
+    """
+    flat = latents.reshape(-1, latents.shape[-1])
+    return flat.sum(dim=0) @ weights / flat.shape[0]
+
+
+def column_sums(t: Tensor) -> Tensor:
+    """t [n, d] summed over its rows, as a vector-matrix product: one read of t, and on CPU
+    several times faster than `t.sum(dim=0)`. Not for tensors that need a gradient through
+    this sum (autograd would expand it into an [n, d] outer product)."""
+    return t.new_ones(t.shape[0]) @ t
+
+
+class CentredAffine(torch.autograd.Function):
+    """(x - centre) @ weight + bias for x [batch, d_in], centre [d_in], weight [d_in, d_out].
+
+    Autograd would first form the gradient of the centred input, g @ weight.T, a matmul as big
+    as the forward one, only to sum it over the batch for the centre. Summing g first gives the
+    centre's gradient as -(sum_b g_b) @ weight.T, a vector-matrix product; the gradient of x
+    itself is computed only when x requires one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, centre: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        centred = x - centre
+        ctx.save_for_backward(centred, weight)
+        return torch.addmm(bias, centred, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        centred, weight = ctx.saved_tensors
+        need_x, need_centre, need_weight, need_bias = ctx.needs_input_grad
+        grad_x = grad @ weight.T if need_x else None
+        grad_sum = column_sums(grad) if need_centre or need_bias else None
+        grad_centre = -(grad_sum @ weight.T) if need_centre else None  # type: ignore[operator]
+        grad_weight = centred.T @ grad if need_weight else None
+        return grad_x, grad_centre, grad_weight, grad_sum if need_bias else None
+
+
+def centred_affine(x: Tensor, centre: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """(x - centre) @ weight + bias for x [..., d_in], with the cheap centre gradient of
+    `CentredAffine`."""
+    if x.ndim == 2:
+        return CentredAffine.apply(x, centre, weight, bias)
+    out = CentredAffine.apply(x.reshape(-1, x.shape[-1]), centre, weight, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[-1])
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saekit.saes.base import SAE, LossSettings
+from saekit.saes.base import SAE, LossSettings, weighted_sum_mean
 from saekit.saes.registry import register_architecture
 
 
@@ -17,8 +17,8 @@ class StandardSAE(SAE):
     def sparsity_losses(
         self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
     ) -> dict[str, Tensor]:
-        weighted = latents * self.decoder_norms()  # [batch, d_sae]
-        return {"l1": settings.sparsity_coefficient * weighted.sum(dim=-1).mean()}
+        l1 = weighted_sum_mean(latents, self.decoder_norms())
+        return {"l1": settings.sparsity_coefficient * l1}
 
 
 @register_architecture("tanh_relu")

@@ -100,8 +100,8 @@ class TopKFamily(SAE):
 
 @register_architecture("topk")
 class TopKSAE(TopKFamily):
-    def pre_activations(self, x: Tensor) -> Tensor:
-        hidden_pre = super().pre_activations(x)
+    def pre_activations(self, x: Tensor, centre: Tensor | None = None) -> Tensor:
+        hidden_pre = super().pre_activations(x, centre)
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.decoder_norms()
         return hidden_pre
