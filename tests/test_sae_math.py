@@ -8,7 +8,8 @@ from sae_factory import random_sae
 
 from saekit import SAE, LossSettings, SAEConfig, list_architectures, register_architecture
 from saekit.kernels.sparse_topk import batch_topk_pairs
-from saekit.saes.jumprelu import JumpReLUFunction, StepFunction
+from saekit.saes.base import centred_affine
+from saekit.saes.jumprelu import JumpReLUFunction, JumpReLUWithL0, StepFunction
 
 ARCHITECTURES = list_architectures()
 
@@ -304,3 +305,167 @@ def test_initial_weights_are_tied(architecture: str, row_norm: float) -> None:
     norms = sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, row_norm), atol=1e-5)
     assert torch.equal(sae.W_enc, sae.W_dec.T)
+
+
+# ----- fused training functions against plain autograd ---------------------------------------
+# The training steps run through custom autograd functions that fuse element-wise passes; here
+# each is checked, in float64, against the reference formulas written with ordinary torch ops
+# (straight-through estimators by the detach trick), on values and on every gradient.
+
+
+def _leaves(sae: SAE) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
+
+
+def _straight_through(theta: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """Zero in value; its gradient with respect to theta is `slope` times the upstream one."""
+    return (theta - theta.detach()) * slope
+
+
+def _assert_matches(sae: SAE, out_losses: dict, ref_losses: dict, leaves: dict) -> None:
+    assert out_losses.keys() == ref_losses.keys()
+    for name, value in ref_losses.items():
+        assert torch.allclose(out_losses[name], value, rtol=1e-10, atol=1e-12), name
+    sum(out_losses.values()).backward()
+    sum(ref_losses.values()).backward()
+    for name, param in sae.named_parameters():
+        expected = leaves[name].grad
+        assert expected is not None and param.grad is not None, name
+        assert torch.allclose(param.grad, expected, rtol=1e-9, atol=1e-12), name
+
+
+def _spread_thresholds(sae: SAE, bandwidth: float) -> None:
+    """Thresholds of every kind the straight-through windows treat apart: negative, zero,
+    within eps / 2 of zero, and ordinary ones where many pre-activations fall near them."""
+    d_sae = sae.cfg.d_sae
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(d_sae, dtype=sae.dtype) * 0.8)
+        sae.threshold[0] = -0.05
+        sae.threshold[1] = 0.0
+        sae.threshold[2] = bandwidth / 4
+        sae.threshold[3] = -bandwidth / 4
+
+
+@pytest.mark.parametrize("sparsity", ["step", "tanh"])
+@pytest.mark.parametrize("centre", [True, False])
+def test_jumprelu_training_matches_plain_autograd(sparsity: str, centre: bool) -> None:
+    bandwidth, coefficient, tanh_scale = 0.2, 0.3, 2.5
+    sae = random_sae("jumprelu", d_in=6, d_sae=24, seed=1, apply_b_dec_to_input=centre)
+    sae.to(dtype=torch.float64)
+    _spread_thresholds(sae, bandwidth)
+    x = torch.randn(40, 6, dtype=torch.float64) * 2
+    settings = LossSettings(
+        sparsity_coefficient=coefficient,
+        jumprelu_bandwidth=bandwidth,
+        jumprelu_sparsity=sparsity,
+        tanh_scale=tanh_scale,
+    )
+    out = sae.training_forward(x, settings=settings)
+
+    p = _leaves(sae)
+    theta = p["threshold"]
+    h = ((x - p["b_dec"]) if centre else x) @ p["W_enc"] + p["b_enc"]
+    z = torch.relu(h)
+    # f = ReLU(h) * 1[ReLU(h) > theta]; d f / d theta ~ -(theta / eps) rect((ReLU(h) - theta) / eps)
+    rect_z = (((z - theta) / bandwidth).abs() < 0.5).double()
+    f = z * (z > theta).double() + _straight_through(theta, -theta.detach() / bandwidth * rect_z)
+    recon = f @ p["W_dec"] + p["b_dec"]
+    if sparsity == "step":
+        # L0 = sum_i H(h_i - theta_i); d H / d theta ~ -(1 / eps) rect((h - theta) / eps)
+        rect_h = (((h - theta) / bandwidth).abs() < 0.5).double()
+        fired = (h > theta).double() + _straight_through(theta, -rect_h / bandwidth)
+        penalty = fired.sum(-1).mean()
+    else:
+        penalty = torch.tanh(tanh_scale * f * p["W_dec"].norm(dim=1)).sum(-1).mean()
+    reference = {"mse": (recon - x).pow(2).sum(-1).mean(), "l0": coefficient * penalty}
+
+    assert rect_z.sum() > 10 and (h > theta).any() and (h <= theta).any()  # windows are used
+    assert torch.allclose(out.latents, f)
+    _assert_matches(sae, out.losses, reference, p)
+
+
+def test_gated_training_matches_plain_autograd() -> None:
+    coefficient = 0.7
+    sae = random_sae("gated", d_in=6, d_sae=24, seed=2).to(dtype=torch.float64)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    out = sae.training_forward(x, settings=LossSettings(sparsity_coefficient=coefficient))
+
+    p = _leaves(sae)
+    xc = x - p["b_dec"]
+    pi_gate = xc @ p["W_enc"] + p["b_gate"]
+    magnitude = torch.relu(xc @ (p["W_enc"] * torch.exp(p["r_mag"])) + p["b_mag"])
+    f = (pi_gate > 0).double() * magnitude
+    recon = f @ p["W_dec"] + p["b_dec"]
+    gate_acts = torch.relu(pi_gate)
+    aux_recon = gate_acts @ p["W_dec"].detach() + p["b_dec"].detach()
+    reference = {
+        "mse": (recon - x).pow(2).sum(-1).mean(),
+        "l1": coefficient * (gate_acts * p["W_dec"].norm(dim=1)).sum(-1).mean(),
+        "aux_reconstruction": (aux_recon - x).pow(2).sum(-1).mean(),
+    }
+
+    assert 0 < (f > 0).sum() < f.numel() and ((pi_gate > 0) & (magnitude == 0)).any()
+    assert torch.allclose(out.latents, f)
+    _assert_matches(sae, out.losses, reference, p)
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_standard_training_matches_plain_autograd(centre: bool) -> None:
+    sae = random_sae("standard", d_in=6, d_sae=24, seed=3, apply_b_dec_to_input=centre)
+    sae.to(dtype=torch.float64)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    out = sae.training_forward(x, settings=LossSettings(sparsity_coefficient=0.4))
+
+    p = _leaves(sae)
+    f = torch.relu(((x - p["b_dec"]) if centre else x) @ p["W_enc"] + p["b_enc"])
+    reference = {
+        "mse": (f @ p["W_dec"] + p["b_dec"] - x).pow(2).sum(-1).mean(),
+        "l1": 0.4 * (f * p["W_dec"].norm(dim=1)).sum(-1).mean(),
+    }
+    _assert_matches(sae, out.losses, reference, p)
+
+
+def test_centred_affine_gradients_including_the_input() -> None:
+    x, centre = torch.randn(7, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    weight, bias = torch.randn(5, 9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    upstream = torch.randn(7, 9, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, centre, weight, bias)]
+    ((centred_affine(*leaves)) * upstream).sum().backward()
+    plain = [t.clone().requires_grad_(True) for t in (x, centre, weight, bias)]
+    (((plain[0] - plain[1]) @ plain[2] + plain[3]) * upstream).sum().backward()
+    for mine, ref in zip(leaves, plain, strict=True):
+        assert torch.allclose(mine.grad, ref.grad, rtol=1e-12)
+
+
+def test_jumprelu_window_decisions_match_the_formula_in_float32() -> None:
+    """At the default bandwidth, in float32, with many pre-activations at the edge of the
+    window: the sparse window search must decide each entry as rect((h - theta) / eps) does."""
+    eps = 0.001
+    theta = torch.rand(64) * 0.2 + 0.001
+    offsets = (torch.rand(512, 64) - 0.5) * 2.2 * eps  # within about 1.1 eps of theta
+    h = (theta + offsets).requires_grad_(True)
+    t1 = theta.clone().requires_grad_(True)
+    latents, l0 = JumpReLUWithL0.apply(h.detach().clone(), t1, eps, True)
+    (latents.sum() + l0).backward()
+
+    t2 = theta.clone().requires_grad_(True)
+    z = torch.relu(h.detach())
+    rect_z = (((z - t2) / eps).abs() < 0.5).float()
+    rect_h = (((h.detach() - t2) / eps).abs() < 0.5).float()
+    f = z * (z > t2).float() + _straight_through(t2, -t2.detach() / eps * rect_z)
+    fired = (h.detach() > t2).float() + _straight_through(t2, -rect_h / eps)
+    (f.sum() + fired.sum(-1).mean()).backward()
+
+    assert 0.3 < rect_h.mean() < 0.6
+    assert torch.equal(latents, f.detach())
+    assert torch.allclose(t1.grad, t2.grad, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "gated"])
+def test_fused_functions_refuse_a_second_backward(architecture: str) -> None:
+    """They reuse their buffers for gradients; a second pass must fail loudly, not be wrong."""
+    sae = random_sae(architecture)
+    loss = sae.training_forward(torch.randn(6, 8), settings=LossSettings(0.1)).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward"):
+        loss.backward()

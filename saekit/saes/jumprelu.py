@@ -3,12 +3,12 @@ straight-through estimators with a rectangular kernel of width `bandwidth`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from saekit.saes.base import SAE, LossSettings
+from saekit.saes.base import SAE, LossSettings, column_sums
 from saekit.saes.registry import register_architecture
 
 
@@ -55,10 +55,157 @@ class StepFunction(torch.autograd.Function):
         return None, _sum_to_threshold(grad_out * pseudo), None
 
 
+def _window_candidates(
+    hidden_pre: Tensor, threshold: Tensor, bandwidth: float, scratch: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(flat indices, latent indices, values, inside) for the entries of hidden_pre
+    [batch, d_sae] (contiguous) near their threshold, using `scratch` (same shape) as working
+    memory; inside marks those where rect((h - theta) / eps) = 1.
+
+    Few entries lie within eps / 2 of their threshold, so they are kept as index lists. The
+    dense pass only keeps candidates with |fl(h - theta)| <= eps, a superset of the window (the
+    exact test implies |fl(h - theta)| < eps / 2 up to one rounding); the candidates then take
+    the exact test, with the same floating-point operations as `_kernel`.
+    """
+    torch.sub(hidden_pre, threshold, out=scratch).abs_().le_(bandwidth)
+    flat = torch.nonzero(scratch.view(-1)).squeeze(1)
+    cols = flat.remainder(hidden_pre.shape[-1])
+    values = torch.take(hidden_pre, flat)
+    inside = ((values - threshold[cols]) / bandwidth).abs() < 0.5
+    return flat, cols, values, inside
+
+
+class JumpReLUWithL0(torch.autograd.Function):
+    """A JumpReLU SAE's training latents and L0, with the gradients of `JumpReLUFunction`
+    applied to ReLU(h) and of `StepFunction` applied to h, in few passes over [batch, d_sae].
+
+    latents = ReLU(h) * 1[ReLU(h) > theta] = h * 1[h > max(theta, 0)]
+    l0 = mean over tokens of sum_i 1[h_i > theta_i] (zero, without gradient, unless with_l0)
+
+    Every separate element-wise operation on a [batch, d_sae] tensor is a pass over memory,
+    and every new tensor of that size costs page faults, so: the latents overwrite
+    `hidden_pre` (returned, marked dirty; nothing else needs the pre-activations), the 0/1 mask
+    becomes the input gradient in place, and the straight-through windows, shared by both
+    threshold gradients, are found once and kept as index lists.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float, with_l0: bool
+    ) -> tuple[Tensor, Tensor]:
+        if not hidden_pre.is_contiguous():
+            raise ValueError("JumpReLUWithL0 needs contiguous pre-activations [batch, d_sae]")
+        mask = torch.empty_like(hidden_pre)
+        flat, cols, values, inside = _window_candidates(hidden_pre, threshold, bandwidth, mask)
+        # Where h > 0, ReLU(h) = h and both windows agree; where h <= 0, ReLU(h) = 0, which is
+        # in the JumpReLU window exactly for the latents with |theta| < eps / 2 (few, if any).
+        ctx.flat, ctx.cols = flat, cols
+        ctx.in_jump_window = (inside & (values > 0)).to(hidden_pre.dtype)
+        zero_inside = ((torch.zeros_like(threshold) - threshold) / bandwidth).abs() < 0.5
+        ctx.zero_cols = zero_inside.nonzero().squeeze(1)
+        ctx.at_zero = hidden_pre[:, ctx.zero_cols] <= 0 if ctx.zero_cols.numel() else None
+        ctx.step_counts = None
+        if with_l0:  # float32: exact counts even for a half-precision SAE
+            counts = torch.zeros(threshold.shape, device=threshold.device, dtype=torch.float32)
+            ctx.step_counts = counts.index_add_(0, cols, inside.to(torch.float32))
+
+        torch.gt(hidden_pre, threshold.clamp_min(0), out=mask)
+        n_tokens = hidden_pre.shape[0]
+        if not with_l0:
+            l0 = hidden_pre.new_zeros(())
+            ctx.mark_non_differentiable(l0)
+        else:
+            fired = mask if bool((threshold >= 0).all()) else (hidden_pre > threshold)
+            wide = torch.promote_types(hidden_pre.dtype, torch.float32)  # counts overflow fp16
+            l0 = (_count(fired).to(wide) / n_tokens).to(hidden_pre.dtype)
+        hidden_pre.mul_(mask)
+        ctx.mark_dirty(hidden_pre)
+        ctx.save_for_backward(threshold)
+        ctx.mask, ctx.bandwidth, ctx.n_tokens = mask, bandwidth, n_tokens
+        return hidden_pre, l0
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_latents: Tensor, grad_l0: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        if ctx.mask is None:
+            raise RuntimeError(
+                "JumpReLUWithL0 reuses its saved mask as the input gradient, so it supports "
+                "a single backward pass (no retain_graph)"
+            )
+        mask, ctx.mask = ctx.mask, None
+        (threshold,) = ctx.saved_tensors
+        grad_h = mask.mul_(grad_latents) if ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            bandwidth = ctx.bandwidth
+            # JumpReLU: d f / d theta ~ -(theta / eps) rect((ReLU(h) - theta) / eps)
+            in_window = torch.take(grad_latents, ctx.flat) * ctx.in_jump_window
+            window_sum = torch.zeros_like(threshold).index_add_(0, ctx.cols, in_window)
+            if ctx.at_zero is not None:
+                at_zero = grad_latents[:, ctx.zero_cols] * ctx.at_zero
+                window_sum.index_add_(0, ctx.zero_cols, at_zero.sum(dim=0))
+            grad_threshold = -threshold / bandwidth * window_sum
+            if ctx.step_counts is not None:
+                # L0: d H(h - theta) / d theta ~ -(1 / eps) rect((h - theta) / eps), and
+                # d l0 / d H = 1 / n_tokens for every entry
+                per_entry = grad_l0 / (ctx.n_tokens * bandwidth)
+                step_grad = per_entry * ctx.step_counts.to(threshold.dtype)
+                grad_threshold = grad_threshold - step_grad
+        return grad_h, grad_threshold, None, None
+
+
+class TanhPenalty(torch.autograd.Function):
+    """mean over tokens of sum_i tanh(c * f_i * w_i), for latents f [batch, d_sae] and
+    per-latent weights w [d_sae] (the decoder norms), with one [batch, d_sae] temporary: the
+    tanh values, which become 1 - tanh^2 and then the latents' gradient in place."""
+
+    @staticmethod
+    def forward(ctx: Any, latents: Tensor, weights: Tensor, scale: float) -> Tensor:
+        values = torch.mul(latents, scale).mul_(weights).tanh_()
+        ctx.save_for_backward(latents, weights)
+        ctx.values, ctx.scale = values, scale
+        return column_sums(values).sum() / latents.shape[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        if ctx.values is None:
+            raise RuntimeError("TanhPenalty reuses its buffer for gradients: one backward only")
+        slope, ctx.values = ctx.values, None
+        latents, weights = ctx.saved_tensors
+        slope.mul_(slope).neg_().add_(1)  # d tanh(u) / du = 1 - tanh(u)^2
+        per_token = grad * ctx.scale / latents.shape[0]
+        grad_weights = per_token * _column_dots(latents, slope) if ctx.needs_input_grad[1] else None
+        grad_latents = slope.mul_(per_token * weights) if ctx.needs_input_grad[0] else None
+        return grad_latents, grad_weights, None
+
+
+def _column_dots(a: Tensor, b: Tensor) -> Tensor:
+    """sum over rows of a * b, for a, b [n, d], a block of rows at a time so that the product
+    never needs a full [n, d] tensor (which would page fault)."""
+    block = max(1, 2**20 // a.shape[1])
+    out = a.new_zeros(a.shape[1])
+    for start in range(0, a.shape[0], block):
+        out += column_sums(a[start : start + block] * b[start : start + block])
+    return out
+
+
+def _count(fired: Tensor) -> Tensor:
+    """Number of nonzero entries of a 0/1 (or boolean) tensor [batch, d_sae] (int64).
+
+    For float32/64, per-latent counts (exact, each at most batch) by a vector-matrix product,
+    many times faster on CPU than count_nonzero on floats, then an exact integer total."""
+    if fired.dtype in (torch.float32, torch.float64):
+        return column_sums(fired).long().sum()
+    return torch.count_nonzero(fired)
+
+
 @register_architecture("jumprelu")
 class JumpReLUSAE(SAE):
     #: Starting threshold for every latent (the value sae-lens also uses).
     initial_threshold = 0.001
+    #: (latents, L0) of the last training pass, until `sparsity_losses` takes the L0.
+    _pending_l0: ClassVar[tuple[Tensor, Tensor] | None] = None
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().parameter_shapes(), "threshold": (self.cfg.d_sae,)}
@@ -75,12 +222,31 @@ class JumpReLUSAE(SAE):
         bandwidth = settings.jumprelu_bandwidth
         return JumpReLUFunction.apply(torch.relu(hidden_pre), self.threshold, bandwidth)
 
+    def training_pass(
+        self, x: Tensor, centred: Tensor, settings: LossSettings
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The latents come with their L0 from one fused function (`JumpReLUWithL0`), which
+        writes them over the pre-activations; so both of the first two slots hold the latents,
+        and `sparsity_losses` takes the L0 computed here."""
+        hidden_pre = self.pre_activations(*self.encoder_input(x, centred))
+        if hidden_pre._is_view():  # autograd cannot rebase a view that is written over
+            hidden_pre = hidden_pre.clone()
+        step = settings.jumprelu_sparsity == "step"
+        latents, l0 = JumpReLUWithL0.apply(
+            hidden_pre, self.threshold, settings.jumprelu_bandwidth, step
+        )
+        self._pending_l0 = (latents, l0) if step else None
+        return latents, latents, self.reconstruct(x, latents)
+
     def sparsity_losses(
         self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
     ) -> dict[str, Tensor]:
+        pending, self._pending_l0 = self._pending_l0, None
         if settings.jumprelu_sparsity == "tanh":
-            scaled = settings.tanh_scale * latents * self.decoder_norms()
-            penalty = torch.tanh(scaled).sum(dim=-1).mean()
+            flat = latents.reshape(-1, latents.shape[-1])
+            penalty = TanhPenalty.apply(flat, self.decoder_norms(), settings.tanh_scale)
+        elif pending is not None and pending[0] is latents:  # from training_pass
+            penalty = pending[1]
         else:
             fired = StepFunction.apply(hidden_pre, self.threshold, settings.jumprelu_bandwidth)
             penalty = fired.sum(dim=-1).mean()
