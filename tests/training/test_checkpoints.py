@@ -52,6 +52,9 @@ class SignalAt(Iterator[torch.Tensor]):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_checkpoints_and_resume_is_bitwise_exact(tmp_path: Path, signum: int) -> None:
+    # Whatever the handler was (a job started in the background ignores SIGINT), the
+    # trainer must put it back.
+    handler_before = signal.getsignal(signal.SIGINT)
     reference = Trainer(job(), stream()).fit().saes["sae"]
     run = tmp_path / "run"
     stopped = Trainer(job(), SignalAt(stream(), 9, signum), run, checkpoint_every=10**9).fit()
@@ -61,7 +64,7 @@ def test_signal_checkpoints_and_resume_is_bitwise_exact(tmp_path: Path, signum: 
     resumed = Trainer(job(), stream(), run, checkpoint_every=10**9).fit(resume=True)
     assert resumed.tokens == STEPS * 256
     assert_same_weights(resumed.saes["sae"], reference)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 SCRIPT = """
