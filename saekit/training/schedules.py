@@ -55,6 +55,11 @@ class L0Controller:
     horizon = 100
     #: Above this multiple of the target, lambda is not lowered.
     far_above = 2.0
+    #: Above this ratio of the sparsity terms to the reconstruction loss, lambda is not
+    #: raised: Adam's steps are then already all sparsity, and a larger lambda would change
+    #: nothing but wind up (a jumprelu SAE on the bundled model, whose L0 falls as fast as
+    #: its thresholds can move, took lambda from 5 to 3e16).
+    max_sparsity_share = 100.0
 
     def __init__(self, target: float, initial: float, gain: float, ramp_steps: int = 0) -> None:
         if initial <= 0:
@@ -85,8 +90,9 @@ class L0Controller:
     def coefficient(self) -> float:
         return math.exp(self.log_coefficient)
 
-    def update(self, l0: float) -> float:
-        """Feed the L0 of the latest batch; returns the coefficient for the next step."""
+    def update(self, l0: float, sparsity_share: float | None = None) -> float:
+        """Feed the L0 of the latest batch (and, optionally, its sparsity loss terms over its
+        reconstruction loss); returns the coefficient for the next step."""
         previous = self.smoothed_l0
         if previous is None:
             self.smoothed_l0 = previous = self.start_l0 = l0
@@ -107,6 +113,8 @@ class L0Controller:
         # lengthens a descent that Adam's bounded step size already makes slow.
         if self.smoothed_l0 > self.far_above * self.target:
             step = max(step, 0.0)
+        if sparsity_share is not None and sparsity_share > self.max_sparsity_share:
+            step = min(step, 0.0)
         self.log_coefficient += step
         return self.coefficient
 

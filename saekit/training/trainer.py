@@ -119,6 +119,8 @@ class _JobState:
         self.interval: dict[str, float] = {}
         self.interval_steps = 0
         self.interval_last_l0 = 0.0
+        #: The last step's other loss terms over its reconstruction loss (for the controller).
+        self.interval_last_share = 0.0
         self.interval_coefficient = 0.0
 
     def coefficient(self, tokens_seen: int) -> float:
@@ -314,7 +316,7 @@ class Trainer:
                 normalize_decoder_rows(st.job.sae)
             st.job.sae.post_optimizer_step()
             if st.controller is not None:
-                st.controller.update(st.interval_last_l0)
+                st.controller.update(st.interval_last_l0, st.interval_last_share)
         return n_tokens
 
     def _select(self, batch: Batch, job: SAEJob) -> tuple[Tensor, Tensor]:
@@ -385,6 +387,8 @@ class Trainer:
             st.counted_tokens += n_tokens
         l0 = float(counts.sum()) / n_tokens
         st.interval_last_l0 = l0
+        mse = loss_values[names.index("mse_loss")] if "mse_loss" in names else 0.0
+        st.interval_last_share = (loss_values[0] - mse) / max(mse, 1e-12)
         # Loss terms get a suffix: jumprelu's L0 penalty is called "l0", like the metric.
         values = {"loss": loss_values[0], "l0": l0}
         values.update(dict(zip(names[1:], loss_values[1:], strict=True)))

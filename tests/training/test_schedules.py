@@ -129,3 +129,18 @@ def test_controller_does_not_lower_lambda_far_above_the_target() -> None:
     for l0 in (15.0, 12.0, 8.0, 5.0, 3.0):  # within 2x and falling past the target
         near.update(l0)
     assert near.coefficient < 1.0
+
+
+def test_controller_does_not_raise_lambda_when_sparsity_already_dominates() -> None:
+    """When the sparsity terms are already far larger than the reconstruction loss, a larger
+    lambda cannot speed Adam up; the controller holds instead of winding up."""
+    ctl = L0Controller(target=10, initial=1.0, gain=0.1)
+    for _ in range(50):
+        ctl.update(15.0, sparsity_share=1e4)
+    assert ctl.coefficient == 1.0
+    for _ in range(50):
+        ctl.update(15.0, sparsity_share=1.0)
+    assert ctl.coefficient > 1.0
+    for _ in range(50):
+        ctl.update(2.0, sparsity_share=1e4)  # lowering stays allowed
+    assert ctl.coefficient < 1.0
