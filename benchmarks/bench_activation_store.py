@@ -34,6 +34,7 @@ from saekit.data import ActivationStore, TokenWindows
 from saekit.data.cache import CachedActivations, write_activation_cache
 from saekit.models import load_model
 from saekit.models.tiny import TINY_TEXTS, tiny_gpt2, tiny_tokenizer
+from saekit.training.cache_source import BATCH_RING
 
 
 def texts(n: int) -> list[str]:
@@ -126,17 +127,24 @@ def bench_cache(cache_mb: int, d_model: int) -> None:
         copy_speed = 5 * probe.numel() * 4 / (time.perf_counter() - start) / 1e9
         print(f"  reference: one plain in-memory copy runs at {copy_speed:.2f} GB/s here")
         buffer_rows = 65536
-        for attempt in ("first read", "page-cache read", "page-cache read"):
+        # The trainer reads with a ring of reused batch tensors (BATCH_RING); a caller who
+        # keeps its batches gets new memory for each. Both, alternating, after a first read.
+        attempts = [("first read", BATCH_RING)] + [
+            ("page-cache read", reuse) for _ in range(2) for reuse in (0, BATCH_RING)
+        ]
+        for attempt, reuse in attempts:
             # A fresh process per read, so its peak RSS is the reader's alone (this process
             # peaked higher while writing the cache).
             out = subprocess.run(
                 [sys.executable, __file__, "--read-cache", str(folder), "--buffer-rows",
-                 str(buffer_rows)], capture_output=True, text=True, check=True,
+                 str(buffer_rows), "--reuse-batches", str(reuse)],
+                capture_output=True, text=True, check=True,
             ).stdout
             result = json.loads(out.strip().splitlines()[-1])
-            print(f"  {attempt}: {result['gb_per_s']:.2f} GB/s, peak RSS growth while "
-                  f"reading {result['rss_growth_mb']:.0f} MB (buffer {buffer_rows} rows = "
-                  f"{buffer_rows * d_model * 4 / 2**20:.0f} MB, shard "
+            how = f"ring of {reuse} batches (as training reads)" if reuse else "new batches"
+            print(f"  {attempt}, {how}: {result['gb_per_s']:.2f} GB/s, peak RSS growth "
+                  f"while reading {result['rss_growth_mb']:.0f} MB (buffer {buffer_rows} rows "
+                  f"= {buffer_rows * d_model * 4 / 2**20:.0f} MB, shard "
                   f"{32768 * d_model * 4 / 2**20:.0f} MB)")
     finally:
         shutil.rmtree(folder.parent)
@@ -149,10 +157,11 @@ def resident_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def read_cache(folder: str, buffer_rows: int) -> None:
+def read_cache(folder: str, buffer_rows: int, reuse_batches: int) -> None:
     """Read a whole cache once; print GB/s and the largest resident-memory growth seen
     (sampled at every batch) over the memory held before reading."""
-    reader = CachedActivations(folder, batch_size=4096, buffer_size=buffer_rows)
+    reader = CachedActivations(folder, batch_size=4096, buffer_size=buffer_rows,
+                               reuse_batches=reuse_batches)
     before = peak = resident_mb()
     start = time.perf_counter()
     served, width = 0, 0
@@ -176,9 +185,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--read-cache", help=argparse.SUPPRESS)
     parser.add_argument("--buffer-rows", type=int, default=65536, help=argparse.SUPPRESS)
+    parser.add_argument("--reuse-batches", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.read_cache:
-        read_cache(args.read_cache, args.buffer_rows)
+        read_cache(args.read_cache, args.buffer_rows, args.reuse_batches)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

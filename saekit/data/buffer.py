@@ -45,8 +45,19 @@ class ShuffledRows:
     device: torch.device
     dtype: torch.dtype
 
-    def _init_buffer(self, seed: int) -> None:
+    def _init_buffer(self, seed: int, reuse_batches: int = 0) -> None:
+        if not isinstance(reuse_batches, int) or isinstance(reuse_batches, bool) or (
+            reuse_batches < 0
+        ):
+            raise ValueError(
+                f"reuse_batches must be 0 (every batch in new memory) or a positive number of "
+                f"batches, got {reuse_batches!r}"
+            )
         self.seed = seed
+        #: Batches are gathered into a ring of this many reused tensors (0: new ones).
+        self.reuse_batches = reuse_batches
+        self._ring: list[dict[str, Tensor]] = []
+        self._ring_next = 0
         self._rng = torch.Generator().manual_seed(seed)
         self._buffer: dict[str, Tensor] | None = None
         #: The buffer's memory by hook, reused from fill to fill (`_buffer` views into it).
@@ -158,17 +169,45 @@ class ShuffledRows:
         assert self._buffer is not None
         start, self._cursor = self._cursor, self._cursor + self.batch_size
         self._batches += 1
-        batch = self._rows(start, self._cursor)
+        batch = self._rows(start, self._cursor, self._ring_slot())
         return batch[self.hooks[0]] if self.single else batch
 
-    def _rows(self, start: int, stop: int | None) -> dict[str, Tensor]:
-        """Rows start:stop of the buffer in shuffled order."""
+    def _ring_slot(self) -> dict[str, Tensor] | None:
+        """The reused tensors the next batch goes into, or None for new ones.
+
+        A new [batch, d] tensor is fresh memory, and filling fresh pages (a page fault
+        each) costs more than the gather itself: here 1.3 GB/s against 4.4 GB/s into pages
+        already held. A consumer that is done with each batch a few batches later (the
+        trainer) asks for a ring instead."""
+        if not self.reuse_batches:
+            return None
         assert self._buffer is not None
-        if self._order is None:
-            # Copies: the buffer's memory is overwritten by the next fill.
-            return {h: t[start:stop].clone() for h, t in self._buffer.items()}
-        index = self._order[start:stop]
-        return {h: t.index_select(0, index) for h, t in self._buffer.items()}
+        if len(self._ring) < self.reuse_batches:
+            self._ring.append({})
+        slot = self._ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % self.reuse_batches
+        for hook, t in self._buffer.items():
+            if hook not in slot or slot[hook].shape[-1] != t.shape[-1]:
+                slot[hook] = t.new_empty(self.batch_size, t.shape[-1])
+        return slot
+
+    def _rows(
+        self, start: int, stop: int | None, out: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Rows start:stop of the buffer in shuffled order (into `out` when given)."""
+        assert self._buffer is not None
+        if out is None:
+            if self._order is None:
+                # Copies: the buffer's memory is overwritten by the next fill.
+                return {h: t[start:stop].clone() for h, t in self._buffer.items()}
+            index = self._order[start:stop]
+            return {h: t.index_select(0, index) for h, t in self._buffer.items()}
+        for hook, t in self._buffer.items():
+            if self._order is None:
+                out[hook].copy_(t[start:stop])
+            else:
+                torch.index_select(t, 0, self._order[start:stop], out=out[hook])
+        return out
 
     # norm scaling
 

@@ -458,6 +458,10 @@ class CachedActivations(ShuffledRows):
         device: where batches go (default CPU).
         expect_model, expect_d_in, expect_context_size: refuse a cache whose metadata
             differs (see `check_cache_matches`).
+        reuse_batches: gather batches into a ring of this many tensors allocated once
+            (faster: no fresh pages per batch), so a batch's memory is overwritten that many
+            batches later; for a consumer that is done with each batch by then (the
+            trainer). 0 (default): every batch is new memory the caller may keep.
     """
 
     def __init__(
@@ -474,6 +478,7 @@ class CachedActivations(ShuffledRows):
         expect_model: str | None = None,
         expect_d_in: int | dict[str, int] | None = None,
         expect_context_size: int | None = None,
+        reuse_batches: int = 0,
     ) -> None:
         check_buffer_sizes(batch_size, buffer_size)
         self.path = Path(path)
@@ -505,7 +510,7 @@ class CachedActivations(ShuffledRows):
         self.shuffle = shuffle
         self.dtype = DTYPES[dtype_name(dtype or self.metadata["dtype"])]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._init_buffer(seed)
+        self._init_buffer(seed, reuse_batches)
         self._shard_sequence = self._shard_order()
         self._next_shard = 0
 

@@ -57,6 +57,10 @@ class ActivationStore(ShuffledRows):
         seed: seed of the shuffling; together with `state_dict()` it fixes the order.
         dtype: dtype of the rows served (float32, bfloat16, float16).
         device: where the buffer and batches live; defaults to the model's device.
+        reuse_batches: gather batches into a ring of this many tensors allocated once
+            (faster: no fresh pages per batch), so a batch's memory is overwritten that many
+            batches later; for a consumer that is done with each batch by then (the
+            trainer). 0 (default): every batch is new memory the caller may keep.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class ActivationStore(ShuffledRows):
         seed: int = 0,
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str | None = None,
+        reuse_batches: int = 0,
     ) -> None:
         check_buffer_sizes(batch_size, buffer_size)
         if not isinstance(model_batch_size, int) or model_batch_size <= 0:
@@ -115,7 +120,7 @@ class ActivationStore(ShuffledRows):
             torch.tensor(sorted(self.windows.special_ids), dtype=torch.long)
             if exclude_special_tokens and self.windows.special_ids else None
         )
-        self._init_buffer(seed)
+        self._init_buffer(seed, reuse_batches)
         self._d_in: dict[str, int] | None = None
 
     # sizes

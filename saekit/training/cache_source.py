@@ -21,6 +21,14 @@ def buffer_rows(batch: int) -> int:
     return max(batch * 8, 16_384)
 
 
+#: Batches a `Prefetcher` makes ahead of the training step.
+PREFETCH_DEPTH = 2
+#: Batches the training stores gather into reused memory (`reuse_batches`): the trainer is
+#: done with a batch when its step ends, and meanwhile the prefetcher holds at most
+#: PREFETCH_DEPTH made batches plus the one it is making.
+BATCH_RING = PREFETCH_DEPTH + 2
+
+
 def refuse_cache_under_torchrun(cfg: TrainConfig, env: DistEnv) -> None:
     """Refuse --activations with several processes, before any process group starts.
 
@@ -104,6 +112,7 @@ def cached_store(
         # Batches in float32, as the ActivationStore gives them whatever the model's dtype.
         dtype=torch.float32,
         device=device,
+        reuse_batches=BATCH_RING,
     )
 
 

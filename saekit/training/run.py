@@ -22,6 +22,8 @@ from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.prefetch import Prefetcher
 from saekit.saes import SAE, architecture_class
 from saekit.training.cache_source import (
+    BATCH_RING,
+    PREFETCH_DEPTH,
     buffer_rows,
     cached_store,
     refuse_cache_under_torchrun,
@@ -149,7 +151,7 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
     overlap = cfg.run.prefetch and torch.device(device).type != "cpu"
-    source = Prefetcher(store, device=device) if overlap else store
+    source = Prefetcher(store, depth=PREFETCH_DEPTH, device=device) if overlap else store
     trainer = Trainer(
         job,
         source,
@@ -315,6 +317,7 @@ def _store(
         prepend_bos=cfg.data.prepend_bos,
         seed=cfg.run.seed + env.rank,
         device=device,
+        reuse_batches=BATCH_RING,
     )
     if env.distributed:
         return ShardedActivationStore(

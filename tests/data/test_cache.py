@@ -193,3 +193,41 @@ def test_converting_reads_and_unread_tensors_are_checked(backend, tmp_path) -> N
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="fails its CRC-32 check"):
         list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, hooks=hooks[1]))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_reused_batch_memory_serves_the_same_rows(cache, shuffle) -> None:
+    fresh = list(CachedActivations(cache, batch_size=10, buffer_size=50, seed=3, shuffle=shuffle))
+    ring_batches, copies = [], []
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=3, shuffle=shuffle,
+                               reuse_batches=3)
+    for batch in reader:
+        ring_batches.append(batch)
+        copies.append(batch.clone())  # taken now: the ring overwrites it three batches on
+    assert len(copies) == len(fresh) == N // 10
+    for got, want in zip(copies, fresh, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    pointers = [b.data_ptr() for b in ring_batches]
+    assert len(set(pointers)) == 3
+    assert all(pointers[i] == pointers[i + 3] for i in range(len(pointers) - 3))
+    assert all(pointers[i] != pointers[i + 1] for i in range(len(pointers) - 1))
+
+
+def test_reused_batch_memory_resumes_exactly(cache) -> None:
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=5, reuse_batches=2)
+    for _ in range(4):
+        next(reader)
+    state = reader.state_dict()
+    rest = [b.clone() for b in reader]
+    again = CachedActivations(cache, batch_size=10, buffer_size=50, seed=5, reuse_batches=2)
+    again.load_state_dict(state)
+    resumed = [b.clone() for b in again]
+    assert len(resumed) == len(rest) == N // 10 - 4
+    for got, want in zip(resumed, rest, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_reuse_batches_is_refused(cache, bad) -> None:
+    with pytest.raises(ValueError, match="reuse_batches"):
+        CachedActivations(cache, batch_size=10, buffer_size=50, reuse_batches=bad)
