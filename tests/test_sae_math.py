@@ -260,6 +260,14 @@ def test_jumprelu_straight_through_gradients() -> None:
     theta.grad = None
     StepFunction.apply(h.detach(), theta, eps).sum().backward()
     assert torch.allclose(theta.grad, torch.tensor([0.0, -1000.0, -1000.0, 0.0]))
+    # With ste_to_input the input gets the negated threshold pseudo-derivative as well.
+    h.grad = theta.grad = None
+    JumpReLUFunction.apply(h, theta, eps, True).sum().backward()
+    assert torch.allclose(h.grad, torch.tensor([[1.0, 101.0, 100.0, 0.0]]))
+    assert torch.allclose(theta.grad, torch.tensor([0.0, -100.0, -100.0, 0.0]))
+    h.grad = None
+    StepFunction.apply(h, theta, eps, True).sum().backward()
+    assert torch.allclose(h.grad, torch.tensor([[0.0, 1000.0, 1000.0, 0.0]]))
 
 
 def test_gated_aux_loss_uses_frozen_decoder() -> None:
@@ -348,7 +356,10 @@ def _spread_thresholds(sae: SAE, bandwidth: float) -> None:
 
 @pytest.mark.parametrize("sparsity", ["step", "tanh"])
 @pytest.mark.parametrize("centre", [True, False])
-def test_jumprelu_training_matches_plain_autograd(sparsity: str, centre: bool) -> None:
+@pytest.mark.parametrize("ste_to_input", [False, True])
+def test_jumprelu_training_matches_plain_autograd(
+    sparsity: str, centre: bool, ste_to_input: bool
+) -> None:
     bandwidth, coefficient, tanh_scale = 0.2, 0.3, 2.5
     sae = random_sae("jumprelu", d_in=6, d_sae=24, seed=1, apply_b_dec_to_input=centre)
     sae.to(dtype=torch.float64)
@@ -358,6 +369,7 @@ def test_jumprelu_training_matches_plain_autograd(sparsity: str, centre: bool) -
         sparsity_coefficient=coefficient,
         jumprelu_bandwidth=bandwidth,
         jumprelu_sparsity=sparsity,
+        jumprelu_ste_to_input=ste_to_input,
         tanh_scale=tanh_scale,
     )
     out = sae.training_forward(x, settings=settings)
@@ -366,14 +378,19 @@ def test_jumprelu_training_matches_plain_autograd(sparsity: str, centre: bool) -
     theta = p["threshold"]
     h = ((x - p["b_dec"]) if centre else x) @ p["W_enc"] + p["b_enc"]
     z = torch.relu(h)
+    # The estimators see theta - input; without ste_to_input only theta carries a gradient.
+    jump_arg = theta - z if ste_to_input else theta
+    step_arg = theta - h if ste_to_input else theta
     # f = ReLU(h) * 1[ReLU(h) > theta]; d f / d theta ~ -(theta / eps) rect((ReLU(h) - theta) / eps)
     rect_z = (((z - theta) / bandwidth).abs() < 0.5).double()
-    f = z * (z > theta).double() + _straight_through(theta, -theta.detach() / bandwidth * rect_z)
+    f = z * (z > theta).double() + _straight_through(
+        jump_arg, -theta.detach() / bandwidth * rect_z
+    )
     recon = f @ p["W_dec"] + p["b_dec"]
     if sparsity == "step":
         # L0 = sum_i H(h_i - theta_i); d H / d theta ~ -(1 / eps) rect((h - theta) / eps)
         rect_h = (((h - theta) / bandwidth).abs() < 0.5).double()
-        fired = (h > theta).double() + _straight_through(theta, -rect_h / bandwidth)
+        fired = (h > theta).double() + _straight_through(step_arg, -rect_h / bandwidth)
         penalty = fired.sum(-1).mean()
     else:
         penalty = torch.tanh(tanh_scale * f * p["W_dec"].norm(dim=1)).sum(-1).mean()

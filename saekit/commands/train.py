@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
                 "default": argparse.SUPPRESS,
                 "help": f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})",
             }
-            if hints[f.name] is bool:
+            if hints[f.name] in (bool, bool | None):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif _is_list(hints[f.name]):
                 kwargs["nargs"] = "+"

@@ -39,6 +39,9 @@ class LossSettings:
     """Width of the straight-through kernel for JumpReLU thresholds."""
     jumprelu_sparsity: str = "step"
     """JumpReLU penalty: "step" (L0 via straight-through) or "tanh"."""
+    jumprelu_ste_to_input: bool = False
+    """Give the straight-through gradients to the pre-activations too, not only the
+    thresholds (see `saekit.saes.jumprelu`)."""
     tanh_scale: float = 4.0
     """c in tanh(c * f_i * ||W_dec[i]||) for the tanh penalty."""
 

@@ -1,5 +1,12 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024): a learned per-latent threshold, trained through
-straight-through estimators with a rectangular kernel of width `bandwidth`."""
+straight-through estimators with a rectangular kernel of width `bandwidth`.
+
+The estimators depend on the pre-activation h only through h - theta, so the input's
+pseudo-derivative is the negated threshold's. Rajamanoharan et al. give it to the threshold
+only; with `ste_to_input` it also reaches h (and so the encoder), as in Anthropic's January
+2025 update. Then the sparsity penalty moves the encoder too, and L0 can fall as fast as a
+standard SAE's instead of at the pace of thresholds that Adam moves by about lr per step.
+"""
 
 from __future__ import annotations
 
@@ -23,36 +30,46 @@ def _sum_to_threshold(grad: Tensor) -> Tensor:
 
 
 class JumpReLUFunction(torch.autograd.Function):
-    """f = h * 1[h > theta]; d f / d theta ~ -(theta / eps) rect((h - theta) / eps)."""
+    """f = h * 1[h > theta]; d f / d theta ~ -(theta / eps) rect((h - theta) / eps), and
+    with ste_to_input d f / d h ~ 1[h > theta] + (theta / eps) rect((h - theta) / eps)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(
+        ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float,
+        ste_to_input: bool = False,
+    ) -> Tensor:
         ctx.save_for_backward(hidden_pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return hidden_pre * (hidden_pre > threshold)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None, None]:
         hidden_pre, threshold = ctx.saved_tensors
+        pseudo = grad_out * threshold * _kernel(hidden_pre, threshold, ctx.bandwidth)
         grad_h = grad_out * (hidden_pre > threshold)
-        pseudo = -threshold * _kernel(hidden_pre, threshold, ctx.bandwidth)
-        return grad_h, _sum_to_threshold(grad_out * pseudo), None
+        if ctx.ste_to_input:
+            grad_h = grad_h + pseudo
+        return grad_h, -_sum_to_threshold(pseudo), None, None
 
 
 class StepFunction(torch.autograd.Function):
-    """H(h - theta); d H / d theta ~ -(1 / eps) rect((h - theta) / eps); no gradient to h."""
+    """H(h - theta); d H / d theta ~ -(1 / eps) rect((h - theta) / eps), and d H / d h the
+    negation of that with ste_to_input (no gradient to h without)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(
+        ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float,
+        ste_to_input: bool = False,
+    ) -> Tensor:
         ctx.save_for_backward(hidden_pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return (hidden_pre > threshold).to(hidden_pre.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, Tensor, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor, None, None]:
         hidden_pre, threshold = ctx.saved_tensors
-        pseudo = -_kernel(hidden_pre, threshold, ctx.bandwidth)
-        return None, _sum_to_threshold(grad_out * pseudo), None
+        pseudo = grad_out * _kernel(hidden_pre, threshold, ctx.bandwidth)
+        return (pseudo if ctx.ste_to_input else None), -_sum_to_threshold(pseudo), None, None
 
 
 def _window_candidates(
@@ -91,7 +108,8 @@ class JumpReLUWithL0(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float, with_l0: bool
+        ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float, with_l0: bool,
+        ste_to_input: bool = False,
     ) -> tuple[Tensor, Tensor]:
         if not hidden_pre.is_contiguous():
             raise ValueError("JumpReLUWithL0 needs contiguous pre-activations [batch, d_sae]")
@@ -104,10 +122,13 @@ class JumpReLUWithL0(torch.autograd.Function):
         zero_inside = ((torch.zeros_like(threshold) - threshold) / bandwidth).abs() < 0.5
         ctx.zero_cols = zero_inside.nonzero().squeeze(1)
         ctx.at_zero = hidden_pre[:, ctx.zero_cols] <= 0 if ctx.zero_cols.numel() else None
-        ctx.step_counts = None
+        ctx.step_counts = ctx.in_step_window = None
         if with_l0:  # float32: exact counts even for a half-precision SAE
             counts = torch.zeros(threshold.shape, device=threshold.device, dtype=torch.float32)
             ctx.step_counts = counts.index_add_(0, cols, inside.to(torch.float32))
+            if ste_to_input:
+                ctx.in_step_window = inside.to(hidden_pre.dtype)
+        ctx.ste_to_input = ste_to_input
 
         torch.gt(hidden_pre, threshold.clamp_min(0), out=mask)
         n_tokens = hidden_pre.shape[0]
@@ -127,7 +148,7 @@ class JumpReLUWithL0(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_latents: Tensor, grad_l0: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         if ctx.mask is None:
             raise RuntimeError(
                 "JumpReLUWithL0 reuses its saved mask as the input gradient, so it supports "
@@ -136,23 +157,28 @@ class JumpReLUWithL0(torch.autograd.Function):
         mask, ctx.mask = ctx.mask, None
         (threshold,) = ctx.saved_tensors
         grad_h = mask.mul_(grad_latents) if ctx.needs_input_grad[0] else None
+        bandwidth = ctx.bandwidth
+        # JumpReLU: d f / d theta ~ -(theta / eps) rect((ReLU(h) - theta) / eps) (per entry,
+        # before the threshold's own factor); its negation is d f / d h with ste_to_input.
+        jump = torch.take(grad_latents, ctx.flat) * ctx.in_jump_window / bandwidth
+        # L0: d H(h - theta) / d theta ~ -(1 / eps) rect((h - theta) / eps), and
+        # d l0 / d H = 1 / n_tokens for every entry
+        per_entry = grad_l0 / (ctx.n_tokens * bandwidth)
+        if grad_h is not None and ctx.ste_to_input:
+            into_h = jump * threshold[ctx.cols]
+            if ctx.in_step_window is not None:
+                into_h = into_h + per_entry * ctx.in_step_window
+            grad_h.view(-1).index_add_(0, ctx.flat, into_h)
         grad_threshold = None
         if ctx.needs_input_grad[1]:
-            bandwidth = ctx.bandwidth
-            # JumpReLU: d f / d theta ~ -(theta / eps) rect((ReLU(h) - theta) / eps)
-            in_window = torch.take(grad_latents, ctx.flat) * ctx.in_jump_window
-            window_sum = torch.zeros_like(threshold).index_add_(0, ctx.cols, in_window)
+            window_sum = torch.zeros_like(threshold).index_add_(0, ctx.cols, jump)
             if ctx.at_zero is not None:
-                at_zero = grad_latents[:, ctx.zero_cols] * ctx.at_zero
+                at_zero = grad_latents[:, ctx.zero_cols] * ctx.at_zero / bandwidth
                 window_sum.index_add_(0, ctx.zero_cols, at_zero.sum(dim=0))
-            grad_threshold = -threshold / bandwidth * window_sum
+            grad_threshold = -threshold * window_sum
             if ctx.step_counts is not None:
-                # L0: d H(h - theta) / d theta ~ -(1 / eps) rect((h - theta) / eps), and
-                # d l0 / d H = 1 / n_tokens for every entry
-                per_entry = grad_l0 / (ctx.n_tokens * bandwidth)
-                step_grad = per_entry * ctx.step_counts.to(threshold.dtype)
-                grad_threshold = grad_threshold - step_grad
-        return grad_h, grad_threshold, None, None
+                grad_threshold = grad_threshold - per_entry * ctx.step_counts.to(threshold.dtype)
+        return grad_h, grad_threshold, None, None, None
 
 
 class TanhPenalty(torch.autograd.Function):
@@ -220,7 +246,9 @@ class JumpReLUSAE(SAE):
 
     def training_latents(self, hidden_pre: Tensor, settings: LossSettings) -> Tensor:
         bandwidth = settings.jumprelu_bandwidth
-        return JumpReLUFunction.apply(torch.relu(hidden_pre), self.threshold, bandwidth)
+        return JumpReLUFunction.apply(
+            torch.relu(hidden_pre), self.threshold, bandwidth, settings.jumprelu_ste_to_input
+        )
 
     def training_pass(
         self, x: Tensor, centred: Tensor, settings: LossSettings
@@ -233,7 +261,8 @@ class JumpReLUSAE(SAE):
             hidden_pre = hidden_pre.clone()
         step = settings.jumprelu_sparsity == "step"
         latents, l0 = JumpReLUWithL0.apply(
-            hidden_pre, self.threshold, settings.jumprelu_bandwidth, step
+            hidden_pre, self.threshold, settings.jumprelu_bandwidth, step,
+            settings.jumprelu_ste_to_input,
         )
         self._pending_l0 = (latents, l0) if step else None
         return latents, latents, self.reconstruct(x, latents)
@@ -248,7 +277,10 @@ class JumpReLUSAE(SAE):
         elif pending is not None and pending[0] is latents:  # from training_pass
             penalty = pending[1]
         else:
-            fired = StepFunction.apply(hidden_pre, self.threshold, settings.jumprelu_bandwidth)
+            fired = StepFunction.apply(
+                hidden_pre, self.threshold, settings.jumprelu_bandwidth,
+                settings.jumprelu_ste_to_input,
+            )
             penalty = fired.sum(dim=-1).mean()
         return {"l0": settings.sparsity_coefficient * penalty}
 

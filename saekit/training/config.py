@@ -178,6 +178,19 @@ class TrainingConfig:
     """Width of the straight-through kernel for JumpReLU thresholds."""
     jumprelu_sparsity: str = "step"
     """JumpReLU penalty: step (L0 through a straight-through estimator) or tanh."""
+    jumprelu_ste_to_input: bool | None = None
+    """JumpReLU: the straight-through gradients reach the encoder too, not only the
+    thresholds (Anthropic, January 2025). L0 then follows the sparsity coefficient within a
+    few hundred steps instead of at the pace Adam moves thresholds (about lr per step), but
+    a fixed coefficient silences many more latents. None: on with target_l0 (the
+    controller sets the coefficient), off without; false is Rajamanoharan et al. 2024."""
+
+    @property
+    def jumprelu_ste_reaches_input(self) -> bool:
+        """`jumprelu_ste_to_input` with its default resolved."""
+        if self.jumprelu_ste_to_input is None:
+            return self.target_l0 is not None
+        return self.jumprelu_ste_to_input
 
     def problems(self) -> list[str]:
         out = []

@@ -135,6 +135,7 @@ class _JobState:
             aux_k_coefficient=cfg.aux_k_coefficient,
             jumprelu_bandwidth=cfg.jumprelu_bandwidth,
             jumprelu_sparsity=cfg.jumprelu_sparsity,
+            jumprelu_ste_to_input=cfg.jumprelu_ste_reaches_input,
         )
 
     def dead_mask(self) -> Tensor:
