@@ -76,3 +76,31 @@ def test_training_forward_same_with_and_without_kernel(architecture: str) -> Non
         assert torch.allclose(fast_grads[name], slow_grads[name], atol=1e-9), name
     if fast_thr is not None:
         assert torch.equal(fast_thr, slow_thr)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_rows_with_fewer_positive_scores_than_k(architecture: str) -> None:
+    """The kernel path selects on raw pre-activations, the dense path on ReLU'd ones; where a
+    row has fewer than k positive scores the two pick different zeros, which must not matter."""
+    outputs = []
+    for use_kernel in (True, False):
+        sae = random_sae(architecture, k=6).double()
+        with torch.no_grad():
+            sae.b_enc.fill_(-3.0)  # most pre-activations negative
+        x = torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        out = sae.training_forward(x, settings=LossSettings(use_sparse_kernel=use_kernel))
+        outputs.append(out)
+    fast, slow = outputs
+    positives = (((x - sae.b_dec) @ sae.W_enc + sae.b_enc) > 0).sum(dim=1)
+    assert (positives < 6).any()
+    assert torch.allclose(fast.recon, slow.recon, atol=1e-12)
+    assert torch.allclose(fast.latents, slow.latents, atol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "standard"])
+def test_fire_counts_match_the_dense_latents(architecture: str) -> None:
+    sae = random_sae(architecture, k=4) if architecture != "standard" else random_sae(architecture)
+    out = sae.training_forward(torch.randn(24, 8))
+    counts = out.fire_counts()
+    assert counts.shape == (32,) and counts.sum() > 0
+    assert torch.equal(counts, (out.latents != 0).sum(dim=0))

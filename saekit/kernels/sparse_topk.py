@@ -13,7 +13,7 @@ covers per-token top-k (k pairs per token) and batch top-k (any number per token
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -152,6 +152,26 @@ def batch_topk_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     keep = min(k * scores.shape[0], scores.numel())
     flat = scores.flatten().topk(keep, sorted=False).indices.sort().values
     return flat // scores.shape[1], flat % scores.shape[1]
+
+
+class SelectedLatents(NamedTuple):
+    """Training latents [batch, d_sae] kept as the selected pairs and their values.
+
+    The dense form is a fresh [batch, d_sae] tensor written at scattered places (a page
+    fault per page: at batch 4096 and 16x it cost more than the sparse decode itself), and
+    the training step needs only the reconstruction and how often each latent fired."""
+
+    token: Tensor
+    latent: Tensor
+    values: Tensor  # carries the gradient
+    shape: tuple[int, int]
+
+    def dense(self) -> Tensor:
+        return scatter_latents(*self.shape, self.token, self.latent, self.values)
+
+    def fire_counts(self) -> Tensor:
+        """[d_sae] tokens on which each latent is nonzero."""
+        return torch.bincount(self.latent[self.values.detach() != 0], minlength=self.shape[1])
 
 
 def scatter_latents(

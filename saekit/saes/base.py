@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DTYPES, SAEConfig, dtype_name
+from saekit.kernels.sparse_topk import SelectedLatents
 from saekit.saes.registry import architecture_class
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,35 @@ class LossSettings:
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
 
 
-class TrainingOutput(NamedTuple):
-    """What one training forward pass produces."""
+class TrainingOutput:
+    """What one training forward pass produces: `recon` [batch, d_out], `latents` [batch,
+    d_sae], `loss` (the sum of `losses`) and `losses` (each term by name, e.g. {"mse": ...,
+    "l1": ...}).
 
-    recon: Tensor
-    """Reconstruction, [batch, d_out]."""
-    latents: Tensor
-    """Latent activations, [batch, d_sae]."""
-    loss: Tensor
-    """Scalar total loss: the sum of `losses`."""
-    losses: dict[str, Tensor]
-    """Each loss term by name, e.g. {"mse": ..., "l1": ...}."""
+    A pass may hand over its latents as `SelectedLatents` (top-k pairs); the dense tensor is
+    then built only if `latents` is read, and `fire_counts` needs no dense tensor at all."""
+
+    def __init__(
+        self,
+        recon: Tensor,
+        latents: Tensor | SelectedLatents,
+        loss: Tensor,
+        losses: dict[str, Tensor],
+    ) -> None:
+        self.recon, self.loss, self.losses = recon, loss, losses
+        self._latents = latents
+
+    @property
+    def latents(self) -> Tensor:
+        if isinstance(self._latents, SelectedLatents):
+            self._latents = self._latents.dense()
+        return self._latents
+
+    def fire_counts(self) -> Tensor:
+        """[d_sae] tokens of the batch on which each latent is nonzero."""
+        if isinstance(self._latents, SelectedLatents):
+            return self._latents.fire_counts()
+        return (self._latents != 0).sum(dim=0)
 
 
 class PretrainedSAE(NamedTuple):

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from saekit.config import SAEConfig
 from saekit.kernels.sparse_topk import (
+    SelectedLatents,
     batch_topk_pairs,
     dense_decode,
     encoder_pre_activations,
@@ -49,7 +50,8 @@ class TopKFamily(SAE):
             raise ValueError(f"architecture {self.architecture!r} needs k (latents per token)")
 
     def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
-        """(token, latent) pairs kept during training, from ReLU'd pre-activations."""
+        """(token, latent) pairs kept during training, from the pre-activations (ReLU'd or
+        not: the pairs with positive scores are the same, and the rest have value 0)."""
         raise NotImplementedError
 
     def _sparse_path(self, settings: LossSettings) -> bool:
@@ -62,16 +64,18 @@ class TopKFamily(SAE):
 
     def training_pass(
         self, x: Tensor, centred: Tensor, settings: LossSettings
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
         if not self._sparse_path(settings):
             return super().training_pass(x, centred, settings)
         hidden_pre = encoder_pre_activations(centred, self.W_enc, self.b_enc)
-        token, latent = self.select(torch.relu(hidden_pre))
+        # Selecting on the pre-activations themselves saves a ReLU pass over [batch, d_sae]:
+        # ReLU keeps the order of positive scores, and a pair picked below zero has value
+        # ReLU(h) = 0, as a zero picked after the ReLU would.
+        token, latent = self.select(hidden_pre)
         recon, values = sparse_decode(
             centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
         )
-        latents = scatter_latents(*hidden_pre.shape, token, latent, values)
-        return hidden_pre, latents, recon
+        return hidden_pre, SelectedLatents(token, latent, values, hidden_pre.shape), recon
 
     def dead_latent_losses(
         self,
@@ -201,9 +205,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             )
 
     def sparsity_losses(
-        self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
+        self, x: Tensor, hidden_pre: Tensor, latents: Tensor | SelectedLatents,
+        settings: LossSettings,
     ) -> dict[str, Tensor]:
         assert self.cfg.matryoshka_widths is not None
+        if isinstance(latents, SelectedLatents):
+            latents = latents.dense()
         inner = [
             squared_error(latents[:, :w] @ self.W_dec[:w] + self.b_dec, x)
             for w in self.cfg.matryoshka_widths[:-1]

@@ -304,7 +304,7 @@ class Trainer:
                     failure = failure or (job, f"gradient norm is {grad_norm.item()}")
                     if not self.parallel.distributed:
                         break
-            self._track(st, out.latents.detach(), out.losses, out.loss, n_tokens, settings)
+            self._track(st, out.fire_counts(), out.losses, out.loss, n_tokens, settings)
         device = self.jobs[0].sae.device
         if self.parallel.any(failure is not None, device):
             job, what = failure or (self.jobs[0], "another rank's SAE diverged")
@@ -363,7 +363,7 @@ class Trainer:
     def _track(
         self,
         st: _JobState,
-        latents: Tensor,
+        counts: Tensor,
         losses: dict[str, Tensor],
         loss: Tensor,
         n_tokens: int,
@@ -371,7 +371,6 @@ class Trainer:
     ) -> None:
         # One vector per step holds the firing counts [d_sae] and the loss values, so that
         # data-parallel ranks sum them in a single collective.
-        counts = (latents != 0).sum(dim=0)  # [d_sae]
         names = ["loss", *(f"{k}_loss" for k in losses)]
         local = torch.cat(
             [counts.double(), torch.stack([loss.detach(), *losses.values()]).double()]
