@@ -16,18 +16,34 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # CSR support is marked beta in torch; the operations used here are covered by our tests.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-def _rows(index: Tensor, other: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
-    """A CSR matrix [n_rows, n_cols] from entries sorted by row `index` (columns `other`)."""
+def _row_starts(index: Tensor, n_rows: int) -> Tensor:
+    """[n_rows + 1] offsets of each row's first entry, for entries sorted by row `index`."""
     counts = torch.bincount(index, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=index.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    return torch.sparse_csr_tensor(crow, other, values, (n_rows, n_cols), check_invariants=False)
+    return crow
+
+
+def _rows(crow: Tensor, other: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    """A CSR matrix [len(crow) - 1, n_cols] with row offsets `crow` (columns `other`)."""
+    shape = (crow.shape[0] - 1, n_cols)
+    return torch.sparse_csr_tensor(crow, other, values, shape, check_invariants=False)
+
+
+def _bag_sum(crow: Tensor, latent: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """[rows, d] with row r = sum over r's entries e of weights[e] * table[latent[e]]: the
+    product of the sparse selection with `table`, as an embedding bag (several times faster
+    on CPU than the CSR product here)."""
+    return F.embedding_bag(
+        latent, table, crow[:-1], mode="sum", per_sample_weights=weights.to(table.dtype)
+    )
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -49,22 +65,21 @@ class _SparseDecode(torch.autograd.Function):
         latent: Tensor,  # [nnz]
         values: Tensor,  # [nnz], the selected ReLU'd pre-activations (detached)
     ) -> tuple[Tensor, Tensor]:
-        batch, d_sae = x.shape[0], W_enc.shape[1]
-        selected = _rows(token, latent, values, batch, d_sae)
-        recon = torch.addmm(b_dec, selected, W_dec)  # [batch, d_out]
-        ctx.save_for_backward(x, W_enc, W_dec, token, latent, values)
+        crow = _row_starts(token, x.shape[0])
+        recon = _bag_sum(crow, latent, values, W_dec).add_(b_dec)  # [batch, d_out]
+        ctx.save_for_backward(x, W_enc, W_dec, token, latent, values, crow)
         ctx.mark_non_differentiable(token, latent)
         return recon, values.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_recon: Tensor, grad_values_out: Tensor | None) -> tuple:
-        x, W_enc, W_dec, token, latent, values = ctx.saved_tensors
+        x, W_enc, W_dec, token, latent, values, crow = ctx.saved_tensors
         need_x, need_w_enc, need_b_enc, need_w_dec, need_b_dec = ctx.needs_input_grad[:5]
-        batch, d_sae = x.shape[0], W_enc.shape[1]
+        d_sae = W_enc.shape[1]
         grad_recon = grad_recon.contiguous()
         # dL/dvalue of each selected pair = <grad_recon[token], W_dec[latent]>: a product
         # sampled only where S has entries.
-        pattern = _rows(token, latent, torch.ones_like(values), batch, d_sae)
+        pattern = _rows(crow, latent, torch.ones_like(values), d_sae)
         grad_values = torch.sparse.sampled_addmm(pattern, grad_recon, W_dec.t(), beta=0.0)
         grad_values = grad_values.values()
         if grad_values_out is not None:
@@ -72,22 +87,18 @@ class _SparseDecode(torch.autograd.Function):
         # The selected values are ReLU outputs: no gradient where the ReLU was closed.
         grad_values = grad_values * (values > 0)
 
-        # Products with S^T: a COO matrix indexed (latent, token) needs no sorting.
-        transposed = torch.stack([latent, token])
         grad_x = grad_w_enc = grad_b_enc = grad_w_dec = grad_b_dec = None
-        if need_w_dec:
-            s_t = torch.sparse_coo_tensor(
-                transposed, values, (d_sae, batch), check_invariants=False
-            )
-            grad_w_dec = torch.sparse.mm(s_t, grad_recon)  # [d_sae, d_out]
-        if need_w_enc:
-            g_t = torch.sparse_coo_tensor(
-                transposed, grad_values, (d_sae, batch), check_invariants=False
-            )
-            grad_w_enc = torch.sparse.mm(g_t, x).t()  # [d_in, d_sae]
+        if need_w_dec or need_w_enc:
+            # Products with S^T: the same bag sums over the pairs grouped by latent.
+            order = torch.argsort(latent, stable=True)  # a radix sort here: 25x faster
+            by_latent = _row_starts(latent[order], d_sae)
+            tokens = token[order]
+            if need_w_dec:  # [d_sae, d_out]
+                grad_w_dec = _bag_sum(by_latent, tokens, values[order], grad_recon)
+            if need_w_enc:  # [d_in, d_sae]
+                grad_w_enc = _bag_sum(by_latent, tokens, grad_values[order], x).t()
         if need_x:
-            g = _rows(token, latent, grad_values, batch, d_sae)
-            grad_x = g @ W_enc.t().contiguous()  # [batch, d_in]
+            grad_x = _bag_sum(crow, latent, grad_values, W_enc.t().contiguous())  # [batch, d_in]
         if need_b_enc:
             grad_b_enc = torch.bincount(latent, weights=grad_values, minlength=d_sae)
             grad_b_enc = grad_b_enc.to(values.dtype)
@@ -134,10 +145,15 @@ def dense_decode(
     return latents @ W_dec + b_dec, latents[token, latent]
 
 
-def encoder_pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """x @ W_enc + b_enc without recording a graph: the sparse backward replaces it."""
+def encoder_pre_activations(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """x @ W_enc + b_enc without recording a graph: the sparse backward replaces it. `out`
+    (the right shape, dtype and device) is written over instead of new memory."""
     with torch.no_grad():
-        return torch.addmm(b_enc, x, W_enc)
+        if out is None:
+            return torch.addmm(b_enc, x, W_enc)
+        return torch.addmm(b_enc, x, W_enc, out=out)
 
 
 def topk_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
