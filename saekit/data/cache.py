@@ -206,6 +206,11 @@ def write_activation_cache(
             # may run a little past shard_rows but never splits a window.
             tensors = {h: torch.cat(pending[h])[: n_tokens - written] for h in store.hooks}
             rows = tensors[store.hooks[0]].shape[0]
+            # Only the last record's dataset position is needed to resume, and a position
+            # can hold a long document's pending tokens (1.3 MB of JSON per shard on the
+            # bundled corpus, which every reader of the cache would parse).
+            for record in progress:
+                record.pop("position", None)
             progress.append(_write_shard(out, len(progress), tensors, windows))
             _write_json(out / PROGRESS_FILE, progress)
             written += rows

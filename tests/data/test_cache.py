@@ -117,6 +117,8 @@ def test_interrupted_write_resumes_to_the_same_files(backend, cache, tmp_path) -
     assert not meta["complete"]
     written = json.loads((tmp_path / "progress.json").read_text())
     assert 0 < len(written) < len(json.loads((cache / "progress.json").read_text()))
+    # Only the last shard keeps the dataset position (the one a resume needs).
+    assert ["position" in record for record in written] == [False] * (len(written) - 1) + [True]
     with pytest.raises(CacheError, match="unfinished"):
         CachedActivations(tmp_path)
     write(backend, tmp_path, model_name="tiny-gpt2", dataset_name="tiny-docs")
