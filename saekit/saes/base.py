@@ -111,6 +111,8 @@ class SAE(nn.Module):
     is_transcoder: ClassVar[bool] = False
     #: Norm of the decoder rows (and so of the tied encoder columns) at initialisation.
     decoder_init_norm: ClassVar[float] = 0.1
+    #: The sparsity coefficient weighs a count of active latents (L0), not their sizes.
+    penalty_counts_latents: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

@@ -228,6 +228,7 @@ def _count(fired: Tensor) -> Tensor:
 
 @register_architecture("jumprelu")
 class JumpReLUSAE(SAE):
+    penalty_counts_latents = True
     #: Starting threshold for every latent (the value sae-lens also uses).
     initial_threshold = 0.001
     #: (latents, L0) of the last training pass, until `sparsity_losses` takes the L0.

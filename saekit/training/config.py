@@ -154,7 +154,8 @@ class TrainingConfig:
     """linear schedule: fraction of training, at the end, over which lr decays to zero."""
     l1_coefficient: float = 5.0
     """Sparsity coefficient lambda (L1 for standard, gated and transcoders, L0 for jumprelu);
-    the starting value when target_l0 is set; ignored by topk-style SAEs."""
+    the starting value when target_l0 is set (jumprelu then starts after one step where its
+    L0 penalty equals the reconstruction loss); ignored by topk-style SAEs."""
     sparsity_warmup_tokens: int = 0
     """Tokens over which lambda rises linearly from zero (not used with target_l0)."""
     target_l0: float | None = None

@@ -61,7 +61,10 @@ class L0Controller:
     #: its thresholds can move, took lambda from 5 to 3e16).
     max_sparsity_share = 100.0
 
-    def __init__(self, target: float, initial: float, gain: float, ramp_steps: int = 0) -> None:
+    def __init__(
+        self, target: float, initial: float, gain: float, ramp_steps: int = 0,
+        balance_start: bool = False,
+    ) -> None:
         if initial <= 0:
             raise ValueError(
                 f"the target-L0 controller needs a positive starting l1_coefficient, got {initial}"
@@ -69,6 +72,9 @@ class L0Controller:
         self.target = target
         self.gain = gain
         self.ramp_steps = ramp_steps
+        #: After the first step, rescale lambda so the sparsity terms equal the
+        #: reconstruction loss (see `update`).
+        self.balance_start = balance_start
         self.log_coefficient = math.log(initial)
         self.smoothed_l0: float | None = None
         self.start_l0: float | None = None
@@ -96,6 +102,12 @@ class L0Controller:
         previous = self.smoothed_l0
         if previous is None:
             self.smoothed_l0 = previous = self.start_l0 = l0
+            if self.balance_start and sparsity_share:
+                # A penalty that counts latents (jumprelu's L0) has no natural scale next to
+                # the default l1_coefficient, which is for L1 sizes: 5 was 70x the balance
+                # point on the bundled model and silenced most latents before the controller
+                # could take it back. Starting balanced, the controller only has to fine-tune.
+                self.log_coefficient -= math.log(sparsity_share)
         else:
             self.smoothed_l0 += self.smoothing * (l0 - previous)
         self.steps += 1
@@ -123,6 +135,7 @@ class L0Controller:
             "target": self.target,
             "gain": self.gain,
             "ramp_steps": self.ramp_steps,
+            "balance_start": self.balance_start,
             "log_coefficient": self.log_coefficient,
             "smoothed_l0": self.smoothed_l0,
             "start_l0": self.start_l0,
@@ -134,6 +147,7 @@ class L0Controller:
         self.gain = float(state["gain"])
         self.log_coefficient = float(state["log_coefficient"])
         self.ramp_steps = int(state["ramp_steps"])
+        self.balance_start = bool(state.get("balance_start", False))
         self.steps = int(state["steps"])
         for name in ("smoothed_l0", "start_l0"):
             value = state[name]

@@ -111,6 +111,7 @@ class _JobState:
                 cfg.l1_coefficient,
                 cfg.l0_controller_gain,
                 ramp_steps=int(L0_RAMP_FRACTION * total_steps),
+                balance_start=sae.penalty_counts_latents,
             )
         d_sae = sae.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)

@@ -76,8 +76,20 @@ def test_controller_reference_ramps_from_the_first_l0_to_the_target() -> None:
     assert ctl.reference() == 9
 
 
+def test_balanced_start_rescales_lambda_after_the_first_step() -> None:
+    # The first step ran at lambda 5 with sparsity terms 50x the reconstruction loss: the
+    # balanced lambda is 5 / 50; the controller's own first move (up, L0 far above target)
+    # is at most max_step on top.
+    ctl = L0Controller(target=10, initial=5.0, gain=0.1, balance_start=True)
+    after = ctl.update(100.0, sparsity_share=50.0)
+    assert 0.1 <= after <= 0.1 * math.exp(L0Controller.max_step) + 1e-12
+    assert ctl.update(100.0, sparsity_share=1.0) >= after  # only the first step rebalances
+    plain = L0Controller(target=10, initial=5.0, gain=0.1)
+    assert plain.update(100.0, sparsity_share=50.0) >= 5.0
+
+
 def test_controller_state_round_trips() -> None:
-    ctl = L0Controller(target=5, initial=0.3, gain=0.05, ramp_steps=7)
+    ctl = L0Controller(target=5, initial=0.3, gain=0.05, ramp_steps=7, balance_start=True)
     for l0 in (40.0, 30.0, 20.0):
         ctl.update(l0)
     copy = L0Controller(target=1, initial=1.0, gain=1.0)
