@@ -104,3 +104,17 @@ def test_fire_counts_match_the_dense_latents(architecture: str) -> None:
     counts = out.fire_counts()
     assert counts.shape == (32,) and counts.sum() > 0
     assert torch.equal(counts, (out.latents != 0).sum(dim=0))
+
+
+@pytest.mark.parametrize("dominant_row", [False, True])
+def test_batch_topk_pairs_match_one_search_over_the_batch(dominant_row: bool) -> None:
+    scores = torch.randn(64, 200, generator=torch.Generator().manual_seed(5))
+    if dominant_row:  # one row holds more than its 4k candidates of the batch's largest
+        scores[7] += 100.0
+    k = 3
+    token, latent = batch_topk_pairs(scores, k)
+    expected = scores.flatten().topk(k * 64).indices.sort().values
+    assert torch.equal(token * 200 + latent, expected)
+    assert torch.equal(token, token.sort().values)  # in row order
+    if dominant_row:
+        assert (token == 7).sum() > 4 * k

@@ -164,10 +164,26 @@ def topk_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def batch_topk_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(token, latent) pairs of the k * batch largest scores of the whole batch, in row order."""
-    keep = min(k * scores.shape[0], scores.numel())
-    flat = scores.flatten().topk(keep, sorted=False).indices.sort().values
-    return flat // scores.shape[1], flat % scores.shape[1]
+    """(token, latent) pairs of the k * batch largest scores of the whole batch, in row order.
+
+    One top-k over all batch * d_sae scores is slow (0.54 s at 4096 x 4096 here); so each
+    row's 4k largest are taken first and the batch's largest picked among those (0.11 s).
+    That is exact unless some row had all its candidates picked (it may hold more), which is
+    checked, falling back to the full search."""
+    batch, d_sae = scores.shape
+    keep = min(k * batch, scores.numel())
+    per_row = min(d_sae, 4 * k)
+    flat = None
+    if per_row < d_sae:
+        candidates = scores.topk(per_row, dim=-1, sorted=False)
+        top = candidates.values.flatten().topk(keep, sorted=False).indices
+        rows = top // per_row
+        if not bool((torch.bincount(rows, minlength=batch) == per_row).any()):
+            flat = rows * d_sae + candidates.indices.flatten()[top]
+    if flat is None:
+        flat = scores.flatten().topk(keep, sorted=False).indices
+    flat = torch.sort(flat, stable=True).values  # stable: a radix sort, much faster here
+    return flat // d_sae, flat % d_sae
 
 
 class SelectedLatents(NamedTuple):
