@@ -37,12 +37,12 @@ def _rows(crow: Tensor, other: Tensor, values: Tensor, n_cols: int) -> Tensor:
     return torch.sparse_csr_tensor(crow, other, values, shape, check_invariants=False)
 
 
-def _bag_sum(crow: Tensor, latent: Tensor, weights: Tensor, table: Tensor) -> Tensor:
-    """[rows, d] with row r = sum over r's entries e of weights[e] * table[latent[e]]: the
-    product of the sparse selection with `table`, as an embedding bag (several times faster
-    on CPU than the CSR product here)."""
+def _bag_sum(crow: Tensor, index: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """[rows, d] with row r = sum over r's entries e of weights[e] * table[index[e]], for
+    entries grouped by row with offsets `crow`: a sparse matrix times `table`, as an
+    embedding bag (several times faster on CPU than torch's CSR or COO products here)."""
     return F.embedding_bag(
-        latent, table, crow[:-1], mode="sum", per_sample_weights=weights.to(table.dtype)
+        index, table, crow[:-1], mode="sum", per_sample_weights=weights.to(table.dtype)
     )
 
 
