@@ -118,3 +118,15 @@ def test_batch_topk_pairs_match_one_search_over_the_batch(dominant_row: bool) ->
     assert torch.equal(token, token.sort().values)  # in row order
     if dominant_row:
         assert (token == 7).sum() > 4 * k
+
+
+def test_pre_activation_memory_is_reused_but_not_under_autocast() -> None:
+    sae = random_sae("topk", k=4)
+    sae.training_forward(torch.randn(24, 8))
+    held = sae._pre_activations
+    sae.training_forward(torch.randn(24, 8))
+    assert sae._pre_activations is held  # same batch shape: the same memory
+    fresh = random_sae("topk", k=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fresh.training_forward(torch.randn(24, 8))
+    assert not hasattr(fresh, "_pre_activations") and torch.isfinite(out.loss)

@@ -67,9 +67,10 @@ class TopKFamily(SAE):
     ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
         if not self._sparse_path(settings):
             return super().training_pass(x, centred, settings)
-        hidden_pre = encoder_pre_activations(
-            centred, self.W_enc, self.b_enc, out=self._pre_activation_memory(centred)
-        )
+        # An explicit output opts out of autocast, which would cost the low-precision matmul.
+        autocast = torch.is_autocast_enabled(centred.device.type)
+        memory = None if autocast else self._pre_activation_memory(centred)
+        hidden_pre = encoder_pre_activations(centred, self.W_enc, self.b_enc, out=memory)
         # Selecting on the pre-activations themselves saves a ReLU pass over [batch, d_sae]:
         # ReLU keeps the order of positive scores, and a pair picked below zero has value
         # ReLU(h) = 0, as a zero picked after the ReLU would.
