@@ -130,3 +130,10 @@ def test_pre_activation_memory_is_reused_but_not_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fresh.training_forward(torch.randn(24, 8))
     assert not hasattr(fresh, "_pre_activations") and torch.isfinite(out.loss)
+
+
+def test_training_output_unpacks_in_order() -> None:
+    out = random_sae("topk", k=4).training_forward(torch.randn(6, 8))
+    recon, latents, loss, losses = out
+    assert recon is out.recon and loss is out.loss and losses is out.losses
+    assert torch.equal(latents, out.latents) and latents.shape == (6, 32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -78,6 +79,10 @@ class TrainingOutput:
         if isinstance(self._latents, SelectedLatents):
             self._latents = self._latents.dense()
         return self._latents
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as `recon, latents, loss, losses`."""
+        return iter((self.recon, self.latents, self.loss, self.losses))
 
     def fire_counts(self) -> Tensor:
         """[d_sae] tokens of the batch on which each latent is nonzero."""
