@@ -356,9 +356,9 @@ def _spread_thresholds(sae: SAE, bandwidth: float) -> None:
 
 @pytest.mark.parametrize("sparsity", ["step", "tanh"])
 @pytest.mark.parametrize("centre", [True, False])
-@pytest.mark.parametrize("ste_to_input", [False, True])
+@pytest.mark.parametrize(("ste_to_input", "pre_act"), [(False, 0.0), (True, 0.0), (True, 0.05)])
 def test_jumprelu_training_matches_plain_autograd(
-    sparsity: str, centre: bool, ste_to_input: bool
+    sparsity: str, centre: bool, ste_to_input: bool, pre_act: float
 ) -> None:
     bandwidth, coefficient, tanh_scale = 0.2, 0.3, 2.5
     sae = random_sae("jumprelu", d_in=6, d_sae=24, seed=1, apply_b_dec_to_input=centre)
@@ -370,6 +370,7 @@ def test_jumprelu_training_matches_plain_autograd(
         jumprelu_bandwidth=bandwidth,
         jumprelu_sparsity=sparsity,
         jumprelu_ste_to_input=ste_to_input,
+        jumprelu_pre_act_coefficient=pre_act,
         tanh_scale=tanh_scale,
     )
     out = sae.training_forward(x, settings=settings)
@@ -395,6 +396,10 @@ def test_jumprelu_training_matches_plain_autograd(
     else:
         penalty = torch.tanh(tanh_scale * f * p["W_dec"].norm(dim=1)).sum(-1).mean()
     reference = {"mse": (recon - x).pow(2).sum(-1).mean(), "l0": coefficient * penalty}
+    if pre_act:
+        # c * sum_i ||W_dec[i]|| ReLU(max(theta_i, 0) - h_i), the norms taken as constants
+        below = torch.relu(theta.clamp_min(0) - h) * p["W_dec"].norm(dim=1).detach()
+        reference["pre_act"] = pre_act * below.sum(-1).mean()
 
     assert rect_z.sum() > 10 and (h > theta).any() and (h <= theta).any()  # windows are used
     assert torch.allclose(out.latents, f)
@@ -462,7 +467,7 @@ def test_jumprelu_window_decisions_match_the_formula_in_float32() -> None:
     offsets = (torch.rand(512, 64) - 0.5) * 2.2 * eps  # within about 1.1 eps of theta
     h = (theta + offsets).requires_grad_(True)
     t1 = theta.clone().requires_grad_(True)
-    latents, l0 = JumpReLUWithL0.apply(h.detach().clone(), t1, eps, True)
+    latents, l0, _ = JumpReLUWithL0.apply(h.detach().clone(), t1, eps, True)
     (latents.sum() + l0).backward()
 
     t2 = theta.clone().requires_grad_(True)

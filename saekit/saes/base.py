@@ -44,6 +44,9 @@ class LossSettings:
     jumprelu_ste_to_input: bool = False
     """Give the straight-through gradients to the pre-activations too, not only the
     thresholds (see `saekit.saes.jumprelu`)."""
+    jumprelu_pre_act_coefficient: float = 0.0
+    """c in c * sum_i ||W_dec[i]|| ReLU(theta_i - h_i), which pulls silent latents back up
+    to their thresholds (decoder norms taken as constants); 0 turns it off."""
     tanh_scale: float = 4.0
     """c in tanh(c * f_i * ||W_dec[i]||) for the tanh penalty."""
 

@@ -109,11 +109,20 @@ class JumpReLUWithL0(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float, with_l0: bool,
-        ste_to_input: bool = False,
-    ) -> tuple[Tensor, Tensor]:
+        ste_to_input: bool = False, pre_act_weights: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if not hidden_pre.is_contiguous():
             raise ValueError("JumpReLUWithL0 needs contiguous pre-activations [batch, d_sae]")
         mask = torch.empty_like(hidden_pre)
+        n_tokens = hidden_pre.shape[0]
+        floor = threshold.clamp_min(0)
+        ctx.pre_act_weights = pre_act_weights
+        if pre_act_weights is None:
+            pre_act = hidden_pre.new_zeros(())
+            ctx.mark_non_differentiable(pre_act)
+        else:  # sum_i w_i ReLU(max(theta_i, 0) - h_i), mean over tokens; `mask` as scratch
+            torch.sub(floor, hidden_pre, out=mask).clamp_(min=0)
+            pre_act = (column_sums(mask) * pre_act_weights).sum() / n_tokens
         flat, cols, values, inside = _window_candidates(hidden_pre, threshold, bandwidth, mask)
         # Where h > 0, ReLU(h) = h and both windows agree; where h <= 0, ReLU(h) = 0, which is
         # in the JumpReLU window exactly for the latents with |theta| < eps / 2 (few, if any).
@@ -130,8 +139,9 @@ class JumpReLUWithL0(torch.autograd.Function):
                 ctx.in_step_window = inside.to(hidden_pre.dtype)
         ctx.ste_to_input = ste_to_input
 
-        torch.gt(hidden_pre, threshold.clamp_min(0), out=mask)
-        n_tokens = hidden_pre.shape[0]
+        torch.gt(hidden_pre, floor, out=mask)
+        if pre_act_weights is not None:  # tokens with h <= max(theta, 0), per latent
+            ctx.below_counts = n_tokens - column_sums(mask)
         if not with_l0:
             l0 = hidden_pre.new_zeros(())
             ctx.mark_non_differentiable(l0)
@@ -143,12 +153,12 @@ class JumpReLUWithL0(torch.autograd.Function):
         ctx.mark_dirty(hidden_pre)
         ctx.save_for_backward(threshold)
         ctx.mask, ctx.bandwidth, ctx.n_tokens = mask, bandwidth, n_tokens
-        return hidden_pre, l0
+        return hidden_pre, l0, pre_act
 
     @staticmethod
     def backward(
-        ctx: Any, grad_latents: Tensor, grad_l0: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        ctx: Any, grad_latents: Tensor, grad_l0: Tensor, grad_pre_act: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         if ctx.mask is None:
             raise RuntimeError(
                 "JumpReLUWithL0 reuses its saved mask as the input gradient, so it supports "
@@ -156,7 +166,15 @@ class JumpReLUWithL0(torch.autograd.Function):
             )
         mask, ctx.mask = ctx.mask, None
         (threshold,) = ctx.saved_tensors
-        grad_h = mask.mul_(grad_latents) if ctx.needs_input_grad[0] else None
+        weights = ctx.pre_act_weights
+        # d pre_act / d h = -w_i / n_tokens where h <= max(theta, 0), i.e. where mask is 0
+        push = None if weights is None else grad_pre_act * weights / ctx.n_tokens
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            if push is None:
+                grad_h = mask.mul_(grad_latents)
+            else:  # mask * g - (1 - mask) * push
+                grad_h = (grad_latents + push).mul_(mask).sub_(push)
         bandwidth = ctx.bandwidth
         # JumpReLU: d f / d theta ~ -(theta / eps) rect((ReLU(h) - theta) / eps) (per entry,
         # before the threshold's own factor); its negation is d f / d h with ste_to_input.
@@ -178,7 +196,9 @@ class JumpReLUWithL0(torch.autograd.Function):
             grad_threshold = -threshold * window_sum
             if ctx.step_counts is not None:
                 grad_threshold = grad_threshold - per_entry * ctx.step_counts.to(threshold.dtype)
-        return grad_h, grad_threshold, None, None, None
+            if push is not None:
+                grad_threshold = grad_threshold + push * ctx.below_counts * (threshold >= 0)
+        return grad_h, grad_threshold, None, None, None, None
 
 
 class TanhPenalty(torch.autograd.Function):
@@ -231,8 +251,9 @@ class JumpReLUSAE(SAE):
     penalty_counts_latents = True
     #: Starting threshold for every latent (the value sae-lens also uses).
     initial_threshold = 0.001
-    #: (latents, L0) of the last training pass, until `sparsity_losses` takes the L0.
-    _pending_l0: ClassVar[tuple[Tensor, Tensor] | None] = None
+    #: (latents, L0, pre-activation loss) of the last training pass, until
+    #: `sparsity_losses` takes them.
+    _pending_l0: ClassVar[tuple[Tensor, Tensor, Tensor] | None] = None
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().parameter_shapes(), "threshold": (self.cfg.d_sae,)}
@@ -261,21 +282,24 @@ class JumpReLUSAE(SAE):
         if hidden_pre._is_view():  # autograd cannot rebase a view that is written over
             hidden_pre = hidden_pre.clone()
         step = settings.jumprelu_sparsity == "step"
-        latents, l0 = JumpReLUWithL0.apply(
+        coefficient = settings.jumprelu_pre_act_coefficient
+        weights = coefficient * self.decoder_norms().detach() if coefficient else None
+        latents, l0, pre_act = JumpReLUWithL0.apply(
             hidden_pre, self.threshold, settings.jumprelu_bandwidth, step,
-            settings.jumprelu_ste_to_input,
+            settings.jumprelu_ste_to_input, weights,
         )
-        self._pending_l0 = (latents, l0) if step else None
+        self._pending_l0 = (latents, l0, pre_act)
         return latents, latents, self.reconstruct(x, latents)
 
     def sparsity_losses(
         self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
     ) -> dict[str, Tensor]:
         pending, self._pending_l0 = self._pending_l0, None
+        from_pass = pending is not None and pending[0] is latents  # from training_pass
         if settings.jumprelu_sparsity == "tanh":
             flat = latents.reshape(-1, latents.shape[-1])
             penalty = TanhPenalty.apply(flat, self.decoder_norms(), settings.tanh_scale)
-        elif pending is not None and pending[0] is latents:  # from training_pass
+        elif from_pass:
             penalty = pending[1]
         else:
             fired = StepFunction.apply(
@@ -283,7 +307,15 @@ class JumpReLUSAE(SAE):
                 settings.jumprelu_ste_to_input,
             )
             penalty = fired.sum(dim=-1).mean()
-        return {"l0": settings.sparsity_coefficient * penalty}
+        losses = {"l0": settings.sparsity_coefficient * penalty}
+        if settings.jumprelu_pre_act_coefficient:
+            if from_pass:
+                losses["pre_act"] = pending[2]
+            else:
+                below = torch.relu(self.threshold.clamp_min(0) - hidden_pre)
+                weights = settings.jumprelu_pre_act_coefficient * self.decoder_norms().detach()
+                losses["pre_act"] = (below * weights).sum(dim=-1).mean()
+        return losses
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_enc", "threshold")

@@ -137,6 +137,7 @@ class _JobState:
             jumprelu_bandwidth=cfg.jumprelu_bandwidth,
             jumprelu_sparsity=cfg.jumprelu_sparsity,
             jumprelu_ste_to_input=cfg.jumprelu_ste_reaches_input,
+            jumprelu_pre_act_coefficient=cfg.jumprelu_pre_act,
         )
 
     def dead_mask(self) -> Tensor:
