@@ -282,11 +282,9 @@ class JumpReLUSAE(SAE):
         if hidden_pre._is_view():  # autograd cannot rebase a view that is written over
             hidden_pre = hidden_pre.clone()
         step = settings.jumprelu_sparsity == "step"
-        coefficient = settings.jumprelu_pre_act_coefficient
-        weights = coefficient * self.decoder_norms().detach() if coefficient else None
         latents, l0, pre_act = JumpReLUWithL0.apply(
             hidden_pre, self.threshold, settings.jumprelu_bandwidth, step,
-            settings.jumprelu_ste_to_input, weights,
+            settings.jumprelu_ste_to_input, self._pre_act_weights(settings),
         )
         self._pending_l0 = (latents, l0, pre_act)
         return latents, latents, self.reconstruct(x, latents)
@@ -313,9 +311,14 @@ class JumpReLUSAE(SAE):
                 losses["pre_act"] = pending[2]
             else:
                 below = torch.relu(self.threshold.clamp_min(0) - hidden_pre)
-                weights = settings.jumprelu_pre_act_coefficient * self.decoder_norms().detach()
-                losses["pre_act"] = (below * weights).sum(dim=-1).mean()
+                losses["pre_act"] = (below * self._pre_act_weights(settings)).sum(-1).mean()
         return losses
+
+    def _pre_act_weights(self, settings: LossSettings) -> Tensor | None:
+        """c * ||W_dec[i]|| per latent for the pre-activation loss (the norms as constants),
+        or None when it is off."""
+        coefficient = settings.jumprelu_pre_act_coefficient
+        return coefficient * self.decoder_norms().detach() if coefficient else None
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_enc", "threshold")
