@@ -142,19 +142,28 @@ def bench_cache(cache_mb: int, d_model: int) -> None:
             ).stdout
             result = json.loads(out.strip().splitlines()[-1])
             how = f"ring of {reuse} batches (as training reads)" if reuse else "new batches"
+            growth = result["rss_growth_mb"]
             print(f"  {attempt}, {how}: {result['gb_per_s']:.2f} GB/s, peak RSS growth "
-                  f"while reading {result['rss_growth_mb']:.0f} MB (buffer {buffer_rows} rows "
-                  f"= {buffer_rows * d_model * 4 / 2**20:.0f} MB, shard "
+                  f"while reading {growth['anon']:.0f} MB own + {growth['file']:.0f} MB "
+                  f"mapped files (buffer {buffer_rows} rows = "
+                  f"{buffer_rows * d_model * 4 / 2**20:.0f} MB, shard "
                   f"{32768 * d_model * 4 / 2**20:.0f} MB)")
     finally:
         shutil.rmtree(folder.parent)
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (Linux), unlike ru_maxrss, which is a lifetime
-    peak that imports may already have set higher than anything the reader adds."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory now (Linux), in its own memory (anon) and in mapped
+    files (file: the cache's shards as the reader maps them, and library code as it is first
+    run), unlike ru_maxrss, which is a lifetime peak that imports may already have set higher
+    than anything the reader adds."""
+    found = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value = line.split(":")
+                found[key] = int(value.split()[0]) / 1024
+    return {"anon": found["RssAnon"], "file": found["RssFile"] + found["RssShmem"]}
 
 
 def read_cache(folder: str, buffer_rows: int, reuse_batches: int) -> None:
@@ -162,16 +171,18 @@ def read_cache(folder: str, buffer_rows: int, reuse_batches: int) -> None:
     (sampled at every batch) over the memory held before reading."""
     reader = CachedActivations(folder, batch_size=4096, buffer_size=buffer_rows,
                                reuse_batches=reuse_batches)
-    before = peak = resident_mb()
+    before = resident_mb()
+    growth = dict.fromkeys(before, 0.0)
     start = time.perf_counter()
     served, width = 0, 0
     for batch in reader:
         served += batch.shape[0]
         width = batch.shape[1]
-        peak = max(peak, resident_mb())
+        now = resident_mb()
+        growth = {k: max(growth[k], now[k] - before[k]) for k in growth}
     elapsed = time.perf_counter() - start
     print(json.dumps({"gb_per_s": served * width * 4 / elapsed / 1e9,
-                      "rss_growth_mb": peak - before}))
+                      "rss_growth_mb": growth}))
 
 
 def main() -> None:

@@ -33,8 +33,11 @@ class ShuffledRows:
     (`_source_state` / `_load_source_state`) and their settings (`_config`). A buffer is
     filled with at least `buffer_size` rows (the rows left over from the last buffer
     included), shuffled, and served; so memory holds at most `buffer_size` rows plus one
-    chunk. The position is saved as (source position when the buffer began, RNG state
-    then, rows carried in, rows served from it), so restoring re-reads one buffer only.
+    chunk. Chunks are copied into memory the buffer owns, unless the subclass sets
+    `_serves_in_place` (its chunks stay valid while the buffer is served, as the cache's
+    mapped shards do): then batches are gathered from the chunks where they lie.
+    The position is saved as (source position when the buffer began, RNG state then, rows
+    carried in, rows served from it), so restoring re-reads one buffer only.
     """
 
     hooks: list[str]
@@ -59,9 +62,15 @@ class ShuffledRows:
         self._ring: list[dict[str, Tensor]] = []
         self._ring_next = 0
         self._rng = torch.Generator().manual_seed(seed)
-        self._buffer: dict[str, Tensor] | None = None
-        #: The buffer's memory by hook, reused from fill to fill (`_buffer` views into it).
+        #: The buffer's rows, as consecutive segments ({hook: [rows, d]} each): one in the
+        #: buffer's own memory, or, serving in place, the carried rows and then each chunk.
+        self._segments: list[dict[str, Tensor]] | None = None
+        #: Buffer row at which each segment after the first begins.
+        self._segment_starts: Tensor | None = None
+        self._buffered = 0
+        #: Memory the buffer owns, by hook, reused from fill to fill.
         self._storage: dict[str, Tensor] = {}
+        self._serves_in_place = False
         self._order: Tensor | None = None
         self._cursor = 0
         self._cycle: dict[str, Any] | None = None
@@ -95,21 +104,36 @@ class ShuffledRows:
             "carry": None if carry is None else {h: t.cpu() for h, t in carry.items()},
         }
         rows = 0
+        segments = []
         if carry is not None:
             rows = carry[self.hooks[0]].shape[0]
             widths = {h: carry[h].shape[-1] for h in self.hooks}
-            for hook, dest in self._reserve(0, rows, widths).items():
+            held = self._reserve(0, rows, widths)
+            for hook, dest in held.items():
                 dest.copy_(carry[hook])
-        while rows < self.buffer_size:
-            added = self._read_chunk_into(rows)
-            if added is None:
-                break
-            rows += added
+            segments.append(held)
+        if self._serves_in_place:
+            while rows < self.buffer_size:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    break
+                segments.append({h: chunk[h] for h in self.hooks})
+                rows += chunk[self.hooks[0]].shape[0]
+        else:
+            while rows < self.buffer_size:
+                added = self._read_chunk_into(rows)
+                if added is None:
+                    break
+                rows += added
+            segments = [{h: t[:rows] for h, t in self._storage.items()}]
         self._cursor = 0
         if rows == 0:
-            self._buffer = None
+            self._segments = None
             return
-        self._buffer = {h: t[:rows] for h, t in self._storage.items()}
+        self._segments = segments
+        self._buffered = rows
+        sizes = torch.tensor([s[self.hooks[0]].shape[0] for s in segments])
+        self._segment_starts = sizes.cumsum(0)[:-1].to(self.device)
         # Batches gather their rows through this permutation, which copies each row once
         # instead of permuting the whole buffer first.
         self._order = (
@@ -120,17 +144,16 @@ class ShuffledRows:
         """Writable rows start:start+rows of the buffer, one tensor per hook.
 
         The buffer's memory is allocated once and reused by every fill: writing into pages
-        the process already holds runs several times faster here than into fresh ones."""
+        the process already holds runs several times faster here than into fresh ones.
+        Serving in place, it only ever holds the rows carried over (fewer than a batch)."""
         end = start + rows
+        usual = self.batch_size if self._serves_in_place else self.buffer_size + self.batch_size
         for hook in self.hooks:
             held = self._storage.get(hook)
             if held is not None and held.shape[0] >= end:
                 continue
             width = widths[hook]
-            grown = torch.empty(
-                max(end, self.buffer_size + self.batch_size), width,
-                dtype=self.dtype, device=self.device,
-            )
+            grown = torch.empty(max(end, usual), width, dtype=self.dtype, device=self.device)
             if held is not None and start:
                 grown[:start].copy_(held[:start])
             self._storage[hook] = grown
@@ -151,7 +174,7 @@ class ShuffledRows:
         return rows
 
     def _rows_left(self) -> int:
-        return 0 if self._buffer is None else self._buffer[self.hooks[0]].shape[0] - self._cursor
+        return 0 if self._segments is None else self._buffered - self._cursor
 
     def __iter__(self) -> ShuffledRows:
         return self
@@ -159,14 +182,14 @@ class ShuffledRows:
     def __next__(self) -> Tensor | dict[str, Tensor]:
         if self._rows_left() < self.batch_size:
             carry = None
-            if self._buffer is not None:
+            if self._segments is not None:
                 carry = self._rows(self._cursor, None)
-            self._buffer = None
+            # Let go of the old segments first: mapped chunks are released with them.
+            self._segments = None
             self._fill(carry)
             if self._rows_left() < self.batch_size:
-                self._buffer = None
+                self._segments = None
                 raise StopIteration
-        assert self._buffer is not None
         start, self._cursor = self._cursor, self._cursor + self.batch_size
         self._batches += 1
         batch = self._rows(start, self._cursor, self._ring_slot())
@@ -181,33 +204,63 @@ class ShuffledRows:
         trainer) asks for a ring instead."""
         if not self.reuse_batches:
             return None
-        assert self._buffer is not None
         if len(self._ring) < self.reuse_batches:
             self._ring.append({})
         slot = self._ring[self._ring_next]
         self._ring_next = (self._ring_next + 1) % self.reuse_batches
-        for hook, t in self._buffer.items():
-            if hook not in slot or slot[hook].shape[-1] != t.shape[-1]:
-                slot[hook] = t.new_empty(self.batch_size, t.shape[-1])
+        for hook, width in self._widths().items():
+            if hook not in slot or slot[hook].shape[-1] != width:
+                slot[hook] = torch.empty(self.batch_size, width, dtype=self.dtype,
+                                         device=self.device)
         return slot
+
+    def _widths(self) -> dict[str, int]:
+        assert self._segments is not None
+        return {h: t.shape[-1] for h, t in self._segments[0].items()}
 
     def _rows(
         self, start: int, stop: int | None, out: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Rows start:stop of the buffer in shuffled order (into `out` when given)."""
-        assert self._buffer is not None
-        if out is None:
-            if self._order is None:
-                # Copies: the buffer's memory is overwritten by the next fill.
-                return {h: t[start:stop].clone() for h, t in self._buffer.items()}
+        """Rows start:stop of the buffer in shuffled order (into `out` when given; new
+        tensors otherwise, since the buffer's memory is reused by the next fill)."""
+        assert self._segments is not None
+        stop = self._buffered if stop is None else stop
+        if self._order is not None:
             index = self._order[start:stop]
-            return {h: t.index_select(0, index) for h, t in self._buffer.items()}
-        for hook, t in self._buffer.items():
-            if self._order is None:
-                out[hook].copy_(t[start:stop])
-            else:
-                torch.index_select(t, 0, self._order[start:stop], out=out[hook])
+        else:
+            index = torch.arange(start, stop, device=self.device)
+        if out is None:
+            out = {h: torch.empty(stop - start, width, dtype=self.dtype, device=self.device)
+                   for h, width in self._widths().items()}
+        for segment, placed, local in self._by_segment(index):
+            for hook, source in self._segments[segment].items():
+                dest = out[hook][placed]
+                if source.dtype == dest.dtype:
+                    torch.index_select(source, 0, local, out=dest)
+                else:
+                    dest.copy_(source.index_select(0, local))
         return out
+
+    def _by_segment(self, index: Tensor) -> list[tuple[int, slice, Tensor]]:
+        """Splits buffer rows `index` into (segment, slice of the batch, rows within the
+        segment), so each segment's rows are gathered straight into one slice of the batch.
+
+        With several segments the batch holds each segment's rows together (in their
+        shuffled order within it): the same random set of rows, grouped."""
+        assert self._segment_starts is not None
+        if not len(self._segment_starts):
+            return [(0, slice(0, len(index)), index)]
+        segment = torch.bucketize(index, self._segment_starts, right=True)
+        index = index[torch.argsort(segment, stable=True)]
+        counts = torch.bincount(segment, minlength=len(self._segment_starts) + 1).tolist()
+        starts = [0, *self._segment_starts.tolist()]
+        pieces, begin = [], 0
+        for number, count in enumerate(counts):
+            if count:
+                placed = slice(begin, begin + count)
+                pieces.append((number, placed, index[placed] - starts[number]))
+                begin += count
+        return pieces
 
     # norm scaling
 
@@ -282,7 +335,7 @@ class ShuffledRows:
         if cycle is None:
             self._load_source_state(state["source_now"])
             self._rng.set_state(state["rng_now"])
-            self._buffer, self._cursor, self._cycle = None, 0, None
+            self._segments, self._cursor, self._cycle = None, 0, None
             return
         self._load_source_state(cycle["source"])
         self._rng.set_state(cycle["rng"])

@@ -10,7 +10,7 @@ A cache is a folder:
 
 Readers (`CachedActivations`) shuffle across shards (random shard order) and within a
 buffer, hold at most `buffer_size` rows plus one shard in memory, and check every shard's
-size and CRC-32 before using it.
+size and CRC-32 before using it (`saekit.data.shards`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from saekit.config import DTYPES, dtype_name
 from saekit.data.buffer import ShuffledRows, check_buffer_sizes
+from saekit.data.shards import CacheError, ShardLayout, check_shard, map_shard
 from saekit.data.store import ActivationStore
 from saekit.data.tokens import TokenWindows
 from saekit.models.backend import ModelBackend
@@ -44,10 +46,6 @@ IDENTITY_KEYS = (
     "model", "hooks", "d_in", "dtype", "dataset", "context_size", "prepend_bos", "packing",
     "hook_head_index", "exclude_special_tokens", "tokenizer", "shard_rows",
 )
-
-
-class CacheError(ValueError):
-    """A cache folder that cannot be used as it is; the message says why and what to do."""
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -327,121 +325,6 @@ def check_cache_matches(
         raise CacheError("the activation cache does not match this run: " + "; ".join(diffs))
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-#: Bytes read (and checksummed) at a time: small enough that the CRC of one piece runs in a
-#: second thread while the next piece is read, large enough to keep system calls few.
-READ_PIECE_BYTES = 8 * 2**20
-#: Makes the writable tensors for a shard's hooks, given its rows and {hook: width}.
-Destinations = Callable[[int, dict[str, int]], dict[str, Tensor]]
-
-
-class _RunningCRC:
-    """CRC-32 of a stream of byte pieces, computed in order by a worker thread (zlib releases
-    the GIL), so checksumming one piece overlaps reading the next."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._value = 0
-        self._pending: list[Future[None]] = []
-
-    def add(self, piece: memoryview | bytes) -> None:
-        self._pending.append(self._pool.submit(self._update, piece))
-
-    def _update(self, piece: memoryview | bytes) -> None:
-        self._value = zlib.crc32(piece, self._value)
-
-    def result(self) -> int:
-        for future in self._pending:
-            future.result()
-        self._pool.shutdown()
-        return self._value
-
-
-def _read_exactly(f: BinaryIO, view: memoryview, crc: _RunningCRC, path: Path) -> None:
-    """Fill `view` from `f` piece by piece, handing each piece to the running CRC."""
-    for begin in range(0, view.nbytes, READ_PIECE_BYTES):
-        piece = view[begin : begin + READ_PIECE_BYTES]
-        got = 0
-        while got < piece.nbytes:
-            n = f.readinto(piece[got:])
-            if not n:
-                raise CacheError(
-                    f"shard {path} ended early: it is truncated; write the cache again"
-                )
-            got += n
-        crc.add(piece)
-
-
-def _byte_view(tensor: Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, writable (any dtype, bfloat16 included)."""
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
-
-
-def read_shard_into(
-    path: Path, record: dict[str, Any], hooks: Sequence[str], destinations: Destinations
-) -> int:
-    """Read a cache shard (a safetensors file) straight into the tensors `destinations`
-    gives, checking its byte size and CRC-32 against its progress `record`; returns its rows.
-
-    The format: an 8-byte little-endian header length, a JSON header giving each tensor's
-    dtype, shape and byte range, then the data. Tensors whose destination has the file's
-    dtype on the CPU are read into it directly, without an intermediate copy."""
-    try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise CacheError(f"shard {path} is missing; write the cache again") from None
-    crc = _RunningCRC()
-    try:
-        size = os.fstat(f.fileno()).st_size
-        if size != record["bytes"]:
-            raise CacheError(
-                f"shard {path} has {size} bytes, {record['bytes']} were written: it is "
-                "truncated or was changed; write the cache again"
-            )
-        head = f.read(8)
-        header_bytes = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
-        crc.add(head)
-        crc.add(header_bytes)
-        try:
-            header = json.loads(header_bytes)
-            tensors = sorted(
-                ((name, info) for name, info in header.items() if name != "__metadata__"),
-                key=lambda item: item[1]["data_offsets"][0],
-            )
-            shapes = {name: info["shape"] for name, info in tensors}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise CacheError(f"shard {path} has a damaged header; write the cache again") from err
-        for hook in hooks:
-            if hook not in shapes:
-                raise CacheError(f"shard {path} holds no tensor for hook {hook!r}")
-        rows = int(record["rows"])
-        dest = destinations(rows, {h: int(shapes[h][-1]) for h in hooks})
-        for name, info in tensors:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            target = dest.get(name)
-            if target is not None and tuple(info["shape"]) != tuple(target.shape):
-                raise CacheError(
-                    f"shard {path}: {name} has shape {info['shape']}, the progress record "
-                    f"says {rows} rows; the cache is damaged, write it again"
-                )
-            direct = target is not None and target.dtype == dtype and target.device.type == "cpu"
-            landing = target if direct else torch.empty(end - begin, dtype=torch.uint8)
-            _read_exactly(f, _byte_view(landing), crc, path)
-            if target is not None and not direct:
-                target.copy_(landing.view(dtype).view(target.shape))
-        if f.read(1):
-            raise CacheError(f"shard {path} holds more bytes than its header describes")
-    finally:
-        f.close()
-        checksum = crc.result()
-    if f"{checksum:08x}" != record["crc32"]:
-        raise CacheError(
-            f"shard {path} fails its CRC-32 check: it is corrupted; write the cache again"
-        )
-    return rows
-
-
 class CachedActivations(ShuffledRows):
     """Training batches read from an activation cache: the same protocol as
     `ActivationStore` (iteration, `d_in`, `estimate_norm_scaling_factor`, `state_dict` /
@@ -449,7 +332,9 @@ class CachedActivations(ShuffledRows):
 
     Shards are read in a random order (fixed by `seed`), their rows shuffled in a buffer of
     `buffer_size` rows; memory holds at most `buffer_size` rows plus one shard. Every shard's
-    byte size and CRC-32 are checked when it is read; a damaged shard raises `CacheError`.
+    byte size and CRC-32 are checked (in a second thread, ahead of use) before its rows are
+    served; a damaged shard raises `CacheError`. Rows are gathered from the shard files
+    mapped into memory, so the page cache holds them, not a copy.
     One pass over the cache, then iteration stops (the last partial batch is dropped).
 
     Args:
@@ -516,8 +401,16 @@ class CachedActivations(ShuffledRows):
         self.dtype = DTYPES[dtype_name(dtype or self.metadata["dtype"])]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._init_buffer(seed, reuse_batches)
+        # Batches are gathered from the mapped shards where they lie; only a buffer on
+        # another device is filled by copying.
+        self._serves_in_place = self.device.type == "cpu"
         self._shard_sequence = self._shard_order()
         self._next_shard = 0
+        # Shards are checked (read once, CRC-32) in a second thread, a buffer's worth ahead
+        # of the reader, so a fill finds its shards checked.
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-shards")
+        self._checks: dict[int, Future[ShardLayout]] = {}
+        weakref.finalize(self, self._checker.shutdown, wait=False, cancel_futures=True)
 
     @property
     def d_in(self) -> int | dict[str, int]:
@@ -535,43 +428,49 @@ class CachedActivations(ShuffledRows):
         return torch.randperm(len(self.shards), generator=generator).tolist()
 
     def read_shard(self, index: int) -> dict[str, Tensor]:
-        """Shard `index`'s tensors for our hooks (in the cache's dtype), after checking its
-        size and CRC-32."""
-        out: dict[str, Tensor] = {}
+        """Shard `index`'s tensors for our hooks, in the cache's dtype, after checking its
+        size, header and CRC-32: read-only views of the file mapped into memory."""
+        pending = self._checks.pop(index, None)
+        record = self.shards[index]
+        if pending is not None:
+            layout = pending.result()
+        else:
+            layout = check_shard(self.path / record["file"], record, self.hooks)
+        return map_shard(layout)
 
-        def fresh(rows: int, widths: dict[str, int]) -> dict[str, Tensor]:
-            stored = DTYPES[self.metadata["dtype"]]
-            out.update({h: torch.empty(rows, widths[h], dtype=stored) for h in self.hooks})
-            return out
-
-        read_shard_into(self.path / self.shards[index]["file"], self.shards[index],
-                        self.hooks, fresh)
-        return out
+    def _check_ahead(self) -> None:
+        """Start the checks of the shards the next `buffer_size` rows will come from; drop
+        any others (left over from before a change of position)."""
+        upcoming, rows = [], 0
+        for index in self._shard_sequence[self._next_shard:]:
+            if rows >= self.buffer_size:
+                break
+            upcoming.append(index)
+            rows += self.shards[index]["rows"]
+        for index in list(self._checks):
+            if index not in upcoming:
+                self._checks.pop(index).cancel()
+        for index in upcoming:
+            if index not in self._checks:
+                record = self.shards[index]
+                self._checks[index] = self._checker.submit(
+                    check_shard, self.path / record["file"], record, self.hooks
+                )
 
     def _next_chunk(self) -> dict[str, Tensor] | None:
         if self._next_shard >= len(self._shard_sequence):
             return None
         chunk = self.read_shard(self._shard_sequence[self._next_shard])
         self._next_shard += 1
+        self._check_ahead()
         return chunk
-
-    def _read_chunk_into(self, start: int) -> int | None:
-        # Straight from the file into the shuffle buffer: no copy of the shard in between.
-        if self._next_shard >= len(self._shard_sequence):
-            return None
-        index = self._shard_sequence[self._next_shard]
-        rows = read_shard_into(
-            self.path / self.shards[index]["file"], self.shards[index], self.hooks,
-            lambda rows, widths: self._reserve(start, rows, widths),
-        )
-        self._next_shard += 1
-        return rows
 
     def _source_state(self) -> int:
         return self._next_shard
 
     def _load_source_state(self, state: int) -> None:
         self._next_shard = int(state)
+        self._check_ahead()
 
     def _config(self) -> dict[str, Any]:
         return {

@@ -233,3 +233,39 @@ def test_reused_batch_memory_resumes_exactly(cache) -> None:
 def test_bad_reuse_batches_is_refused(cache, bad) -> None:
     with pytest.raises(ValueError, match="reuse_batches"):
         CachedActivations(cache, batch_size=10, buffer_size=50, reuse_batches=bad)
+
+
+def test_shards_are_served_in_place_and_never_written(cache, reference_rows) -> None:
+    """Rows come from the mapped files (the buffer's own memory holds only rows carried
+    over, fewer than a batch), and writing into a mapped tensor leaves the file alone."""
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=4)
+    rows = torch.cat([next(reader) for _ in range(12)])
+    assert all(t.shape[0] <= 10 for t in reader._storage.values())
+    assert len(reader._segments) > 1  # carried rows, then mapped shards
+    before = (cache / "shard_00000.safetensors").read_bytes()
+    shard = reader.read_shard(0)[HOOK]
+    torch.testing.assert_close(shard, reference_rows[: shard.shape[0]], rtol=0, atol=0)
+    shard.add_(1.0)
+    assert (cache / "shard_00000.safetensors").read_bytes() == before
+    # Every batch row is one of the cache's rows, exactly.
+    assert (rows[:, None, :] == reference_rows[None, :N, :]).all(-1).any(1).all()
+
+
+def test_damaged_header_and_a_shard_changed_after_its_check(backend, tmp_path) -> None:
+    from saekit.data.shards import check_shard, map_shard
+
+    write(backend, tmp_path)
+    record = json.loads((tmp_path / "progress.json").read_text())[0]
+    shard = tmp_path / record["file"]
+    data = bytearray(shard.read_bytes())
+    layout = check_shard(shard, record, [HOOK])
+    assert layout.rows == record["rows"] and layout.tensors[HOOK].shape == (record["rows"], 32)
+    with pytest.raises(CacheError, match="no tensor for hook 'blocks.0.hook_z'"):
+        check_shard(shard, record, ["blocks.0.hook_z"])
+    data[9] = ord("!")  # inside the JSON header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="damaged header"):
+        check_shard(shard, record, [HOOK])
+    shard.write_bytes(bytes(data[:-8]))
+    with pytest.raises(CacheError, match="changed size while it was being read"):
+        map_shard(layout)

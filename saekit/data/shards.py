@@ -1,0 +1,141 @@
+"""One activation-cache shard on disk: check it, then serve its tensors where they lie.
+
+A shard is a safetensors file: an 8-byte little-endian header length, a JSON header giving
+each tensor's dtype, shape and byte range, then the data. Its progress record (written with
+it) gives its rows, byte size and CRC-32.
+
+Reading happens in two steps so the expensive one can run ahead in another thread:
+`check_shard` reads the whole file once through a small reused buffer, comparing size,
+header and CRC-32 with the record (the read also brings the file into the page cache);
+`map_shard` then maps the checked file and returns its tensors as views of the mapping, so
+no copy of the shard is made: batches are gathered straight from the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: Bytes read (and checksummed) at a time while checking: small enough to stay in the
+#: processor's cache between the read and the CRC, large enough to keep system calls few.
+CHECK_PIECE_BYTES = 2**20
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot be used as it is; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ShardTensor:
+    """Where one hook's [rows, d_in] tensor lies in a shard file."""
+
+    dtype: torch.dtype
+    offset: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A checked shard: its path, byte size, rows and the tensors of the hooks asked for."""
+
+    path: Path
+    size: int
+    rows: int
+    tensors: dict[str, ShardTensor]
+
+
+def _parse_header(
+    header_bytes: bytes, path: Path, record: dict[str, Any], hooks: list[str]
+) -> ShardLayout:
+    try:
+        header = json.loads(header_bytes)
+        entries = {name: info for name, info in header.items() if name != "__metadata__"}
+        shapes = {name: tuple(info["shape"]) for name, info in entries.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+            AttributeError) as err:
+        raise CacheError(f"shard {path} has a damaged header; write the cache again") from err
+    rows = int(record["rows"])
+    data_start = 8 + len(header_bytes)
+    tensors = {}
+    for hook in hooks:
+        if hook not in entries:
+            raise CacheError(f"shard {path} holds no tensor for hook {hook!r}")
+        info = entries[hook]
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        shape = shapes[hook]
+        if dtype is None or len(shape) != 2 or shape[0] != rows:
+            raise CacheError(
+                f"shard {path}: {hook} has dtype {info.get('dtype')} and shape {list(shape)}, "
+                f"the progress record says {rows} rows; the cache is damaged, write it again"
+            )
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != shape[0] * shape[1] * itemsize or data_start + end > record["bytes"]:
+            raise CacheError(f"shard {path} has a damaged header; write the cache again")
+        tensors[hook] = ShardTensor(dtype, data_start + begin, shape)
+    return ShardLayout(path, int(record["bytes"]), rows, tensors)
+
+
+def check_shard(path: Path, record: dict[str, Any], hooks: list[str]) -> ShardLayout:
+    """Read shard `path` once, checking its size, header and CRC-32 against its progress
+    `record`; returns where the `hooks`' tensors lie. Raises `CacheError` on any mismatch.
+
+    Both the reads and zlib's CRC release the GIL, so this runs alongside other work when
+    called from a second thread."""
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise CacheError(f"shard {path} is missing; write the cache again") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != record["bytes"]:
+            raise CacheError(
+                f"shard {path} has {size} bytes, {record['bytes']} were written: it is "
+                "truncated or was changed; write the cache again"
+            )
+        head = f.read(8)
+        header_length = int.from_bytes(head, "little") if len(head) == 8 else size
+        if header_length > size - 8:
+            raise CacheError(f"shard {path} has a damaged header; write the cache again")
+        header_bytes = f.read(header_length)
+        layout = _parse_header(header_bytes, path, record, hooks)
+        crc = zlib.crc32(header_bytes, zlib.crc32(head))
+        piece = bytearray(CHECK_PIECE_BYTES)
+        view = memoryview(piece)
+        while n := f.readinto(view):
+            crc = zlib.crc32(view[:n], crc)
+    if f"{crc:08x}" != record["crc32"]:
+        raise CacheError(
+            f"shard {path} fails its CRC-32 check: it is corrupted; write the cache again"
+        )
+    return layout
+
+
+def map_shard(layout: ShardLayout) -> dict[str, Tensor]:
+    """The checked shard's tensors as read-only views of a memory mapping of its file.
+
+    The mapping is private (copy-on-write), so nothing written to the tensors could reach
+    the file; it is released when the last tensor is. The size is checked again first: a
+    file cut short after its check would otherwise fault when its rows are read."""
+    with open(layout.path, "rb") as f:
+        if os.fstat(f.fileno()).st_size != layout.size:
+            raise CacheError(
+                f"shard {layout.path} changed size while it was being read; write the cache "
+                "again, and do not write into a cache that training is reading"
+            )
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for hook, where in layout.tensors.items():
+        flat = torch.frombuffer(mapping, dtype=where.dtype, offset=where.offset,
+                                count=where.shape[0] * where.shape[1])
+        out[hook] = flat.view(where.shape)
+    return out
