@@ -12,7 +12,8 @@ What it does:
    windows to a file; both libraries read these windows, in the same order, as a pretokenized
    dataset, and both leave out special-token (BOS/EOS) positions.
 4. Trains each SAE (topk 16x k=64, standard 16x) with each library in its own subprocess, with
-   the same hook, token budget, batch size, learning rate, seed and norm-scaling estimate. The
+   the same hook, token budget, batch size, learning rate, seed, norm-scaling estimate and
+   b_dec start (zero: SAELens has no other; `--b-dec-init` sets saekit's). The
    child times the training call itself (activation store, norm estimate, training, saving;
    the model is loaded before the clock starts); the parent reads the child's peak resident
    memory from `os.wait4`.
@@ -145,6 +146,7 @@ def child_saekit(spec: dict[str, Any]) -> dict[str, Any]:
     }
     training: dict[str, Any] = {
         "tokens": spec["tokens"], "batch_size": spec["batch_size"], "lr": spec["lr"],
+        "b_dec_init": spec["b_dec_init"],
     }
     if spec["architecture"] == "topk":
         sae["k"] = spec["k"]
@@ -315,6 +317,11 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--l1-coefficient", type=float, default=5.0,
                         help="standard SAE's sparsity coefficient (same loss in both libraries)")
+    parser.add_argument("--b-dec-init", default="zeros",
+                        choices=["zeros", "mean", "geometric_median"],
+                        help="saekit's start for b_dec (default zeros: SAELens always starts "
+                        "it at zero, so the two train the same SAE config; saekit's own "
+                        "default is geometric_median)")
     parser.add_argument("--hook", default="blocks.2.hook_resid_pre")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=65_536)
@@ -370,6 +377,7 @@ def main() -> None:
     base = {
         "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "k": args.k,
         "expansion": args.expansion, "l1_coefficient": args.l1_coefficient,
+        "b_dec_init": args.b_dec_init,
         "hook": args.hook, "context": args.context, "seed": args.seed, "threads": args.threads,
         "model_dir": str(model_dir), "model_name": "bundled" if bundled else str(model_dir),
         "tokens_file": str(tokens_file), "work": str(work),
