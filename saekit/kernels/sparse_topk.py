@@ -91,12 +91,15 @@ class _SparseDecode(torch.autograd.Function):
         if need_w_dec or need_w_enc:
             # Products with S^T: the same bag sums over the pairs grouped by latent.
             order = torch.argsort(latent, stable=True)  # a radix sort here: 25x faster
-            by_latent = _row_starts(latent[order], d_sae)
-            tokens = token[order]
+            # (index_select, not t[order]: several times faster for 1-d gathers here)
+            by_latent = _row_starts(latent.index_select(0, order), d_sae)
+            tokens = token.index_select(0, order)
             if need_w_dec:  # [d_sae, d_out]
-                grad_w_dec = _bag_sum(by_latent, tokens, values[order], grad_recon)
+                grad_w_dec = _bag_sum(by_latent, tokens, values.index_select(0, order),
+                                      grad_recon)
             if need_w_enc:  # [d_in, d_sae]
-                grad_w_enc = _bag_sum(by_latent, tokens, grad_values[order], x).t()
+                grad_w_enc = _bag_sum(by_latent, tokens, grad_values.index_select(0, order),
+                                      x).t()
         if need_x:
             grad_x = _bag_sum(crow, latent, grad_values, W_enc.t().contiguous())  # [batch, d_in]
         if need_b_enc:
@@ -122,7 +125,9 @@ def sparse_decode(
     `hidden_pre` [batch, d_sae] = x @ W_enc + b_enc, computed without gradient: the values are
     read from it, and gradients flow to W_enc, b_enc (and x) through the selected pairs only.
     """
-    values = torch.relu(hidden_pre.detach()[token, latent])
+    # One flat index_select: several times faster here than indexing with (token, latent).
+    flat = hidden_pre.detach().reshape(-1)
+    values = torch.relu(flat.index_select(0, token * hidden_pre.shape[1] + latent))
     return _SparseDecode.apply(x, W_enc, b_enc, W_dec, b_dec, token, latent, values)
 
 

@@ -105,12 +105,15 @@ class TopKFamily(SAE):
     ) -> dict[str, Tensor]:
         # AuxK (Gao et al. 2024): the dead latents alone try to explain what the live ones
         # missed, which gives them gradient again.
-        k_aux = min(settings.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
-        scores = torch.relu(hidden_pre.detach()).masked_fill(~dead_mask, 0.0)
-        token, latent = topk_pairs(scores, k_aux)
-        # Rows with fewer than k_aux firing dead latents fill up with masked (live) ones.
-        firing = scores[token, latent] > 0
-        token, latent = token[firing], latent[firing]
+        dead = dead_mask.nonzero().squeeze(1)
+        k_aux = min(settings.k_aux or self.cfg.d_in // 2, dead.numel())
+        # Only the dead latents' columns compete: a search over a fraction of the width.
+        top = hidden_pre.detach().index_select(1, dead).topk(k_aux, dim=1, sorted=False)
+        # A row with fewer than k_aux firing dead latents keeps only those.
+        firing = top.values > 0
+        rows = torch.arange(hidden_pre.shape[0], device=hidden_pre.device)
+        token = rows[:, None].expand_as(firing)[firing]
+        latent = dead[top.indices[firing]]
         no_bias = torch.zeros_like(self.b_dec)  # b_dec is already in the main reconstruction
         decode = sparse_decode if self._sparse_path(settings) else dense_decode
         aux_recon, _ = decode(
