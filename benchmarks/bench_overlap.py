@@ -5,10 +5,12 @@
 `--model tiny` (the default) is a random-weight GPT-2 of 4 layers and width 256 built in
 memory (nothing downloaded); any name `saekit.models.load_model` accepts works too.
 
-Both variants train the same SAE on the same model and text, from the model forward through
-the SAE step; they alternate within one run, so the ratio holds on a shared machine. With the
-producer (saekit.data.prefetch.Prefetcher) the next batch's forward runs in a background
-thread while the SAE step runs; without it they take turns.
+Every variant trains the same SAE on the same model and text, from the model forward through
+the SAE step; they alternate within one run, so the ratios hold on a shared machine. Without
+a producer the forward and the step take turns; with the producer thread
+(saekit.data.prefetch.Prefetcher) the next batch's forward runs in a background thread while
+the SAE step runs; with the producer process (saekit.data.process_producer) it runs in a
+forked child with its own interpreter, so the two do not share the GIL.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from saekit import SAE
 from saekit.data import ActivationStore
 from saekit.data.prefetch import Prefetcher
+from saekit.data.process_producer import ProcessProducer
 from saekit.models import load_model
 from saekit.training import SAEJob, Trainer, TrainingConfig
 
@@ -50,8 +54,8 @@ def run_once(
     hook: str,
     data: list[str],
     args: argparse.Namespace,
-    prefetch: bool,
-    threads: int | None = None,
+    producer: str | None,
+    threads: int,
 ) -> float:
     store = ActivationStore(
         backend, hook, data, context_size=args.context, batch_size=args.batch,
@@ -59,18 +63,24 @@ def run_once(
     )
     d_in = store.d_in
     torch.manual_seed(0)
-    sae = SAE.create("topk", d_in, d_in * args.expansion, k=32)
+    sae = SAE.create("topk", d_in, d_in * args.expansion, k=args.k)
     cfg = TrainingConfig(tokens=args.tokens, batch_size=args.batch, b_dec_init="mean")
-    source = Prefetcher(store, depth=2) if prefetch else store
-    # With the producer, the forward and the step each get their share of the cores
-    # (two teams of `threads` each would oversubscribe them).
-    if threads is None:
-        threads = max(1, args.threads // 2) if prefetch else args.threads
-    torch.set_num_threads(threads)
     start = time.perf_counter()
+    source: Any = store
+    # A buffer's worth of batches ahead: the store makes them in bursts, one buffer fill at
+    # a time, and the producer must cover a whole fill.
+    depth = store.buffer_size // store.batch_size
+    if producer == "thread":
+        source = Prefetcher(store, depth=depth)
+    elif producer == "process":
+        source = ProcessProducer(store, depth=depth, threads=threads)
+        source.start()  # the first batch, before the child exists, with all the threads
+    # With a producer, the forward and the step each get their share of the cores (two
+    # teams of all the threads would oversubscribe them).
+    torch.set_num_threads(threads)
     Trainer(SAEJob(sae, cfg), source).fit()
     elapsed = time.perf_counter() - start
-    if prefetch:
+    if producer is not None:
         source.close()
     torch.set_num_threads(args.threads)
     return args.tokens / elapsed
@@ -86,7 +96,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--model-batch", type=int, default=8)
-    parser.add_argument("--expansion", type=int, default=4)
+    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads without the producer; with it, half each side")
@@ -103,25 +114,26 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), model {args.model}, hook {hook}, "
         f"{args.tokens} tokens per run, batch {args.batch}, expansion {args.expansion}"
     )
-    run_once(backend, hook, data, args, prefetch=False)  # warm-up
-    # The third variant takes turns like the first but with the producer's thread count, to
+    run_once(backend, hook, data, args, None, args.threads)  # warm-up
+    # The last variant takes turns like the first but with the producers' thread count, to
     # tell the gain of overlapping from the gain of running fewer threads per operation.
     half = max(1, args.threads // 2)
     variants = {
-        f"without producer, {args.threads} thread(s)": (False, args.threads),
-        f"with producer, {half} thread(s) each side": (True, half),
-        f"without producer, {half} thread(s)": (False, half),
+        f"taking turns, {args.threads} thread(s)": (None, args.threads),
+        f"producer thread, {half} thread(s) each side": ("thread", half),
+        f"producer process, {half} thread(s) each side": ("process", half),
+        f"taking turns, {half} thread(s)": (None, half),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for name, (prefetch, threads) in variants.items():
-            rates[name].append(run_once(backend, hook, data, args, prefetch, threads))
+        for name, (producer, threads) in variants.items():
+            rates[name].append(run_once(backend, hook, data, args, producer, threads))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     for name, values in rates.items():
-        print(f"  {name:42s} {medians[name]:9.0f} tokens/s  (runs: {_fmt(values)})")
-    plain, overlapped, fewer = medians.values()
-    print(f"  overlap gain: {overlapped / plain:.2f}x over the first, "
-          f"{overlapped / fewer:.2f}x over the third")
+        print(f"  {name:46s} {medians[name]:9.0f} tokens/s  (runs: {_fmt(values)})")
+    plain, thread, process, fewer = medians.values()
+    print(f"  gain over taking turns with {args.threads} thread(s): producer thread "
+          f"{thread / plain:.2f}x, producer process {process / plain:.2f}x")
 
 
 def _fmt(values: list[float]) -> str:
