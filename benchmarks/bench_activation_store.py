@@ -7,10 +7,10 @@
    own cost). Overhead = (store - forward) / store; the goal is under 10%. Uses the bundled
    model when it is installed, else a random GPT-2 of similar size.
    Bare passes and store runs alternate for --rounds rounds; the medians are compared.
-2. Cache reading: writes a cache of about --cache-mb MB, then reads it three times with
+2. Cache reading: writes a cache of about --cache-mb MB, then reads it five times with
    `CachedActivations`, each in a fresh process (the later reads come from the page cache),
-   and reports GB/s and that process's peak resident memory growth against the configured
-   buffer.
+   and reports GB/s and that process's peak resident memory growth (its own memory and
+   mapped files apart) against the configured buffer.
 """
 
 from __future__ import annotations
