@@ -16,13 +16,20 @@ from saekit.training.distributed import DistEnv
 log = logging.getLogger(__name__)
 
 
+#: Batches in a training shuffle buffer (at least; more for small batches).
+BUFFER_BATCHES = 8
+
+
 def buffer_rows(batch: int) -> int:
     """Shuffle-buffer rows for a (per-rank) batch size; the same for the model and a cache."""
-    return max(batch * 8, 16_384)
+    return max(batch * BUFFER_BATCHES, 16_384)
 
 
-#: Batches a `Prefetcher` makes ahead of the training step.
-PREFETCH_DEPTH = 2
+#: Batches a `Prefetcher` makes ahead of the training step: a store makes a whole buffer's
+#: batches in one burst (one fill) and none while it fills, so the producer holds that many
+#: to keep the step fed through the next fill (benchmarks/bench_overlap.py, 2 CPU cores,
+#: a 4-batch buffer: 0.92x of taking turns with 2 ahead, 0.98x with 4).
+PREFETCH_DEPTH = BUFFER_BATCHES
 #: Batches the training stores gather into reused memory (`reuse_batches`): the trainer is
 #: done with a batch when its step ends, and meanwhile the prefetcher holds at most
 #: PREFETCH_DEPTH made batches plus the one it is making.
