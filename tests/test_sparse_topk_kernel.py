@@ -6,8 +6,9 @@ import pytest
 import torch
 from sae_factory import random_sae
 
-from saekit import LossSettings
+from saekit import SAE, LossSettings
 from saekit.kernels.sparse_topk import (
+    SelectedLatents,
     batch_topk_pairs,
     dense_decode,
     encoder_pre_activations,
@@ -137,3 +138,51 @@ def test_training_output_unpacks_in_order() -> None:
     recon, latents, loss, losses = out
     assert recon is out.recon and loss is out.loss and losses is out.losses
     assert torch.equal(latents, out.latents) and latents.shape == (6, 32)
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+@pytest.mark.parametrize("shift", [-2.0, 0.0, 1.0])
+def test_standard_sae_sparse_path_matches_the_dense_one(
+    apply_b_dec_to_input: bool, shift: float
+) -> None:
+    """A standard SAE trained through the sparse kernel (chosen when the last step's L0 is
+    low) gives the dense path's losses and gradients, from nearly silent to mostly firing."""
+    gen = torch.Generator().manual_seed(int(shift * 10) + apply_b_dec_to_input)
+    x = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    b_dec = torch.randn(8, generator=gen, dtype=torch.float64)
+    results = []
+    for last_l0 in (None, 0.0):  # dense (unknown L0), then sparse (L0 0 last step)
+        torch.manual_seed(3)
+        sae = SAE.create("standard", 8, 48, apply_b_dec_to_input=apply_b_dec_to_input).double()
+        with torch.no_grad():
+            sae.b_enc.add_(shift)
+            sae.b_dec.copy_(b_dec)
+        settings = LossSettings(sparsity_coefficient=0.7, last_l0=last_l0)
+        out = sae.training_forward(x, settings=settings)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+        results.append((out, grads))
+    (slow, slow_grads), (fast, fast_grads) = results
+    assert fast.losses.keys() == slow.losses.keys() == {"mse", "l1"}
+    for name in fast.losses:
+        assert torch.allclose(fast.losses[name], slow.losses[name], atol=1e-10), name
+    assert torch.allclose(fast.latents, slow.latents, atol=1e-12)
+    assert torch.equal(fast.fire_counts(), slow.fire_counts())
+    for name in fast_grads:
+        assert torch.allclose(fast_grads[name], slow_grads[name], atol=1e-9), name
+
+
+def test_standard_sae_takes_the_sparse_path_only_when_few_latents_fired() -> None:
+    sae = SAE.create("standard", 8, 100)
+    x = torch.randn(16, 8)
+
+    def path(last_l0: float | None, **extra: object) -> bool:
+        settings = LossSettings(sparsity_coefficient=1.0, last_l0=last_l0, **extra)
+        return isinstance(sae.training_pass(x, sae.center(x), settings)[1], SelectedLatents)
+
+    assert not path(None)  # the first step
+    assert path(0.1 * 100) and not path(0.1 * 100 + 1)
+    assert not path(1.0, use_sparse_kernel=False)
+    tanh = SAE.create("tanh_relu", 8, 100)
+    settings = LossSettings(sparsity_coefficient=1.0, last_l0=0.0)
+    assert not isinstance(tanh.training_pass(x, tanh.center(x), settings)[1], SelectedLatents)

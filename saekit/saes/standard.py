@@ -2,22 +2,62 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
+from saekit.kernels.sparse_topk import SelectedLatents, sparse_decode
 from saekit.saes.base import SAE, LossSettings, weighted_sum_mean
 from saekit.saes.registry import register_architecture
+
+#: The sparse training path is taken while at most this share of the latents fired in the
+#: previous step. A step (d_in 256, 16x, batch 4096, 2 CPU cores) ran 0.83x the dense one at
+#: 20% firing, 1.39x at 10%, 2.26x at 5% and 3.19x at 3% (the dense step: 650-800 ms).
+SPARSE_DENSITY_LIMIT = 0.1
 
 
 @register_architecture("standard")
 class StandardSAE(SAE):
+    #: Whether f = ReLU(h), so the training pass can keep only the positive pre-activations
+    #: (the sparse top-k kernel's decode and backward, with every positive pair selected).
+    relu_activation: ClassVar[bool] = True
+
     def activation(self, hidden_pre: Tensor) -> Tensor:
         return torch.relu(hidden_pre)
 
+    def training_pass(
+        self, x: Tensor, centred: Tensor, settings: LossSettings
+    ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
+        # Once few latents fire (a trained standard SAE: a few percent), the decoder and
+        # every product of the backward touch only the firing pairs, as for top-k SAEs.
+        # The L0 of the trainer's last step decides (the first step is dense).
+        last_l0 = settings.last_l0
+        sparse = (
+            settings.use_sparse_kernel and self.relu_activation and not self.is_transcoder
+            and last_l0 is not None and last_l0 <= SPARSE_DENSITY_LIMIT * self.cfg.d_sae
+        )
+        if not sparse:
+            return super().training_pass(x, centred, settings)
+        hidden_pre = self.pre_activations_without_graph(centred)
+        token, latent = (hidden_pre > 0).nonzero().unbind(1)  # row-major: in token order
+        recon, values = sparse_decode(
+            centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
+        )
+        return hidden_pre, SelectedLatents(token, latent, values, hidden_pre.shape), recon
+
     def sparsity_losses(
-        self, x: Tensor, hidden_pre: Tensor, latents: Tensor, settings: LossSettings
+        self,
+        x: Tensor,
+        hidden_pre: Tensor,
+        latents: Tensor | SelectedLatents,
+        settings: LossSettings,
     ) -> dict[str, Tensor]:
-        l1 = weighted_sum_mean(latents, self.decoder_norms())
+        norms = self.decoder_norms()
+        if isinstance(latents, SelectedLatents):
+            l1 = (latents.values * norms.index_select(0, latents.latent)).sum() / latents.shape[0]
+        else:
+            l1 = weighted_sum_mean(latents, norms)
         return {"l1": settings.sparsity_coefficient * l1}
 
 
@@ -25,6 +65,8 @@ class StandardSAE(SAE):
 class TanhReLUSAE(StandardSAE):
     """f = tanh(ReLU(h)): an activation older sae-lens releases use (activation_fn_str
     "tanh-relu"); trained with the standard decoder-norm-weighted L1."""
+
+    relu_activation: ClassVar[bool] = False
 
     def activation(self, hidden_pre: Tensor) -> Tensor:
         return torch.tanh(torch.relu(hidden_pre))

@@ -12,7 +12,6 @@ from saekit.kernels.sparse_topk import (
     SelectedLatents,
     batch_topk_pairs,
     dense_decode,
-    encoder_pre_activations,
     scatter_latents,
     sparse_decode,
     topk_pairs,
@@ -67,10 +66,7 @@ class TopKFamily(SAE):
     ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
         if not self._sparse_path(settings):
             return super().training_pass(x, centred, settings)
-        # An explicit output opts out of autocast, which would cost the low-precision matmul.
-        autocast = torch.is_autocast_enabled(centred.device.type)
-        memory = None if autocast else self._pre_activation_memory(centred)
-        hidden_pre = encoder_pre_activations(centred, self.W_enc, self.b_enc, out=memory)
+        hidden_pre = self.pre_activations_without_graph(centred)
         # Selecting on the pre-activations themselves saves a ReLU pass over [batch, d_sae]:
         # ReLU keeps the order of positive scores, and a pair picked below zero has value
         # ReLU(h) = 0, as a zero picked after the ReLU would.
@@ -79,21 +75,6 @@ class TopKFamily(SAE):
             centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
         )
         return hidden_pre, SelectedLatents(token, latent, values, hidden_pre.shape), recon
-
-    def _pre_activation_memory(self, centred: Tensor) -> Tensor:
-        """[batch, d_sae] memory for the pre-activations, kept from step to step.
-
-        Nothing holds the pre-activations past the training pass (the values are gathered
-        from them), and writing a fresh [batch, d_sae] tensor costs a page fault per page:
-        the encoder matmul ran at 42 GFLOP/s into new memory against 56 into reused."""
-        shape = (centred.shape[0], self.cfg.d_sae)
-        held: Tensor | None = getattr(self, "_pre_activations", None)
-        if (
-            held is None or held.shape != shape or held.dtype != centred.dtype
-            or held.device != centred.device
-        ):
-            held = self._pre_activations = centred.new_empty(shape)
-        return held
 
     def dead_latent_losses(
         self,

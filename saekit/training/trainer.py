@@ -119,7 +119,9 @@ class _JobState:
         self.counted_tokens = 0
         self.interval: dict[str, float] = {}
         self.interval_steps = 0
-        self.interval_last_l0 = 0.0
+        #: Latents per token in the last step (None before the first). Checkpointed: the
+        #: standard SAE's choice of training path depends on it.
+        self.last_l0: float | None = None
         #: The last step's other loss terms over its reconstruction loss (for the controller).
         self.interval_last_share = 0.0
         self.interval_coefficient = 0.0
@@ -138,6 +140,7 @@ class _JobState:
             jumprelu_sparsity=cfg.jumprelu_sparsity,
             jumprelu_ste_to_input=cfg.jumprelu_ste_reaches_input,
             jumprelu_pre_act_coefficient=cfg.jumprelu_pre_act,
+            last_l0=self.last_l0,
         )
 
     def dead_mask(self) -> Tensor:
@@ -151,6 +154,7 @@ class _JobState:
             "tokens_since_fired": self.tokens_since_fired.clone(),
             "fire_counts": self.fire_counts.clone(),
             "counted_tokens": self.counted_tokens,
+            "last_l0": self.last_l0,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,6 +166,7 @@ class _JobState:
         self.tokens_since_fired = state["tokens_since_fired"].to(device)
         self.fire_counts = state["fire_counts"].to(device)
         self.counted_tokens = int(state["counted_tokens"])
+        self.last_l0 = state.get("last_l0")
 
 
 class Trainer:
@@ -319,7 +324,7 @@ class Trainer:
                 normalize_decoder_rows(st.job.sae)
             st.job.sae.post_optimizer_step()
             if st.controller is not None:
-                st.controller.update(st.interval_last_l0, st.interval_last_share)
+                st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         return n_tokens
 
     def _select(self, batch: Batch, job: SAEJob) -> tuple[Tensor, Tensor]:
@@ -388,7 +393,7 @@ class Trainer:
             st.fire_counts += counts
             st.counted_tokens += n_tokens
         l0 = float(counts.sum()) / n_tokens
-        st.interval_last_l0 = l0
+        st.last_l0 = l0
         mse = loss_values[names.index("mse_loss")] if "mse_loss" in names else 0.0
         st.interval_last_share = (loss_values[0] - mse) / max(mse, 1e-12)
         # Loss terms get a suffix: jumprelu's L0 penalty is called "l0", like the metric.
