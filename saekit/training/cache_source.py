@@ -30,10 +30,21 @@ def buffer_rows(batch: int) -> int:
 #: to keep the step fed through the next fill (benchmarks/bench_overlap.py, 2 CPU cores,
 #: a 4-batch buffer: 0.92x of taking turns with 2 ahead, 0.98x with 4).
 PREFETCH_DEPTH = BUFFER_BATCHES
-#: Batches the training stores gather into reused memory (`reuse_batches`): the trainer is
-#: done with a batch when its step ends, and meanwhile the prefetcher holds at most
-#: PREFETCH_DEPTH made batches plus the one it is making.
-BATCH_RING = PREFETCH_DEPTH + 2
+#: Batches the training stores gather into reused memory (`reuse_batches`) when nothing is
+#: made ahead: the trainer is done with a batch when its step ends.
+BATCH_RING = 4
+
+
+def prefetches(cfg: TrainConfig, device: str) -> bool:
+    """Whether batches are made ahead in a background thread: on accelerators only (on CPU
+    cores the overlap measured level with taking turns, docs/scaling.md)."""
+    return cfg.run.prefetch and torch.device(device).type != "cpu"
+
+
+def batch_ring(cfg: TrainConfig, device: str) -> int:
+    """Reused batch tensors for a run: a prefetcher also holds PREFETCH_DEPTH made batches
+    plus the one it is making."""
+    return PREFETCH_DEPTH + 2 if prefetches(cfg, device) else BATCH_RING
 
 
 def refuse_cache_under_torchrun(cfg: TrainConfig, env: DistEnv) -> None:
@@ -119,7 +130,7 @@ def cached_store(
         # Batches in float32, as the ActivationStore gives them whatever the model's dtype.
         dtype=torch.float32,
         device=device,
-        reuse_batches=BATCH_RING,
+        reuse_batches=batch_ring(cfg, device),
     )
 
 

@@ -22,10 +22,11 @@ from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.prefetch import Prefetcher
 from saekit.saes import SAE, architecture_class
 from saekit.training.cache_source import (
-    BATCH_RING,
     PREFETCH_DEPTH,
+    batch_ring,
     buffer_rows,
     cached_store,
+    prefetches,
     refuse_cache_under_torchrun,
     run_cache_metadata,
 )
@@ -150,7 +151,7 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         evaluate=_evaluator(cfg, backend, hook, hook_out, dataset) if env.is_main else None,
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
-    overlap = cfg.run.prefetch and torch.device(device).type != "cpu"
+    overlap = prefetches(cfg, device)
     source = Prefetcher(store, depth=PREFETCH_DEPTH, device=device) if overlap else store
     trainer = Trainer(
         job,
@@ -317,7 +318,7 @@ def _store(
         prepend_bos=cfg.data.prepend_bos,
         seed=cfg.run.seed + env.rank,
         device=device,
-        reuse_batches=BATCH_RING,
+        reuse_batches=batch_ring(cfg, device),
     )
     if env.distributed:
         return ShardedActivationStore(
