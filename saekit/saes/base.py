@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -19,7 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DTYPES, SAEConfig, dtype_name
-from saekit.kernels.sparse_topk import SelectedLatents, encoder_pre_activations
+from saekit.kernels.sparse_topk import (
+    SelectedLatents,
+    encoder_pre_activations,
+    sparse_decode,
+)
 from saekit.saes.registry import architecture_class
 
 log = logging.getLogger(__name__)
@@ -337,6 +341,19 @@ class SAE(nn.Module):
         encoder_input, centre = self.encoder_input(x, centred)
         hidden_pre, latents = self.encode_parts(encoder_input, settings, centre)
         return hidden_pre, latents, self.reconstruct(x, latents)
+
+    def sparse_training_pass(
+        self, centred: Tensor, select: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, SelectedLatents, Tensor]:
+        """`training_pass` through the sparse kernel: the encoder's matmul, then only the
+        (token, latent) pairs `select` picks from the pre-activations are decoded and get
+        gradients (a pair picked at or below zero has value ReLU(h) = 0)."""
+        hidden_pre = self.pre_activations_without_graph(centred)
+        token, latent = select(hidden_pre)
+        recon, values = sparse_decode(
+            centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
+        )
+        return hidden_pre, SelectedLatents(token, latent, values, hidden_pre.shape), recon
 
     def pre_activations_without_graph(self, centred: Tensor) -> Tensor:
         """centred @ W_enc + b_enc [batch, d_sae] for the sparse training paths, whose own

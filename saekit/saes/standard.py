@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from saekit.kernels.sparse_topk import SelectedLatents, sparse_decode
+from saekit.kernels.sparse_topk import SelectedLatents
 from saekit.saes.base import SAE, LossSettings, weighted_sum_mean
 from saekit.saes.registry import register_architecture
 
@@ -39,12 +39,8 @@ class StandardSAE(SAE):
         )
         if not sparse:
             return super().training_pass(x, centred, settings)
-        hidden_pre = self.pre_activations_without_graph(centred)
-        token, latent = (hidden_pre > 0).nonzero().unbind(1)  # row-major: in token order
-        recon, values = sparse_decode(
-            centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
-        )
-        return hidden_pre, SelectedLatents(token, latent, values, hidden_pre.shape), recon
+        # Every firing pair, row-major (in token order, as the kernel wants).
+        return self.sparse_training_pass(centred, lambda h: (h > 0).nonzero().unbind(1))
 
     def sparsity_losses(
         self,

@@ -66,15 +66,10 @@ class TopKFamily(SAE):
     ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
         if not self._sparse_path(settings):
             return super().training_pass(x, centred, settings)
-        hidden_pre = self.pre_activations_without_graph(centred)
         # Selecting on the pre-activations themselves saves a ReLU pass over [batch, d_sae]:
         # ReLU keeps the order of positive scores, and a pair picked below zero has value
         # ReLU(h) = 0, as a zero picked after the ReLU would.
-        token, latent = self.select(hidden_pre)
-        recon, values = sparse_decode(
-            centred, self.W_enc, self.b_enc, self.W_dec, self.b_dec, hidden_pre, token, latent
-        )
-        return hidden_pre, SelectedLatents(token, latent, values, hidden_pre.shape), recon
+        return self.sparse_training_pass(centred, self.select)
 
     def dead_latent_losses(
         self,
