@@ -431,12 +431,12 @@ class CachedActivations(ShuffledRows):
         """Shard `index`'s tensors for our hooks, in the cache's dtype, after checking its
         size, header and CRC-32: read-only views of the file mapped into memory."""
         pending = self._checks.pop(index, None)
-        record = self.shards[index]
-        if pending is not None:
-            layout = pending.result()
-        else:
-            layout = check_shard(self.path / record["file"], record, self.hooks)
+        layout = pending.result() if pending is not None else self._check(index)
         return map_shard(layout)
+
+    def _check(self, index: int) -> ShardLayout:
+        record = self.shards[index]
+        return check_shard(self.path / record["file"], record, self.hooks)
 
     def _check_ahead(self) -> None:
         """Start the checks of the shards the next `buffer_size` rows will come from; drop
@@ -452,10 +452,7 @@ class CachedActivations(ShuffledRows):
                 self._checks.pop(index).cancel()
         for index in upcoming:
             if index not in self._checks:
-                record = self.shards[index]
-                self._checks[index] = self._checker.submit(
-                    check_shard, self.path / record["file"], record, self.hooks
-                )
+                self._checks[index] = self._checker.submit(self._check, index)
 
     def _next_chunk(self) -> dict[str, Tensor] | None:
         if self._next_shard >= len(self._shard_sequence):

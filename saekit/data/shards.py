@@ -78,8 +78,8 @@ def _parse_header(
                 f"shard {path}: {hook} has dtype {info.get('dtype')} and shape {list(shape)}, "
                 f"the progress record says {rows} rows; the cache is damaged, write it again"
             )
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != shape[0] * shape[1] * itemsize or data_start + end > record["bytes"]:
+        size = shape[0] * shape[1] * dtype.itemsize
+        if end - begin != size or data_start + end > record["bytes"]:
             raise CacheError(f"shard {path} has a damaged header; write the cache again")
         tensors[hook] = ShardTensor(dtype, data_start + begin, shape)
     return ShardLayout(path, int(record["bytes"]), rows, tensors)
