@@ -432,19 +432,54 @@ def test_gated_training_matches_plain_autograd() -> None:
 
 
 @pytest.mark.parametrize("centre", [True, False])
-def test_standard_training_matches_plain_autograd(centre: bool) -> None:
+@pytest.mark.parametrize("last_l0", [None, 0.0])  # the dense path, then the sparse one
+def test_standard_training_matches_plain_autograd(centre: bool, last_l0: float | None) -> None:
     sae = random_sae("standard", d_in=6, d_sae=24, seed=3, apply_b_dec_to_input=centre)
     sae.to(dtype=torch.float64)
     x = torch.randn(40, 6, dtype=torch.float64)
-    out = sae.training_forward(x, settings=LossSettings(sparsity_coefficient=0.4))
+    dead = torch.arange(24) % 3 == 0
+    settings = LossSettings(sparsity_coefficient=0.4, dead_pre_act_coefficient=0.3,
+                            last_l0=last_l0)
+    out = sae.training_forward(x, settings=settings, dead_mask=dead)
 
     p = _leaves(sae)
-    f = torch.relu(((x - p["b_dec"]) if centre else x) @ p["W_enc"] + p["b_enc"])
+    centred = (x - p["b_dec"]) if centre else x
+    f = torch.relu(centred @ p["W_enc"] + p["b_enc"])
+    # The revival term holds the input and the decoder norms constant.
+    h_dead = (centred.detach() @ p["W_enc"] + p["b_enc"])[:, dead]
+    dead_norms = p["W_dec"].norm(dim=1).detach()[dead]
     reference = {
         "mse": (f @ p["W_dec"] + p["b_dec"] - x).pow(2).sum(-1).mean(),
         "l1": 0.4 * (f * p["W_dec"].norm(dim=1)).sum(-1).mean(),
+        "dead_pre_act": 0.3 * (torch.relu(-h_dead) * dead_norms).sum(-1).mean(),
     }
+    assert 0 < (h_dead > 0).double().mean() < 1  # dead latents below and above zero
     _assert_matches(sae, out.losses, reference, p)
+
+
+@pytest.mark.parametrize("coefficient", [0.0, 1e-3])
+def test_dead_pre_act_term_revives_silenced_latents(coefficient: float) -> None:
+    """Latents silenced by a very negative bias stay dead without the term, and fire
+    again within a few hundred steps with it, while the live latents keep working."""
+    torch.manual_seed(0)
+    sae = SAE.create("standard", 16, 64)
+    with torch.no_grad():
+        sae.b_enc[:16] = -3.0
+    x = torch.randn(512, 16)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    settings = LossSettings(sparsity_coefficient=1e-2, dead_pre_act_coefficient=coefficient)
+    ever_fired = torch.zeros(64, dtype=torch.bool)
+    for _ in range(300):
+        out = sae.training_forward(x, settings=settings, dead_mask=~ever_fired)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        ever_fired |= out.latents.detach().gt(0).any(0)
+    assert ever_fired[16:].all()
+    if coefficient:
+        assert ever_fired[:16].all()
+    else:
+        assert not ever_fired[:16].any()
 
 
 def test_centred_affine_gradients_including_the_input() -> None:

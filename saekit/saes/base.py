@@ -29,6 +29,12 @@ from saekit.saes.registry import architecture_class
 log = logging.getLogger(__name__)
 
 
+#: Weight of the standard SAE's dead-latent term. A dead latent's encoder gets no other
+#: gradient, so Adam moves it at about lr per step whatever the weight; a small one leaves the
+#: gradient-norm clipping of the live latents alone.
+DEAD_PRE_ACT_DEFAULT = 0.01
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """Coefficients of the training loss terms (section 2 of the reference)."""
@@ -51,6 +57,10 @@ class LossSettings:
     jumprelu_pre_act_coefficient: float = 0.0
     """c in c * sum_i ||W_dec[i]|| ReLU(theta_i - h_i), which pulls silent latents back up
     to their thresholds (decoder norms taken as constants); 0 turns it off."""
+    dead_pre_act_coefficient: float = DEAD_PRE_ACT_DEFAULT
+    """ReLU SAEs (standard, transcoder): c in c * mean over tokens of sum over dead latents
+    of ||W_dec[i]|| ReLU(-h_i), which pushes latents the trainer counts as dead back up until
+    they fire (decoder norms taken as constants); 0 turns it off."""
     tanh_scale: float = 4.0
     """c in tanh(c * f_i * ||W_dec[i]||) for the tanh penalty."""
     last_l0: float | None = None

@@ -56,6 +56,42 @@ class StandardSAE(SAE):
             l1 = weighted_sum_mean(latents, norms)
         return {"l1": settings.sparsity_coefficient * l1}
 
+    def dead_latent_losses(
+        self,
+        centred: Tensor,
+        hidden_pre: Tensor,
+        residual: Tensor,
+        dead_mask: Tensor,
+        settings: LossSettings,
+    ) -> dict[str, Tensor]:
+        # A dead ReLU latent gets no gradient from the reconstruction or the penalty; this term
+        # gives it one, towards the inputs it is least negative on.
+        if settings.dead_pre_act_coefficient == 0:
+            return {}
+        dead = dead_mask.nonzero().squeeze(1)
+        weights = self.decoder_norms().detach().index_select(0, dead)
+        loss = dead_pre_activation_loss(centred, self.W_enc, self.b_enc, hidden_pre, dead, weights)
+        return {"dead_pre_act": settings.dead_pre_act_coefficient * loss}
+
+
+def dead_pre_activation_loss(
+    centred: Tensor, W_enc: Tensor, b_enc: Tensor, hidden_pre: Tensor, dead: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """Mean over tokens of sum_i weights_i * ReLU(-h_i) over the latents `dead`, where
+    h = centred @ W_enc + b_enc and `hidden_pre` holds its values.
+
+    The term is linear in W_enc and b_enc once the tokens below zero are fixed, so it is built
+    from their per-latent sums of inputs ([n_dead, d_in]) rather than from h's graph: the
+    sparse training pass keeps none, and the matmul costs n_dead / d_sae of the encoder's.
+    The centred input is held constant, so the term moves only the encoder.
+    """
+    below = (hidden_pre.detach().index_select(1, dead) < 0).to(centred.dtype)  # [batch, n_dead]
+    input_sums = below.T @ centred.detach()  # [n_dead, d_in]
+    h_sums = (input_sums * W_enc.index_select(1, dead).T).sum(1)
+    h_sums = h_sums + below.sum(0) * b_enc.index_select(0, dead)  # sum of h_i where h_i < 0
+    return -(weights * h_sums).sum() / centred.shape[0]
+
 
 @register_architecture("tanh_relu")
 class TanhReLUSAE(StandardSAE):

@@ -140,6 +140,7 @@ class _JobState:
             jumprelu_sparsity=cfg.jumprelu_sparsity,
             jumprelu_ste_to_input=cfg.jumprelu_ste_reaches_input,
             jumprelu_pre_act_coefficient=cfg.jumprelu_pre_act,
+            dead_pre_act_coefficient=cfg.dead_pre_act_coefficient,
             last_l0=self.last_l0,
         )
 

@@ -74,7 +74,8 @@ def test_existing_folder_refused_then_overwrite_and_resume(tmp_path: Path, model
 def test_invalid_config_lists_every_problem_at_once() -> None:
     bad = {
         "sae": {"architecture": "nope", "expansion_factor": 0},
-        "training": {"lr": -1, "lr_schedule": "wavy", "tokens": "many"},
+        "training": {"lr": -1, "lr_schedule": "wavy", "tokens": "many",
+                     "dead_pre_act_coefficient": -0.1},
         "run": {"dtype": "float8", "resum": "x"},
         "extra": {},
     }
@@ -83,9 +84,10 @@ def test_invalid_config_lists_every_problem_at_once() -> None:
     text = str(err.value)
     for expected in ("architecture 'nope'", "expansion_factor", "lr must be positive",
                      "'wavy'", "training.tokens: expected int", "dtype 'float8'",
-                     "unknown field 'resum' (did you mean 'resume'?)", "unknown section 'extra'"):
+                     "unknown field 'resum' (did you mean 'resume'?)", "unknown section 'extra'",
+                     "dead_pre_act_coefficient must be >= 0, got -0.1"):
         assert expected in text, expected
-    assert len(err.value.problems) == 8
+    assert len(err.value.problems) == 9
 
 
 def test_every_field_has_a_flag_documented_by_its_docstring(

@@ -116,6 +116,23 @@ def test_dead_latents_are_tracked_and_auxk_switches_on() -> None:
     assert all("aux_k_loss" not in r and r["dead_fraction"] == 0.0 for r in quiet)
 
 
+def test_standard_sae_dead_latents_are_revived_by_the_pre_act_term() -> None:
+    finals = {}
+    for coefficient in (0.0, 0.01):
+        records: list[dict] = []
+        cfg = small_config(80, dead_after_tokens=256 * 5, l1_coefficient=0.3,
+                           dead_pre_act_coefficient=coefficient)
+        stream = SparseFeatureStream(16, 8, 256, p_min=0.05, p_max=0.1)
+        Trainer(SAEJob(make_sae("standard", d_sae=128), cfg), stream, log_every=8,
+                log_sinks=[records.append]).fit()
+        assert any("dead_pre_act_loss" in r for r in records) == (coefficient > 0)
+        finals[coefficient] = records[-1]
+    # Without the term the latents the penalty silenced stay silent.
+    assert finals[0.0]["dead_fraction"] > 0.03
+    assert finals[0.01]["dead_fraction"] < finals[0.0]["dead_fraction"] / 2
+    assert finals[0.01]["mse_loss"] < 1.1 * finals[0.0]["mse_loss"]
+
+
 def test_unit_norm_decoder_for_topk_and_free_for_standard() -> None:
     stream = SparseFeatureStream(16, 32, 256)
     topk = Trainer(SAEJob(make_sae("topk"), small_config(20)), stream).fit().saes["sae"]
