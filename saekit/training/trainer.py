@@ -145,7 +145,7 @@ class _JobState:
         )
 
     def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.job.cfg.dead_after_tokens
+        return self.tokens_since_fired >= self.job.cfg.dead_window
 
     def state_dict(self) -> dict[str, Any]:
         return {

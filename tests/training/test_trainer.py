@@ -8,7 +8,7 @@ import torch
 from training_helpers import make_sae, small_config
 
 from saekit import SAE, list_architectures
-from saekit.training import SAEJob, Trainer
+from saekit.training import SAEJob, Trainer, TrainingConfig
 from saekit.training.synthetic import SparseFeatureStream
 
 
@@ -114,6 +114,12 @@ def test_dead_latents_are_tracked_and_auxk_switches_on() -> None:
     Trainer(SAEJob(make_sae("topk", d_sae=128, k=1), never), SparseFeatureStream(16, 8, 256),
             log_every=5, log_sinks=[quiet.append]).fit()
     assert all("aux_k_loss" not in r and r["dead_fraction"] == 0.0 for r in quiet)
+
+
+def test_dead_window_defaults_to_a_tenth_of_the_run_up_to_a_million() -> None:
+    assert TrainingConfig(tokens=307_200).dead_window == 30_720
+    assert TrainingConfig(tokens=10**9).dead_window == 1_000_000
+    assert TrainingConfig(tokens=307_200, dead_after_tokens=5).dead_window == 5
 
 
 def test_standard_sae_dead_latents_are_revived_by_the_pre_act_term() -> None:
