@@ -9,13 +9,19 @@ Every variant trains the same SAE on the same model and text, from the model for
 the SAE step; they alternate within one run, so the ratios hold on a shared machine. Without
 the producer the forward and the step take turns; with it (saekit.data.prefetch.Prefetcher)
 the next batches' forwards run in a background thread while the SAE step runs.
+
+`--ceiling` also measures the most any overlap could give on this machine: the forward and
+the step each alone on one thread, then both at once in two separate processes (no shared
+interpreter, nothing to wait for). Overlap cannot beat the slower of the two side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,6 +52,18 @@ def model(name: str, layers: int, width: int) -> object:
     return load_model(tiny_gpt2(300, n_layer=layers, d_model=width), tokenizer=tiny_tokenizer())
 
 
+def make_store(backend: object, hook: str, data: list[str], args: argparse.Namespace) -> Any:
+    return ActivationStore(
+        backend, hook, data, context_size=args.context, batch_size=args.batch,
+        buffer_size=args.batch * 4, model_batch_size=args.model_batch, seed=0,
+    )
+
+
+def make_sae(d_in: int, args: argparse.Namespace) -> SAE:
+    torch.manual_seed(0)
+    return SAE.create("topk", d_in, d_in * args.expansion, k=args.k)
+
+
 def run_once(
     backend: object,
     hook: str,
@@ -54,13 +72,8 @@ def run_once(
     producer: bool,
     threads: int,
 ) -> float:
-    store = ActivationStore(
-        backend, hook, data, context_size=args.context, batch_size=args.batch,
-        buffer_size=args.batch * 4, model_batch_size=args.model_batch, seed=0,
-    )
-    d_in = store.d_in
-    torch.manual_seed(0)
-    sae = SAE.create("topk", d_in, d_in * args.expansion, k=args.k)
+    store = make_store(backend, hook, data, args)
+    sae = make_sae(store.d_in, args)
     cfg = TrainingConfig(tokens=args.tokens, batch_size=args.batch, b_dec_init="mean")
     start = time.perf_counter()
     source: Any = store
@@ -80,6 +93,61 @@ def run_once(
     return args.tokens / elapsed
 
 
+def part_worker(
+    part: str, args: argparse.Namespace, hook: str, barrier: Any, results: Any
+) -> None:
+    """Time one part on one thread: the store making batches (model forward included), or
+    the SAE step on batches made before the clock starts. `barrier` lines up the start with
+    the other part's process; the times of finished batches go back through `results`."""
+    torch.set_num_threads(1)
+    store = make_store(model(args.model, args.layers, args.width), hook, texts(), args)
+    n = args.tokens // args.batch
+    batches = [next(store).clone() for _ in range(n)] if part == "step" else []
+    barrier.wait()
+    start = time.perf_counter()
+    finished: list[float] = []
+    if part == "forward":
+        for _ in range(n):
+            next(store)
+            finished.append(time.perf_counter())
+    else:
+        def timed() -> Iterator[torch.Tensor]:
+            for i, batch in enumerate(batches):
+                if i:  # asked for the next batch: the step on the last one is done
+                    finished.append(time.perf_counter())
+                yield batch
+
+        cfg = TrainingConfig(tokens=n * args.batch, batch_size=args.batch, b_dec_init="mean")
+        Trainer(SAEJob(make_sae(store.d_in, args), cfg), timed()).fit()
+        finished.append(time.perf_counter())
+    results.put((part, start, finished))
+
+
+def overlap_ceiling(args: argparse.Namespace, hook: str) -> dict[tuple[str, bool], float]:
+    """tokens/s of the forward and of the step, each alone and both at once, keyed by (part,
+    together). Side by side, each rate counts the batches finished while both still ran."""
+    context = multiprocessing.get_context("spawn")
+    rates = {}
+    for together in (False, True):
+        groups = [("forward", "step")] if together else [("forward",), ("step",)]
+        for group in groups:
+            barrier, results = context.Barrier(len(group)), context.Queue()
+            workers = [
+                context.Process(target=part_worker, args=(part, args, hook, barrier, results))
+                for part in group
+            ]
+            for worker in workers:
+                worker.start()
+            timings = [results.get() for _ in group]
+            for worker in workers:
+                worker.join()
+            end = min(finished[-1] for _, _, finished in timings)
+            for part, start, finished in timings:
+                done = sum(1 for t in finished if t <= end)
+                rates[part, together] = done * args.batch / (end - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -97,6 +165,8 @@ def main() -> None:
                         help="batches made ahead (default: the buffer's, as training uses)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads without the producer; with it, half each side")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure the forward and the step alone and side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backend = model(args.model, args.layers, args.width)
@@ -129,6 +199,15 @@ def main() -> None:
     plain, overlapped, fewer = medians.values()
     print(f"  overlap gain: {overlapped / plain:.2f}x over the first, "
           f"{overlapped / fewer:.2f}x over the third")
+    if args.ceiling:
+        rates_by = overlap_ceiling(args, hook)
+        for part in ("forward", "step"):
+            alone, together = rates_by[part, False], rates_by[part, True]
+            print(f"  {part} on 1 thread: {alone:9.0f} tokens/s alone, {together:9.0f} beside "
+                  f"the other in its own process ({together / alone:.2f}x)")
+        ceiling = min(rates_by["forward", True], rates_by["step", True])
+        print(f"  overlap ceiling (the slower part, side by side): {ceiling:.0f} tokens/s, "
+              f"{ceiling / plain:.2f}x the first")
 
 
 def _fmt(values: list[float]) -> str:

@@ -20,8 +20,10 @@ What it does:
 5. Loads both saved SAEs with saekit and evaluates them together on the same held-out tokens,
    then prints tokens/s, peak memory, explained variance and dead fraction, and the ratios.
 
-Each library keeps its own defaults for what the comparison does not fix (e.g. SAELens counts
-its dead-latent window in steps, saekit in tokens); those are part of what is compared.
+Both use the same dead-latent window (saekit's default for the run: a tenth of it, at most
+1M tokens; SAELens counts it in steps), so AuxK starts at the same step in both. Each library
+keeps its own defaults for what the comparison does not fix; those are part of what is
+compared.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ NORM_BATCHES = 20
 #: gets the same number of rows, as n_batches_in_buffer * context_size.
 def buffer_rows(batch_size: int) -> int:
     return max(batch_size * 8, 16_384)
+
+
+def dead_window(tokens: int, batch_size: int) -> int:
+    """saekit's default dead-latent window for the run, in tokens (both libraries use it)."""
+    from saekit.training.config import TrainingConfig
+
+    return TrainingConfig(tokens=tokens, batch_size=batch_size).dead_window
 
 
 #: Issue targets: saekit tokens/s over SAELens's, per architecture.
@@ -146,7 +155,7 @@ def child_saekit(spec: dict[str, Any]) -> dict[str, Any]:
     }
     training: dict[str, Any] = {
         "tokens": spec["tokens"], "batch_size": spec["batch_size"], "lr": spec["lr"],
-        "b_dec_init": spec["b_dec_init"],
+        "b_dec_init": spec["b_dec_init"], "dead_after_tokens": spec["dead_window"],
     }
     if spec["architecture"] == "topk":
         sae["k"] = spec["k"]
@@ -213,6 +222,8 @@ def child_saelens(spec: dict[str, Any]) -> dict[str, Any]:
         train_batch_size_tokens=spec["batch_size"],
         lr=spec["lr"],
         lr_scheduler_name="constant",
+        # Dead once unfired for more than this many steps (saekit: for window tokens).
+        dead_feature_window=spec["dead_window"] // spec["batch_size"],
         n_batches_for_norm_estimate=NORM_BATCHES,
         # Its default (20) gives a 2,560-row buffer at context 128, smaller than one batch.
         n_batches_in_buffer=buffer_rows(spec["batch_size"]) // spec["context"],
@@ -377,7 +388,7 @@ def main() -> None:
     base = {
         "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "k": args.k,
         "expansion": args.expansion, "l1_coefficient": args.l1_coefficient,
-        "b_dec_init": args.b_dec_init,
+        "b_dec_init": args.b_dec_init, "dead_window": dead_window(args.tokens, args.batch_size),
         "hook": args.hook, "context": args.context, "seed": args.seed, "threads": args.threads,
         "model_dir": str(model_dir), "model_name": "bundled" if bundled else str(model_dir),
         "tokens_file": str(tokens_file), "work": str(work),
