@@ -177,8 +177,9 @@ class TrainingConfig:
     dead_pre_act_coefficient: float = DEAD_PRE_ACT_DEFAULT
     """Standard SAEs and transcoders: weight of c * sum over dead latents of ||W_dec[i]||
     ReLU(-h_i) (mean over tokens), which pushes dead latents back up until they fire;
-    0 turns it off. On the bundled model (16x, 300 steps) it took the held-out dead
-    fraction from 0.264 to 0.137, explained variance unchanged."""
+    0 turns it off. On the bundled model (16x, 300 steps, the default window of 122,880
+    tokens) it took the held-out dead fraction from 0.264 to 0.137, explained variance
+    unchanged."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0 disables clipping)."""
     b_dec_init: str = "geometric_median"
