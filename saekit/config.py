@@ -66,6 +66,16 @@ class SAEMetadata:
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
 
+    @property
+    def window_prepend_bos(self) -> bool | None:
+        """How to frame text for this SAE, as `TokenWindows(prepend_bos=...)` takes it: the
+        recorded prepend_bos, or None (follow the tokenizer) when the SAE was trained with
+        the tokenizer's own special tokens (`sequence_framing: tokenizer`) or nothing is
+        recorded."""
+        if self.extra.get("sequence_framing") == "tokenizer":
+            return None
+        return self.prepend_bos
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out.update(self.extra)

@@ -47,7 +47,7 @@ def build_dashboard(
     context = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
     batches = heldout_token_batches(
         backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
-        batch_size=batch_size, prepend_bos=meta.prepend_bos is not False,
+        batch_size=batch_size, prepend_bos=meta.window_prepend_bos,
     )
     stats = feature_statistics(sae, backend, batches, top_k=top_k)
     out = Path(out)

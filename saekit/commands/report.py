@@ -84,16 +84,17 @@ def describe_latent(stats: Any, latent: int, tokenizer: Any, examples: int = 3) 
     return "\n".join(lines)
 
 
-def heldout_statistics(sae: Any, backend: Any, n_tokens: int = 16_384) -> Any:
-    """Feature statistics of `sae` on the bundled corpus's held-out works."""
+def heldout_statistics(sae: Any, backend: Any, batches: list[Any], n_tokens: int = 16_384) -> Any:
+    """Feature statistics of `sae` on the first `n_tokens` tokens of held-out `batches`."""
     from saekit.analysis import feature_statistics
-    from saekit.evals.api import heldout_token_batches
 
-    context = sae.cfg.metadata.context_size or 128
-    batches = heldout_token_batches(
-        backend.tokenizer, n_tokens, context_size=context, batch_size=32
-    )
-    return feature_statistics(sae, backend, batches)
+    taken, got = [], 0
+    for batch in batches:
+        if got >= n_tokens:
+            break
+        taken.append(batch)
+        got += batch.numel()
+    return feature_statistics(sae, backend, taken)
 
 
 def latent_report(stats: Any, tokenizer: Any, n_latents: int = 5) -> str:

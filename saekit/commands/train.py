@@ -62,6 +62,15 @@ def _is_list(hint: Any) -> bool:
     return typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in args)
 
 
+def given_settings(args: argparse.Namespace) -> set[str]:
+    """The settings ("training.lr") named by a flag or in the --config file."""
+    given = {key for key in vars(args) if "." in key}
+    if getattr(args, "config", None):
+        for section, values in read_config_file(args.config).items():
+            given.update(f"{section}.{name}" for name in dict(values or {}))
+    return given
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, overridden by --config, overridden by flags; every problem reported at once."""
     data: dict[str, dict[str, Any]] = {}
@@ -93,8 +102,12 @@ def run_train(args: argparse.Namespace) -> int:
     from saekit.training.run import train
 
     cfg = config_from_args(args)
+    if not cfg.run.progress:  # --no-progress after `train`, or progress: false in --config
+        from saekit.progress import set_progress
+
+        set_progress(False)  # the whole run: norm estimate, evaluation, statistics, dashboard
     try:
-        outcome = train(cfg)
+        outcome = train(cfg, given=given_settings(args))
     except TrainingDiverged as err:
         log.error("saekit: error: %s", err)
         return 1
@@ -105,27 +118,34 @@ def run_train(args: argparse.Namespace) -> int:
             name, outcome.run_dir,
         )
         return 128 + outcome.interrupted
-    print_report(cfg, outcome)
+    if outcome.is_main:
+        print_report(outcome)
     return 0
 
 
-def print_report(cfg: TrainConfig, outcome: Any) -> None:
-    """Where the SAE is, how it scores on held-out text, five latents with their text, and a
-    dashboard of every latent in the run folder."""
+def print_report(outcome: Any) -> None:
+    """Where the SAE is and how it scores on held-out text; then, unless the run's `report`
+    setting is off, five latents with the held-out text that activates them most and a
+    dashboard of every latent in the run folder. Everything uses the run's own model,
+    text framing and held-out text."""
     from saekit.analysis.dashboard import write_dashboard
     from saekit.commands.report import heldout_statistics, latent_report, metrics_table
-    from saekit.models import load_model
 
     print(f"\nsaved the SAE to {outcome.run_dir}  (load it: SAE.load({str(outcome.run_dir)!r}))")
+    heldout = outcome.heldout
     if outcome.metrics:
-        n = outcome.metrics.get("n_tokens")
-        print(f"held-out metrics{f' on {n:,} tokens' if n else ''}:")
+        print(f"held-out metrics on {heldout.summary()}:" if heldout else "held-out metrics:")
         print(metrics_table(outcome.metrics))
-    backend = load_model(cfg.data.model, device=cfg.run.model_device or cfg.run.device)
-    stats = heldout_statistics(outcome.sae, backend)
+    elif heldout is None:
+        print("no held-out evaluation (eval_tokens is 0)")
+    if not outcome.config.run.report or heldout is None:
+        return
+    stats = heldout_statistics(outcome.sae, outcome.backend, heldout.batches)
     print("\nfive latents and the held-out text that activates them most:")
-    print(latent_report(stats, backend.tokenizer))
+    print(latent_report(stats, outcome.backend.tokenizer))
     meta = outcome.sae.cfg.metadata
     title = f"{meta.model_name} · {meta.hook_name} · {outcome.sae.cfg.d_sae} latents"
-    index = write_dashboard(stats, backend.tokenizer, outcome.run_dir / "dashboard", title=title)
+    index = write_dashboard(
+        stats, outcome.backend.tokenizer, outcome.run_dir / "dashboard", title=title
+    )
     print(f"\ndashboard of every latent: {index}  (open it in a browser)")

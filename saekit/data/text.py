@@ -45,6 +45,25 @@ def _bundled_split(split: str) -> list[str]:
     )
 
 
+#: Splits a run evaluates on when the dataset has them, in order of preference.
+HELDOUT_SPLITS = ("test", "validation")
+
+
+class UnknownSplitError(ValueError):
+    """A split that the dataset does not have; the message names the ones it has."""
+
+    def __init__(self, split: str, source: Any, splits: list[str]) -> None:
+        self.splits = list(splits)
+        super().__init__(
+            f"the dataset {_describe(source)} has no split {split!r}; its splits are "
+            f"{', '.join(self.splits) or '(none found)'}"
+        )
+
+
+def _describe(source: Any) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"({type(source).__name__})"
+
+
 def load_text_dataset(
     source: Any,
     *,
@@ -55,11 +74,15 @@ def load_text_dataset(
     """The dataset behind `source`, as a `datasets` object or the iterable itself.
 
     Args:
-        source: a path (file or folder), a Hub dataset name, "bundled" (the demo corpus:
+        source: a path (file or folder), a Hub name, "bundled" (the demo corpus:
             split "train" is its training works, "test" / "validation" the held-out ones), a
             `Dataset`, `IterableDataset`, `DatasetDict` (its `split` is taken), or an iterable
             of strings / dicts.
-        split: the split to read from Hub names, folders of files and dataset dicts.
+        split: the split to read. A local file is one split, "train"; a folder has the splits
+            its file and folder names say (`train.jsonl` and `test.jsonl`, or `train/` and
+            `test/`), else only "train". In-memory datasets and iterables are read whole
+            whatever the split. A split the dataset lacks is an `UnknownSplitError` naming
+            the ones it has.
         streaming: stream a Hub dataset instead of downloading it whole.
         trust_remote_code: allow a Hub dataset's loading script to run (off by default).
     """
@@ -67,7 +90,7 @@ def load_text_dataset(
 
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in source:
-            raise ValueError(f"the dataset has no split {split!r}; its splits are {list(source)}")
+            raise UnknownSplitError(split, source, list(source))
         return source[split]
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         return source
@@ -82,13 +105,57 @@ def load_text_dataset(
         kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
-        return datasets.load_dataset(str(source), **kwargs)
+        try:
+            return datasets.load_dataset(str(source), **kwargs)
+        except ValueError as err:
+            if "Unknown split" not in str(err):
+                raise
+            raise UnknownSplitError(split, source, hub_splits(str(source)) or []) from None
     if isinstance(source, Iterable):
         return _OneShot(source) if iter(source) is source else source
     raise TypeError(
         f"cannot read a dataset from a {type(source).__name__}; pass a path, a Hub name, a "
         "datasets.Dataset or an iterable of texts"
     )
+
+
+def dataset_splits(source: Any) -> list[str] | None:
+    """The splits `source` has, or None when it is not split (an in-memory dataset or
+    iterable, read whole) or its splits cannot be listed (a Hub dataset out of reach)."""
+    import datasets
+
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return list(source)
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return ["train"]
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists():
+            return list(datasets.load_from_disk(str(path)))
+        if (path / "dataset_info.json").exists():
+            return ["train"]
+        return list(_local_split_files(path)) or ["train"]
+    if source == BUNDLED_DATASET:
+        return ["train", "test", "validation"]
+    return hub_splits(str(source))
+
+
+def hub_splits(name: str) -> list[str] | None:
+    """A Hub dataset's split names, or None when they cannot be read (offline, private)."""
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(name))
+    except Exception:  # noqa: BLE001 - any failure means "unknown", which callers handle
+        return None
+
+
+def heldout_split(source: Any) -> str | None:
+    """The first of test, validation that `source` has, or None."""
+    splits = dataset_splits(source) or []
+    return next((s for s in HELDOUT_SPLITS if s in splits), None)
 
 
 class _OneShot:
@@ -125,29 +192,51 @@ def _load_local(path: Path, split: str) -> Any:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.Dataset) and split != "train":
+                raise UnknownSplitError(split, path, ["train"])
             return load_text_dataset(loaded, split=split)
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_BUILDERS)
-        if not files:
+        splits = _local_split_files(path)
+        if not splits:
             raise ValueError(
                 f"folder {path} holds no dataset: expected a folder written by "
                 f"Dataset.save_to_disk or files ending in {', '.join(FILE_BUILDERS)}"
             )
-        builders = {FILE_BUILDERS[p.suffix.lower()] for p in files}
+        if split not in splits:
+            raise UnknownSplitError(split, path, list(splits))
+        files = splits[split]
+        builders = {FILE_BUILDERS[Path(p).suffix.lower()] for p in files}
         if len(builders) > 1:
             raise ValueError(
                 f"folder {path} mixes file kinds ({', '.join(sorted(builders))}); keep one kind "
                 "per dataset folder"
             )
-        return datasets.load_dataset(
-            builders.pop(), data_files=[str(p) for p in files], split="train"
-        )
+        return datasets.load_dataset(builders.pop(), data_files=files, split="train")
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
             f"cannot read {path}: its suffix {path.suffix!r} is not one of "
             f"{', '.join(FILE_BUILDERS)}"
         )
+    if split != "train":
+        raise UnknownSplitError(split, path, ["train"])
     return datasets.load_dataset(builder, data_files=str(path), split="train")
+
+
+def _local_split_files(folder: Path) -> dict[str, list[str]]:
+    """{split: data files} of a folder of files, by the names `datasets` gives splits
+    (`test.jsonl`, `valid/`, ...); every file is "train" when no name says otherwise."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except Exception:  # noqa: BLE001 - no recognisable file at all
+        return {}
+    out: dict[str, list[str]] = {}
+    for split, files in found.items():
+        kept = sorted(str(f) for f in files if Path(str(f)).suffix.lower() in FILE_BUILDERS)
+        if kept:
+            out[str(split)] = kept
+    return out
 
 
 def column_names(dataset: Any) -> list[str] | None:

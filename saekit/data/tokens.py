@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,23 +34,69 @@ def keep_mask(tokens: Tensor, exclude_ids: set[int] | Tensor) -> Tensor:
     return ~torch.isin(tokens, exclude_ids.to(tokens.device))
 
 
+#: How windows are framed with special tokens: BOS first, the tokenizer's own, or none.
+FRAMINGS = ("bos", "tokenizer", "none")
+
+
+def sequence_framing(tokenizer: Any, prepend_bos: bool | None) -> tuple[str, list[int], list[int]]:
+    """(framing, ids before, ids after) the text of each window.
+
+    prepend_bos True is BOS first (an error when the tokenizer has none), False is no special
+    tokens. None follows the tokenizer: its own special tokens when it adds more than a BOS
+    (BERT's [CLS] ... [SEP], T5's trailing </s>), else BOS when it has one (GPT-2, whose
+    tokenizer adds nothing, as TransformerLens does; Llama, whose tokenizer adds BOS), else
+    nothing (Qwen)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if prepend_bos is True:
+        if bos is None:
+            raise ValueError(
+                "the tokenizer has no BOS token; leave prepend_bos unset (the tokenizer's own "
+                "special tokens are used) or pass prepend_bos=False"
+            )
+        return "bos", [int(bos)], []
+    if prepend_bos is False or tokenizer is None:
+        return "none", [], []
+    prefix, suffix = _tokenizer_frame(tokenizer)
+    if (prefix or suffix) and (prefix, suffix) != ([bos], []):
+        return "tokenizer", prefix, suffix
+    if bos is not None:
+        return "bos", [int(bos)], []
+    return "none", [], []
+
+
+def _tokenizer_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special-token ids the tokenizer puts before and after a text of its own."""
+    try:
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        framed = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    except (TypeError, ValueError, KeyError):
+        return [], []
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
+    return [], []
+
+
 class TokenWindows:
     """Token windows [context_size] from a dataset, in order, resumable at any window.
 
     Packing (the default) joins documents into one stream, a separator token between them,
-    and cuts it into windows; with `prepend_bos` each window is BOS followed by
-    `context_size - 1` stream tokens. Without packing, each document is one window,
-    truncated, and padded with the pad token (which is masked out of training like the
-    other special tokens). Pre-tokenized datasets (`input_ids` or `tokens` column) are used
-    as they are: rows are joined and cut into windows with nothing added, after checking
-    every id fits the vocabulary.
+    and cuts it into windows; each window is framed as `prepend_bos` says (see
+    `sequence_framing`): BOS followed by `context_size - 1` stream tokens, the tokenizer's
+    own special tokens around the stream tokens (BERT: [CLS] ... [SEP]), or nothing. Without
+    packing, each document is one window, truncated, and padded with the pad token (which is
+    masked out of training like the other special tokens). Pre-tokenized datasets
+    (`input_ids` or `tokens` column) are used as they are: rows are joined and cut into
+    windows with nothing added, after checking every id fits the vocabulary.
 
     Args:
         dataset: anything `load_text_dataset` reads (path, Hub name, Dataset, iterable).
         tokenizer: a transformers tokenizer; needed for text, optional for token ids.
         context_size: tokens per window.
         text_column: the column to read; found automatically when None.
-        prepend_bos: start each window with the tokenizer's BOS token (text only).
+        prepend_bos: True: start each window with the tokenizer's BOS token; False: no
+            special tokens; None: what the tokenizer itself does (`sequence_framing`).
+            Text only: pre-tokenized rows are used as they are.
         packing: pack documents into windows (True) or one document per window (False).
         separator_token_id: token placed between packed documents; "eos" (the default)
             means the tokenizer's EOS token (BOS when it has none), None means nothing.
@@ -64,7 +112,7 @@ class TokenWindows:
         context_size: int,
         *,
         text_column: str | None = None,
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = True,
         packing: bool = True,
         separator_token_id: int | str | None = "eos",
         vocab_size: int | None = None,
@@ -82,7 +130,6 @@ class TokenWindows:
         self.context_size = context_size
         self.column, self.pretokenized = find_column(self.dataset, text_column)
         self.packing = packing
-        self.prepend_bos = prepend_bos and not self.pretokenized
         self.tokenize_batch = tokenize_batch
         if tokenizer is None and not self.pretokenized:
             raise ValueError(
@@ -93,8 +140,16 @@ class TokenWindows:
             len(tokenizer) if tokenizer is not None else None
         )
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
-        if self.prepend_bos and self.bos_id is None:
-            raise ValueError("the tokenizer has no BOS token; pass prepend_bos=False")
+        self.framing, self._prefix, self._suffix = (
+            ("none", [], []) if self.pretokenized else sequence_framing(tokenizer, prepend_bos)
+        )
+        #: Whether windows start with BOS (the SAELens metadata field of that name).
+        self.prepend_bos = self.framing == "bos"
+        if context_size <= len(self._prefix) + len(self._suffix):
+            raise ValueError(
+                f"context_size={context_size} leaves no room for text between the "
+                f"{len(self._prefix) + len(self._suffix)} special tokens of each window"
+            )
         eos = getattr(tokenizer, "eos_token_id", None)
         if separator_token_id == "eos":
             separator_token_id = eos if eos is not None else self.bos_id
@@ -139,6 +194,11 @@ class TokenWindows:
         self._rows = None
 
     @property
+    def rows_read(self) -> int:
+        """Dataset rows read so far (tokenized, whether or not emitted in a window yet)."""
+        return self._rows_read
+
+    @property
     def windows_emitted(self) -> int:
         return self._windows
 
@@ -164,7 +224,7 @@ class TokenWindows:
         return torch.stack(windows) if windows else None
 
     def _next_packed(self) -> Tensor | None:
-        body = self.context_size - (1 if self.prepend_bos else 0)
+        body = self.context_size - len(self._prefix) - len(self._suffix)
         if len(self._pending) < body:
             parts, have = [self._pending], len(self._pending)
             separator = [] if self.separator_id is None else [int(self.separator_id)]
@@ -178,9 +238,14 @@ class TokenWindows:
                     have += len(parts[-1])
             self._pending = torch.cat(parts)
         window, self._pending = self._pending[:body], self._pending[body:]
-        if self.prepend_bos:
-            return torch.cat([torch.tensor([int(self.bos_id)]), window])
-        return window.clone()
+        return self._framed(window)
+
+    def _framed(self, body: Tensor) -> Tensor:
+        if not self._prefix and not self._suffix:
+            return body.clone()
+        prefix = torch.tensor(self._prefix, dtype=torch.long)
+        suffix = torch.tensor(self._suffix, dtype=torch.long)
+        return torch.cat([prefix, body, suffix])
 
     def _next_unpacked(self) -> Tensor | None:
         while not self._pending_docs:
@@ -189,8 +254,8 @@ class TokenWindows:
                 return None
             self._pending_docs = [torch.tensor(d, dtype=torch.long) for d in docs if d]
         doc = self._pending_docs.pop(0)
-        head = [int(self.bos_id)] if self.prepend_bos else []
-        window = torch.cat([torch.tensor(head, dtype=torch.long), doc])[: self.context_size]
+        body = self.context_size - len(self._prefix) - len(self._suffix)
+        window = self._framed(doc[:body])
         padding = torch.full((self.context_size - len(window),), int(self.pad_id))
         return torch.cat([window, padding])
 
@@ -236,3 +301,27 @@ class TokenWindows:
                     f"vocabulary of {self.vocab_size}; was it tokenized for another model?"
                 )
         return [int(t) for t in ids]
+
+
+def window_batches(windows: TokenWindows, n_tokens: int, batch_size: int = 8) -> list[Tensor]:
+    """Batches [batch_size, context_size] of a `TokenWindows` covering about `n_tokens`
+    tokens (fewer, with a warning, when the text runs out first)."""
+    context_size = windows.context_size
+    n_windows = math.ceil(n_tokens / context_size)
+    batches: list[Tensor] = []
+    got = 0
+    while got < n_windows:
+        batch = windows.batch(min(batch_size, n_windows - got))
+        if batch is None:
+            break
+        batches.append(batch)
+        got += batch.shape[0]
+    if not batches:
+        raise ValueError("the evaluation dataset produced no tokens")
+    if got < n_windows:
+        logging.getLogger(__name__).warning(
+            "the evaluation dataset holds only %d tokens of the %d asked for",
+            got * context_size,
+            n_tokens,
+        )
+    return batches

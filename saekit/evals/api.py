@@ -7,7 +7,6 @@ bundled corpus's held-out works when no dataset is given), then run `evaluate_sa
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -62,7 +61,7 @@ def heldout_token_batches(
     dataset: Any = None,
     context_size: int = DEFAULT_CONTEXT_SIZE,
     batch_size: int = 8,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = True,
     split: str = "train",
 ) -> list[Tensor]:
     """Token batches [batch_size, context_size] covering about `n_tokens` tokens.
@@ -70,7 +69,7 @@ def heldout_token_batches(
     `dataset` is anything `saekit.data` reads (path, Hub name, Dataset, list of texts); None
     means the bundled corpus's held-out works, which no bundled model or SAE trained on.
     """
-    from saekit.data.tokens import TokenWindows
+    from saekit.data.tokens import TokenWindows, window_batches
 
     if n_tokens <= 0:
         raise ValueError(f"tokens must be positive, got {n_tokens}")
@@ -79,24 +78,7 @@ def heldout_token_batches(
 
         dataset = heldout_texts()
     windows = TokenWindows(dataset, tokenizer, context_size, prepend_bos=prepend_bos, split=split)
-    n_windows = math.ceil(n_tokens / context_size)
-    batches: list[Tensor] = []
-    got = 0
-    while got < n_windows:
-        batch = windows.batch(min(batch_size, n_windows - got))
-        if batch is None:
-            break
-        batches.append(batch)
-        got += batch.shape[0]
-    if not batches:
-        raise ValueError("the evaluation dataset produced no tokens")
-    if got < n_windows:
-        logger.warning(
-            "the evaluation dataset holds only %d tokens of the %d asked for",
-            got * context_size,
-            n_tokens,
-        )
-    return batches
+    return window_batches(windows, n_tokens, batch_size)
 
 
 def evaluate_many(
@@ -126,7 +108,7 @@ def evaluate_many(
         dataset=dataset,
         context_size=context_size or meta.context_size or DEFAULT_CONTEXT_SIZE,
         batch_size=batch_size,
-        prepend_bos=meta.prepend_bos is not False if prepend_bos is None else prepend_bos,
+        prepend_bos=meta.window_prepend_bos if prepend_bos is None else prepend_bos,
         split=split,
     )
     return evaluate_saes(backend, saes, batches, downstream=downstream)
@@ -156,7 +138,8 @@ def evaluate(
         context_size: sequence length; default: the SAE's metadata, else 128.
         batch_size: sequences per forward pass.
         downstream: compute the CE/KL figures (three more forward passes per batch).
-        prepend_bos: start each sequence with BOS; default: the SAE's metadata, else True.
+        prepend_bos: start each sequence with BOS; default: the SAE's metadata, else what
+            the tokenizer does (`saekit.data.tokens.sequence_framing`).
         split: dataset split, for Hub datasets and dataset folders.
 
     Returns:

@@ -145,6 +145,7 @@ def check_cache_fits(
     in-memory model is recorded under its backend name by `write_activation_cache`)."""
     from saekit.data.cache import CacheError, check_cache_matches, tokenizer_identity
     from saekit.data.store import flatten_activation
+    from saekit.data.tokens import sequence_framing
 
     folder = cfg.data.activations
     backend_name = getattr(backend, "name", None)
@@ -170,9 +171,12 @@ def check_cache_fits(
         widths = {h: int(flatten_activation(acts[h]).shape[-1]) for h in hooks}
     except (ValueError, KeyError) as err:
         problems.append(f"the model cannot give the run's hook(s) {hooks}: {err}")
-    if meta["prepend_bos"] != cfg.data.prepend_bos:
+    run_framing = sequence_framing(tokenizer, cfg.data.prepend_bos)[0]
+    cache_framing = meta.get("framing") or ("bos" if meta["prepend_bos"] else "none")
+    if cache_framing != run_framing:
         problems.append(
-            f"prepend_bos: cache has {meta['prepend_bos']}, the run uses {cfg.data.prepend_bos}"
+            f"special tokens: the cache's sequences are framed {cache_framing!r}, the run's "
+            f"{run_framing!r} (prepend_bos)"
         )
     if not meta.get("exclude_special_tokens", True):
         problems.append(

@@ -118,10 +118,22 @@ class DataSection:
     evaluation, which needs it for the CE loss."""
     context_size: int = 128
     """Tokens per sequence fed to the model."""
-    prepend_bos: bool = True
-    """Start every sequence with the BOS token (its activations are not trained on)."""
+    prepend_bos: bool | None = None
+    """Start every sequence with the BOS token (true) or with no special token (false).
+    Default: what the tokenizer does (BOS when it has one; BERT-style tokenizers frame each
+    sequence with their own [CLS] ... [SEP]; Qwen-style ones add nothing). Special tokens'
+    activations are never trained on."""
     eval_tokens: int = 102_400
-    """Held-out tokens for the final evaluation (metrics.json)."""
+    """Held-out tokens for the final evaluation (metrics.json); 0 skips it. They come from
+    eval_dataset when given, else the dataset's test or validation split, else whole
+    documents of the dataset that training never reads (every 10th from the first, as many
+    as the evaluation needs)."""
+    eval_dataset: str | None = None
+    """Held-out text for the final evaluation, report and dashboard (a local file or folder
+    or a Hub id); default: see eval_tokens."""
+    eval_split: str | None = None
+    """Split of eval_dataset (default: its test, then validation split, else all of it), or,
+    without eval_dataset, a held-out split of dataset."""
     device_map: str | None = None
     """Hugging Face models: shard the model over the visible devices (e.g. auto, which needs
     accelerate) for models larger than one device; model_device is then ignored."""
@@ -304,6 +316,9 @@ class RunSection:
     """Weights & Biases project name."""
     progress: bool = True
     """Show a progress bar."""
+    report: bool = True
+    """After training, print five latents with their held-out text and write a dashboard
+    of every latent into the run folder (--no-report skips both, and the time they take)."""
     resume: str | None = None
     """Continue the run in this folder from its last checkpoint."""
     overwrite: bool = False
@@ -407,6 +422,59 @@ class TrainConfig:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+#: Settings a resumed run may change: how it runs, not what it computes; and
+#: training.tokens, which may grow to extend an interrupted or finished run.
+RESUME_CHANGEABLE = frozenset({
+    "training.tokens", "run.progress", "run.report", "run.log_every", "run.keep_checkpoints",
+    "run.checkpoint_every", "run.device", "run.model_device", "run.prefetch", "run.wandb",
+    "run.wandb_project",
+})
+
+
+def resumed_config(
+    saved: TrainConfig, requested: TrainConfig, given: typing.Iterable[str] | None = None
+) -> TrainConfig:
+    """The saved config of a run being resumed, with the requested changes that can apply.
+
+    `given` names the settings the user set ("training.lr"); None means every setting of
+    `requested` that differs from its default. A given setting that differs from the saved
+    one is applied when it is in RESUME_CHANGEABLE (tokens may only grow); any other is a
+    ConfigError that lists them all."""
+    defaults = TrainConfig()
+    if given is None:
+        given = [
+            f"{section}.{f.name}"
+            for section in SECTIONS
+            for f in dataclasses.fields(SECTIONS[section])
+            if getattr(getattr(requested, section), f.name)
+            != getattr(getattr(defaults, section), f.name)
+        ]
+    out = TrainConfig.from_dict(saved.to_dict())
+    conflicts: list[str] = []
+    for name in sorted(set(given)):
+        section, key = name.split(".", 1)
+        if key in ACTION_FIELDS or name == "run.out":
+            continue
+        new, old = getattr(getattr(requested, section), key), getattr(getattr(saved, section), key)
+        if new == old:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if name not in RESUME_CHANGEABLE:
+            conflicts.append(f"{flag} {new} (the run has {old})")
+        elif name == "training.tokens" and new < old:
+            conflicts.append(f"{flag} {new} (the run has {old}; a resumed run can only grow)")
+        else:
+            setattr(getattr(out, section), key, new)
+    if conflicts:
+        raise ConfigError([
+            "--resume continues a run with the settings it was started with; these differ "
+            f"and cannot change mid-run: {'; '.join(conflicts)}. Leave them out, or start a "
+            "new run with --out"
+        ])
+    out.run.resume = requested.run.resume
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

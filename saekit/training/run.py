@@ -11,6 +11,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from saekit.config import SAEConfig, SAEMetadata
+from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
 from saekit.saes import SAE, architecture_class
 from saekit.training.cache_source import (
@@ -30,7 +32,13 @@ from saekit.training.cache_source import (
     refuse_cache_under_torchrun,
     run_cache_metadata,
 )
-from saekit.training.config import RUN_CONFIG_FILE, TOPK_ARCHITECTURES, TrainConfig
+from saekit.training.checkpoint import latest_checkpoint
+from saekit.training.config import (
+    RUN_CONFIG_FILE,
+    TOPK_ARCHITECTURES,
+    TrainConfig,
+    resumed_config,
+)
 from saekit.training.distributed import (
     DistEnv,
     destroy_process_group,
@@ -48,6 +56,8 @@ RUN_STATE_FILE = "run_state.json"
 #: Batches read to estimate the activation norm scaling factor.
 NORM_ESTIMATE_BATCHES = 5
 DEFAULT_K = 64
+#: Sequences per forward pass of the final evaluation.
+EVAL_BATCH_SEQUENCES = 8
 #: How far (relative) the final held-out L0 may be from target_l0 before the run warns.
 L0_TOLERANCE = 0.10
 
@@ -65,12 +75,22 @@ class TrainOutcome:
     """The run folder (loadable with SAE.load when the run finished)."""
     interrupted: int | None = None
     """The signal that stopped the run early, else None."""
+    config: TrainConfig | None = None
+    """The config the run followed (on resume: the saved one, with the changes allowed)."""
+    backend: Any = None
+    """The model backend the run read (reused by the report, so the model loads once)."""
+    heldout: HeldoutText | None = None
+    """The held-out text of the final evaluation (None when eval_tokens is 0)."""
+    is_main: bool = True
+    """False on every torchrun rank but 0, which alone writes results and reports."""
 
 
 def train(
     config: TrainConfig | dict[str, Any] | str | Path | None = None,
     model: Any = None,
     dataset: Any = None,
+    *,
+    given: Iterable[str] | None = None,
 ) -> TrainOutcome:
     """Train an SAE as `config` says and write the run folder.
 
@@ -80,18 +100,23 @@ def train(
             backend) used instead of `config.data.model`.
         dataset: a `datasets` Dataset, a list of texts or an iterable of token tensors used
             instead of `config.data.dataset`.
+        given: with `run.resume`, the settings the caller set ("training.tokens"); those
+            that differ from the saved run are applied when they can change mid-run and
+            refused otherwise (`resumed_config`). None: every setting not at its default.
     """
     cfg = _as_config(config)
     env = DistEnv.from_env()
     started_group = env.distributed and not torch.distributed.is_initialized()
     try:
-        return _train(cfg, model, dataset, env)
+        return _train(cfg, model, dataset, env, given)
     finally:
         if started_group:
             destroy_process_group()
 
 
-def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOutcome:
+def _train(
+    cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv, given: Iterable[str] | None
+) -> TrainOutcome:
     refuse_cache_under_torchrun(cfg, env)
     # A missing, unfinished or too small cache fails before any folder or model is touched
     # (on resume, once the saved config has said which cache the run reads).
@@ -111,11 +136,14 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         run_dir = Path(cfg.run.resume if resume else cfg.run.out)
     parallel.barrier()
     if resume:
-        saved = TrainConfig.load(run_dir / RUN_CONFIG_FILE)
-        saved.run.resume, saved.run.progress = str(run_dir), cfg.run.progress
-        cfg = saved
+        cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
         if cfg.data.activations is not None:
             cache_meta = run_cache_metadata(cfg)
+        if latest_checkpoint(run_dir) is None:
+            # Stopped before its first checkpoint: nothing to continue, so start it again.
+            if env.is_main:
+                log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
+            resume = False
     _seed_everything(cfg.run.seed)
 
     from saekit.models import load_model
@@ -132,12 +160,15 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         )
     device = str(local_device(device, env))
     hook, hook_out = _hooks(cfg, backend, cache_meta)
+    saved_state = json.loads((run_dir / RUN_STATE_FILE).read_text()) if resume else None
+    heldout, training_data = _heldout_text(cfg, backend, dataset, cache_meta, saved_state)
     store = _store(
-        cfg, backend, hook, hook_out, dataset, device, env,
+        cfg, backend, hook, hook_out, training_data, device, env,
         cache_meta=cache_meta, model_given=model is not None,
     )
-    sae = _build_sae(cfg, store, hook, hook_out, device)
-    run_state = _run_state(cfg, run_dir, resume, store, hook, parallel)
+    dataset_name = cfg.data.dataset if dataset is None else None
+    sae = _build_sae(cfg, store, hook, hook_out, device, backend, dataset_name)
+    run_state = saved_state or _new_run_state(cfg, store, hook, parallel, heldout)
     if not resume and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / RUN_CONFIG_FILE)
@@ -148,7 +179,7 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         hook=hook,
         hook_out=hook_out if sae.is_transcoder else None,
         norm_scale=run_state["norm_scaling_factor"],
-        evaluate=_evaluator(cfg, backend, hook, hook_out, dataset) if env.is_main else None,
+        evaluate=_evaluator(backend, heldout, hook, hook_out) if env.is_main else None,
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
     overlap = prefetches(cfg, device)
@@ -171,18 +202,21 @@ def _train(cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv) -> TrainOut
         if isinstance(source, Prefetcher):
             source.close()
     trained = result.saes["sae"]
+    outcome = dict(config=cfg, backend=backend, heldout=heldout, is_main=env.is_main)
     if result.interrupted is not None:
-        return TrainOutcome(trained, {}, run_dir, result.interrupted)
+        return TrainOutcome(trained, {}, run_dir, result.interrupted, **outcome)
     if not env.is_main:
-        return TrainOutcome(trained, {}, run_dir)
+        return TrainOutcome(trained, {}, run_dir, **outcome)
     metrics = _json_safe(result.metrics["sae"])
+    if heldout is not None and metrics:
+        metrics["evaluated_on"] = heldout.to_dict()
     _check_target_l0(cfg, metrics)
     trained.save(run_dir, sparsity=result.sparsity["sae"])
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     if sinks:
         for sink in sinks:
             sink({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    return TrainOutcome(trained, metrics, run_dir)
+    return TrainOutcome(trained, metrics, run_dir, **outcome)
 
 
 def _check_target_l0(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
@@ -328,8 +362,16 @@ def _store(
 
 
 def _build_sae(
-    cfg: TrainConfig, store: Any, hook: str, hook_out: str | None, device: str
+    cfg: TrainConfig,
+    store: Any,
+    hook: str,
+    hook_out: str | None,
+    device: str,
+    backend: Any,
+    dataset_name: str | None,
 ) -> SAE:
+    from saekit.data.tokens import sequence_framing
+
     widths = store.d_in
     if isinstance(widths, dict):
         d_in, d_out = widths[hook], widths[hook_out]
@@ -346,13 +388,16 @@ def _build_sae(
     if s.architecture == "matryoshka_batchtopk" and widths_list is None:
         widths_list = sorted({max(d_sae // 4, 1), max(d_sae // 2, 1), d_sae})
     apply_b_dec = s.apply_b_dec_to_input and (d_out is None or d_out == d_in)
+    framing = sequence_framing(backend.tokenizer, cfg.data.prepend_bos)[0]
     metadata = SAEMetadata(
-        model_name=cfg.data.model,
+        model_name=getattr(backend, "name", None) or cfg.data.model,
         hook_name=hook,
         hook_name_out=hook_out,
         context_size=cfg.data.context_size,
-        prepend_bos=cfg.data.prepend_bos,
-        dataset_path=cfg.data.dataset,
+        prepend_bos=framing == "bos",
+        dataset_path=dataset_name,
+        # Later steps (eval, dashboard) frame text as training did (SAEMetadata docs).
+        extra={"sequence_framing": framing} if framing == "tokenizer" else {},
     )
     sae_cfg = SAEConfig(
         architecture=s.architecture,
@@ -372,11 +417,10 @@ def _build_sae(
     return SAE.from_config(sae_cfg)
 
 
-def _run_state(
-    cfg: TrainConfig, run_dir: Path, resume: bool, store: Any, hook: str, parallel: Any
+def _new_run_state(
+    cfg: TrainConfig, store: Any, hook: str, parallel: Any, heldout: HeldoutText | None
 ) -> dict[str, Any]:
-    if resume:
-        return json.loads((run_dir / RUN_STATE_FILE).read_text())
+    """What a resumed run must reuse: the norm scaling factor and the documents held out."""
     factor = None
     if cfg.sae.normalize_activations:
         estimate = store.estimate_norm_scaling_factor(NORM_ESTIMATE_BATCHES)
@@ -385,42 +429,79 @@ def _run_state(
         factor = float(estimate[hook] if isinstance(estimate, dict) else estimate)
         # Every rank estimated on its own shard; all use rank 0's, which is the one saved.
         factor = parallel.broadcast_object(factor)
-    return {"norm_scaling_factor": factor}
+    documents = heldout.heldout_documents if heldout is not None else 0
+    return {"norm_scaling_factor": factor, "heldout_documents": documents}
+
+
+def _heldout_text(
+    cfg: TrainConfig,
+    backend: Any,
+    dataset: Any,
+    cache_meta: dict[str, Any] | None,
+    saved_state: dict[str, Any] | None,
+) -> tuple[HeldoutText | None, Any]:
+    """The run's held-out text, and the training data without it (see saekit.data.heldout).
+
+    Every rank computes the same choice; only rank 0 evaluates."""
+    from saekit.data.heldout import (
+        choose_eval_text,
+        describe_source,
+        heldout_documents_batches,
+        training_rows,
+    )
+    from saekit.data.heldout import same_source as same
+    from saekit.data.text import load_text_dataset
+    from saekit.data.tokens import TokenWindows, window_batches
+
+    source = dataset if dataset is not None else cfg.data.dataset
+    if cfg.data.eval_tokens <= 0:
+        return None, source
+    choice = choose_eval_text(source, cfg.data.eval_dataset, cfg.data.eval_split)
+    options = dict(context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos)
+    tokenizer = backend.tokenizer
+    if not choice.from_training_data:
+        windows = TokenWindows(choice.source, tokenizer, split=choice.split, **options)
+        batches = window_batches(windows, cfg.data.eval_tokens, EVAL_BATCH_SEQUENCES)
+        return HeldoutText(batches, describe_source(choice.source), choice.split), source
+    limit = None
+    if saved_state is not None:
+        # A run started before documents were held out trained on all of them.
+        limit = saved_state.get("heldout_documents", 0)
+    if cache_meta is not None and same(cache_meta.get("dataset"), source):
+        limit = cache_meta.get("heldout_documents", 0)
+    if limit == 0:
+        raise ValueError(
+            f"the dataset {describe_source(source)} has no test or validation split and the "
+            "run's training data holds every one of its documents, so no held-out text is "
+            "left for the final evaluation; name held-out text with --eval-dataset, or pass "
+            "--eval-tokens 0 to skip the evaluation"
+        )
+    loaded = load_text_dataset(source, split="train")
+    batches, n_heldout = heldout_documents_batches(
+        loaded, tokenizer, cfg.data.eval_tokens, limit=limit,
+        batch_size=EVAL_BATCH_SEQUENCES, **options,
+    )
+    heldout = HeldoutText(batches, describe_source(source), None, n_heldout)
+    training = loaded if cache_meta is not None else training_rows(loaded, n_heldout)
+    return heldout, training
 
 
 def _evaluator(
-    cfg: TrainConfig, backend: Any, hook: str, hook_out: str | None, dataset: Any
+    backend: Any, heldout: HeldoutText | None, hook: str, hook_out: str | None
 ) -> Any:
-    if cfg.data.eval_tokens <= 0:
+    if heldout is None:
         return None
     from saekit.evals import make_evaluator
-    from saekit.evals.api import heldout_token_batches
 
-    if dataset is not None or cfg.data.dataset != "bundled":
-        source = dataset if dataset is not None else cfg.data.dataset
-        batches = None
-        for split in ("test", "validation"):
-            try:
-                batches = heldout_token_batches(
-                    backend.tokenizer, cfg.data.eval_tokens, dataset=source,
-                    context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos,
-                    split=split,
-                )
-                break
-            except (ValueError, KeyError, FileNotFoundError):
-                continue
-        if batches is None:
-            log.warning(
-                "the dataset has no test or validation split, so the final evaluation is "
-                "skipped (it must not use training tokens); evaluate later with saekit.evaluate"
-            )
-            return None
-    else:
-        batches = heldout_token_batches(
-            backend.tokenizer, cfg.data.eval_tokens, context_size=cfg.data.context_size,
-            prepend_bos=cfg.data.prepend_bos,
+    downstream = getattr(backend, "causal_lm", True)
+    if not downstream:
+        log.info(
+            "CE and KL figures are skipped: %s has no next-token head (not a causal LM)",
+            getattr(backend, "name", "the model"),
         )
-    return make_evaluator(backend, batches, batch_size=32, hook=hook, hook_out=hook_out)
+    return make_evaluator(
+        backend, heldout.batches, hook=hook, hook_out=hook_out, downstream=downstream
+    )
 
 
 def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:

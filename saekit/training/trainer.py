@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.progress import bar, progress_enabled, progress_off
 from saekit.saes.base import SAE, LossSettings
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TOPK_ARCHITECTURES, TrainingConfig
@@ -214,6 +215,8 @@ class Trainer:
         self.progress = progress
         self.log_sinks = list(log_sinks or [])
         self.tokens_seen = 0
+        #: Tokens seen at the last checkpoint written or restored (None: none yet).
+        self._checkpoint_tokens: int | None = None
         self.step = 0
         self.batches_consumed = 0
         self._stop_signal: int | None = None
@@ -263,6 +266,9 @@ class Trainer:
                 if every and before // every != self.tokens_seen // every:
                     if self.tokens_seen < self.total_tokens:
                         self._checkpoint()
+            # The finished state too, so that a larger token budget can extend the run.
+            if self.checkpoint_every and self._checkpoint_tokens != self.tokens_seen:
+                self._checkpoint()
         finally:
             if bar is not None:
                 bar.close()
@@ -456,18 +462,9 @@ class Trainer:
         }
 
     def _progress_bar(self) -> Any:
-        if not self.progress:
+        if not progress_enabled(self.progress):
             return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.total_tokens,
-            initial=self.tokens_seen,
-            unit="tok",
-            unit_scale=True,
-            desc="training",
-            dynamic_ncols=True,
-        )
+        return bar(desc="training", unit="tok", total=self.total_tokens, initial=self.tokens_seen)
 
     # ----- checkpoints and signals ---------------------------------------------------------
 
@@ -512,6 +509,7 @@ class Trainer:
                 self.run_dir, self.tokens_seen, state, self.keep_checkpoints
             )
             log.debug("checkpoint written to %s", path)
+        self._checkpoint_tokens = self.tokens_seen
         # No rank runs ahead of a checkpoint that is still being written.
         self.parallel.barrier()
         return path
@@ -539,6 +537,7 @@ class Trainer:
         for st in self.states:
             st.load_state_dict(state["jobs"][st.job.name])
         self.tokens_seen = int(state["tokens"])
+        self._checkpoint_tokens = self.tokens_seen
         self.step = int(state["step"])
         self.batches_consumed = int(state["batches"])
         if state["data"] is not None and hasattr(self.data, "load_state_dict"):
@@ -604,7 +603,8 @@ class Trainer:
             sparsity[name] = torch.log10(st.fire_counts.double() / counted + 1e-10).float()
             if evaluates and st.job.evaluate is not None:
                 sae.eval()
-                metrics[name] = dict(st.job.evaluate(sae))
+                with progress_off(not self.progress):  # its bar follows the trainer's
+                    metrics[name] = dict(st.job.evaluate(sae))
             else:
                 metrics[name] = {}
         if final and self.parallel.mode == "sae":

@@ -81,10 +81,10 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(
 ) -> None:
     first = saekit.train(config(tmp_path / "run", cache), model=model, dataset=TEXTS)
     reference = {k: v.clone() for k, v in first.sae.state_dict().items()}
-    # Fake an interruption at 1024 tokens: drop the finished SAE and the later checkpoint.
+    # Fake an interruption at 2048 tokens: drop the finished SAE and the final checkpoint.
     (first.run_dir / "cfg.json").unlink()
     kept = ckpt.list_checkpoints(first.run_dir)
-    assert [p.name for p in kept] == [f"tokens_{1024:015d}", f"tokens_{2048:015d}"]
+    assert [p.name for p in kept] == [f"tokens_{2048:015d}", f"tokens_{3072:015d}"]
     shutil.rmtree(kept[-1])
     resumed = saekit.train(
         {"run": {"resume": str(first.run_dir), "progress": False}}, model=model, dataset=TEXTS
@@ -98,7 +98,7 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(
     [
         ({"hook": "blocks.0.hook_resid_pre"}, "'blocks.0.hook_resid_pre'"),
         ({"context_size": 16}, "context_size: cache has 32, the run uses 16"),
-        ({"prepend_bos": False}, "prepend_bos: cache has True, the run uses False"),
+        ({"prepend_bos": False}, "framed 'bos', the run's 'none'"),
     ],
 )
 def test_a_cache_for_another_run_is_refused_naming_the_difference(
