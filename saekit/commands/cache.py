@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saekit.commands.pretokenize import add_dataset_arguments
+from saekit.training.config import DataSection
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--tokens", type=int, required=True, help="token rows to write")
     parser.add_argument("--out", required=True, help="cache folder")
+    parser.add_argument("--heldout-tokens", type=int, default=DataSection.eval_tokens,
+                        help="a dataset without a test or validation split keeps this many "
+                             "tokens of whole documents out of the cache (every 10th from the "
+                             "first), for a run's final evaluation; 0 caches every document "
+                             "(default %(default)s, a run's default eval_tokens)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="stored activation dtype (default: float32)")
     parser.add_argument("--model-dtype", default=None,
@@ -43,20 +49,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saekit.data.cache import write_activation_cache
-    from saekit.data.text import load_text_dataset
+    from saekit.data.heldout import HELDOUT_RULE, heldout_documents_batches, training_rows
+    from saekit.data.text import heldout_split, load_text_dataset
     from saekit.models import load_model
 
     model = load_model(args.model, backend=args.backend, device=args.device,
                        dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
     dataset = load_text_dataset(args.dataset, split=args.split, streaming=args.streaming,
                                 trust_remote_code=args.trust_remote_code)
+    heldout = 0
+    if args.heldout_tokens > 0 and args.split == "train" and heldout_split(args.dataset) is None:
+        # The documents a run on this dataset evaluates on never enter the cache.
+        _, heldout = heldout_documents_batches(
+            dataset, model.tokenizer, args.heldout_tokens, context_size=args.context_size,
+            prepend_bos=args.prepend_bos,
+        )
+        dataset = training_rows(dataset, heldout)
+        print(f"held out {heldout:,} documents of {args.dataset} ({HELDOUT_RULE})")
     meta = write_activation_cache(
         model, args.hooks if len(args.hooks) > 1 else args.hooks[0], dataset, args.out,
         args.tokens, context_size=args.context_size, model_batch_size=args.model_batch_size,
         shard_rows=args.shard_tokens, dtype=args.dtype, hook_head_index=args.hook_head_index,
         exclude_special_tokens=args.exclude_special_tokens, prepend_bos=args.prepend_bos,
         packing=args.packing, text_column=args.text_column, model_name=args.model,
-        dataset_name=args.dataset,
+        dataset_name=args.dataset, heldout_documents=heldout,
     )
     print(f"{args.out}: {meta['n_tokens']} tokens at {', '.join(meta['hooks'])} "
           f"(d_in {meta['d_in']}, {meta['dtype']})")

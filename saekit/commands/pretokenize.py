@@ -17,8 +17,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default=None,
                         help="column holding the text (default: found automatically)")
     parser.add_argument("--context-size", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false",
-                        help="do not start each sequence with the BOS token")
+    parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start each sequence with the BOS token, or not (default: as the "
+                             "tokenizer does: BOS when it has one, else its own special "
+                             "tokens, such as BERT's [CLS] ... [SEP], else none)")
     parser.add_argument("--no-packing", dest="packing", action="store_false",
                         help="one document per sequence (truncated, padded) instead of packing")
     parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset")
