@@ -7,9 +7,11 @@ import dataclasses
 import logging
 import signal
 import typing
+from pathlib import Path
 from typing import Any
 
 from saekit.training.config import (
+    RUN_CONFIG_FILE,
     SECTIONS,
     ConfigError,
     TrainConfig,
@@ -74,8 +76,14 @@ def given_settings(args: argparse.Namespace) -> set[str]:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, overridden by --config, overridden by flags; every problem reported at once."""
     data: dict[str, dict[str, Any]] = {}
+    resume = getattr(args, "run.resume", None)
+    if resume is not None and (Path(resume) / RUN_CONFIG_FILE).is_file():
+        # A resumed run's settings start from its own; the flags given are checked against
+        # them (and applied where they may change) by `train`.
+        data = TrainConfig.load(Path(resume) / RUN_CONFIG_FILE).to_dict()
     if getattr(args, "config", None):
-        data = {k: dict(v or {}) for k, v in read_config_file(args.config).items()}
+        for section, values in read_config_file(args.config).items():
+            data.setdefault(section, {}).update(dict(values or {}))
     problems: list[str] = []
     for key, value in vars(args).items():
         if "." not in key:
