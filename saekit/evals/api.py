@@ -81,6 +81,18 @@ def heldout_token_batches(
     return window_batches(windows, n_tokens, batch_size)
 
 
+def downstream_possible(backend: Any, wanted: bool) -> bool:
+    """Whether the CE/KL figures can be computed: they need next-token logits, which an
+    encoder-only model (BERT, a T5 encoder) does not give; one line says so."""
+    if wanted and not getattr(backend, "causal_lm", True):
+        logger.info(
+            "CE and KL figures are skipped: %s has no next-token head (not a causal LM)",
+            getattr(backend, "name", "the model"),
+        )
+        return False
+    return wanted
+
+
 def evaluate_many(
     saes: Sequence[SAE],
     model: Any = None,
@@ -111,6 +123,7 @@ def evaluate_many(
         prepend_bos=meta.window_prepend_bos if prepend_bos is None else prepend_bos,
         split=split,
     )
+    downstream = downstream_possible(backend, downstream)
     return evaluate_saes(backend, saes, batches, downstream=downstream)
 
 
@@ -232,6 +245,7 @@ def make_evaluator(
         batches = [torch.as_tensor(t) for t in token_batches]
     if not batches:
         raise ValueError("make_evaluator needs at least one token batch")
+    downstream = downstream_possible(backend, downstream)
     return Evaluator(backend, batches, downstream, hook, hook_out, head_index)
 
 

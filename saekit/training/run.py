@@ -22,6 +22,7 @@ import torch
 from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
+from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
 from saekit.training.cache_source import (
     PREFETCH_DEPTH,
@@ -108,7 +109,9 @@ def train(
     env = DistEnv.from_env()
     started_group = env.distributed and not torch.distributed.is_initialized()
     try:
-        return _train(cfg, model, dataset, env, given)
+        # run.progress covers every bar of the run (norm estimate, evaluation), on rank 0 only.
+        with progress_off(not (cfg.run.progress and env.is_main)):
+            return _train(cfg, model, dataset, env, given)
     finally:
         if started_group:
             destroy_process_group()
@@ -493,15 +496,7 @@ def _evaluator(
         return None
     from saekit.evals import make_evaluator
 
-    downstream = getattr(backend, "causal_lm", True)
-    if not downstream:
-        log.info(
-            "CE and KL figures are skipped: %s has no next-token head (not a causal LM)",
-            getattr(backend, "name", "the model"),
-        )
-    return make_evaluator(
-        backend, heldout.batches, hook=hook, hook_out=hook_out, downstream=downstream
-    )
+    return make_evaluator(backend, heldout.batches, hook=hook, hook_out=hook_out)
 
 
 def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:
