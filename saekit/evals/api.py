@@ -81,6 +81,29 @@ def heldout_token_batches(
     return window_batches(windows, n_tokens, batch_size)
 
 
+def _eval_dataset(dataset: Any, split: str | None, meta: Any) -> tuple[Any, str]:
+    """The text and split to evaluate on when the caller named no split (see `evaluate`)."""
+    if dataset is None or split is not None:
+        return dataset, split or "train"
+    from saekit.data.heldout import heldout_rows, same_source
+    from saekit.data.text import heldout_split, load_text_dataset
+
+    found = heldout_split(dataset)
+    if found is not None:
+        return dataset, found
+    if not same_source(dataset, meta.dataset_path):
+        return dataset, "train"
+    n_heldout = meta.extra.get("heldout_documents")
+    if isinstance(n_heldout, int) and n_heldout > 0:
+        return heldout_rows(load_text_dataset(dataset), limit=n_heldout), "train"
+    logger.warning(
+        "%s is the SAE's training data and has no test or validation split: these metrics "
+        "are measured on text it was trained on; pass held-out text instead",
+        dataset,
+    )
+    return dataset, "train"
+
+
 def downstream_possible(backend: Any, wanted: bool) -> bool:
     """Whether the CE/KL figures can be computed: they need next-token logits, which an
     encoder-only model (BERT, a T5 encoder) does not give; one line says so."""
@@ -103,7 +126,7 @@ def evaluate_many(
     batch_size: int = 8,
     downstream: bool = True,
     prepend_bos: bool | None = None,
-    split: str = "train",
+    split: str | None = None,
 ) -> list[EvalMetrics]:
     """Evaluate SAEs of one model in a single pass over the held-out tokens.
 
@@ -114,6 +137,7 @@ def evaluate_many(
         raise ValueError("no SAEs to evaluate")
     backend = resolve_model(saes, model)
     meta = saes[0].cfg.metadata
+    dataset, split = _eval_dataset(dataset, split, meta)
     batches = heldout_token_batches(
         backend.tokenizer,
         tokens,
@@ -137,7 +161,7 @@ def evaluate(
     batch_size: int = 8,
     downstream: bool = True,
     prepend_bos: bool | None = None,
-    split: str = "train",
+    split: str | None = None,
 ) -> EvalMetrics:
     """Every standard metric of `sae` on held-out text.
 
@@ -153,7 +177,10 @@ def evaluate(
         downstream: compute the CE/KL figures (three more forward passes per batch).
         prepend_bos: start each sequence with BOS; default: the SAE's metadata, else what
             the tokenizer does (`saekit.data.tokens.sequence_framing`).
-        split: dataset split, for Hub datasets and dataset folders.
+        split: dataset split; default: the dataset's test, then validation split; without
+            one, the documents a saekit run held out when the dataset is the SAE's training
+            data (its metadata says how many), else the whole dataset (with a warning when
+            that is the SAE's training data).
 
     Returns:
         `EvalMetrics`; `.to_dict()` gives the metrics by their standard names.

@@ -170,7 +170,7 @@ def _train(
         cache_meta=cache_meta, model_given=model is not None,
     )
     dataset_name = cfg.data.dataset if dataset is None else None
-    sae = _build_sae(cfg, store, hook, hook_out, device, backend, dataset_name)
+    sae = _build_sae(cfg, store, hook, hook_out, device, backend, dataset_name, heldout)
     run_state = saved_state or _new_run_state(cfg, store, hook, parallel, heldout)
     if not resume and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +372,7 @@ def _build_sae(
     device: str,
     backend: Any,
     dataset_name: str | None,
+    heldout: HeldoutText | None,
 ) -> SAE:
     from saekit.data.tokens import sequence_framing
 
@@ -399,9 +400,13 @@ def _build_sae(
         context_size=cfg.data.context_size,
         prepend_bos=framing == "bos",
         dataset_path=dataset_name,
-        # Later steps (eval, dashboard) frame text as training did (SAEMetadata docs).
-        extra={"sequence_framing": framing} if framing == "tokenizer" else {},
     )
+    # Later steps (eval, dashboard) frame text as training did (SAEMetadata docs), and
+    # `saekit eval` on the training dataset reads the documents the run held out.
+    if framing == "tokenizer":
+        metadata.extra["sequence_framing"] = framing
+    if heldout is not None and heldout.split is None:
+        metadata.extra["heldout_documents"] = heldout.heldout_documents
     sae_cfg = SAEConfig(
         architecture=s.architecture,
         d_in=d_in,

@@ -157,3 +157,41 @@ def test_run_on_a_local_file_reports_what_it_evaluated_on(tmp_path: Path, capsys
     assert metrics["evaluated_on"]["dataset"] == str(notes)
     assert metrics["evaluated_on"]["held_out_documents"] > 0
     assert not (tmp_path / "run" / "dashboard").exists()  # --no-report
+
+
+def test_evaluating_on_the_training_file_reads_the_documents_the_run_held_out(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in documents()))
+    cfg = {
+        "sae": {"architecture": "topk", "expansion_factor": 1, "k": 8},
+        "data": {"dataset": str(data), "context_size": 32, "eval_tokens": 1024},
+        "training": {"tokens": 2048, "batch_size": 256},
+        "run": {"out": str(tmp_path / "run"), "progress": False, "report": False},
+    }
+    out = saekit.train(cfg, model=load_model("bundled"))
+    n_heldout = out.sae.cfg.metadata.extra["heldout_documents"]
+    assert n_heldout == out.heldout.heldout_documents > 0
+    later = RecordingBackend(load_model("bundled"))
+    saekit.evaluate(saekit.SAE.load(out.run_dir), later, dataset=str(data), tokens=512,
+                    context_size=32, downstream=False)
+    seen = set(torch.cat([t.flatten() for t in later.seen]).tolist())
+    assert seen and seen <= {FIRST_ID + i for i in range(N_DOCS) if is_heldout_row(i, n_heldout)}
+
+
+def test_eval_dataset_names_the_held_out_text(tmp_path: Path) -> None:
+    from saekit.cli import main
+
+    notes = write_lines(tmp_path / "notes.txt", 400, "the tide rose over the wall, note")
+    other = write_lines(tmp_path / "other.txt", 400, "a gull cried over the sea, entry")
+    code = main([
+        "train", "--dataset", str(notes), "--eval-dataset", str(other), "--tokens", "1024",
+        "--batch-size", "256", "--context-size", "32", "--eval-tokens", "256",
+        "--expansion-factor", "1", "--out", str(tmp_path / "run"), "--no-progress",
+        "--no-report",
+    ])
+    assert code == 0
+    evaluated_on = json.loads((tmp_path / "run" / "metrics.json").read_text())["evaluated_on"]
+    assert evaluated_on == {"dataset": str(other), "tokens": 256, "split": "train"}
+    assert json.loads((tmp_path / "run" / "run_state.json").read_text())["heldout_documents"] == 0
