@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,13 +27,16 @@ DEFAULT_EVAL_TOKENS = 65_536
 DEFAULT_CONTEXT_SIZE = 128
 
 
-def resolve_model(saes: Sequence[SAE], model: Any = None) -> ModelBackend:
-    """The backend for `model`, or for the model named in the SAEs' metadata."""
+def resolve_model(saes: Sequence[SAE], model: Any = None, backend: str = "auto") -> ModelBackend:
+    """The backend for `model`, or for the model named in the SAEs' metadata; `backend` as
+    in `saekit.models.load_model` (which model library runs a model given by name)."""
     from saekit.models import load_model
 
     device = saes[0].device
     if model is not None:
-        return load_model(model, device=device) if isinstance(model, str) else load_model(model)
+        if isinstance(model, (str, Path)):
+            return load_model(model, backend=backend, device=device)
+        return load_model(model, backend=backend)
     names = {sae.cfg.metadata.model_name for sae in saes}
     if None in names:
         raise ValueError(
@@ -46,7 +50,7 @@ def resolve_model(saes: Sequence[SAE], model: Any = None) -> ModelBackend:
         )
     (name,) = names
     try:
-        return load_model(name, device=device)
+        return load_model(name, backend=backend, device=device)
     except Exception as err:  # noqa: BLE001 - any load failure gets the same advice
         raise ValueError(
             f"could not load the model {name!r} named in the SAE's metadata (model_name): "

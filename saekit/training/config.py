@@ -26,6 +26,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 DECODER_NORMS = ("auto", "unit", "free")
 TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+MODEL_BACKENDS = ("auto", "hf", "transformer_lens")
 #: The pre-activation loss weight jumprelu gets when its straight-through gradients reach
 #: the encoder (see TrainingConfig.jumprelu_pre_act_coefficient).
 JUMPRELU_PRE_ACT_DEFAULT = 1e-3
@@ -102,7 +103,12 @@ class DataSection:
     """Where the activations come from."""
 
     model: str = "bundled"
-    """Model to read: "bundled" (the demo model), a local Hugging Face folder or a Hub id."""
+    """Model to read: "bundled" (the demo model), a local Hugging Face folder, a Hub id or a
+    TransformerLens model name."""
+    backend: str = "auto"
+    """Library that runs the model: hf (Hugging Face transformers; hooks are module paths,
+    with TransformerLens names as aliases), transformer_lens, or auto: TransformerLens for
+    official TransformerLens model names, Hugging Face for everything else."""
     hook: str | None = None
     """Hook the SAE reads, e.g. blocks.2.hook_resid_pre (default: the residual stream
     before the middle layer, or the cache's hook when activations names a one-hook cache)."""
@@ -140,6 +146,8 @@ class DataSection:
 
     def problems(self) -> list[str]:
         out = []
+        if self.backend not in MODEL_BACKENDS:
+            out.append(f"backend {self.backend!r} is not one of {', '.join(MODEL_BACKENDS)}")
         if self.context_size <= 0:
             out.append(f"context_size must be positive, got {self.context_size}")
         if self.eval_tokens < 0:
@@ -315,7 +323,8 @@ class RunSection:
     wandb_project: str = "saekit"
     """Weights & Biases project name."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress on stderr (model load, norm estimate, training, evaluation, report);
+    --no-progress hides every bar."""
     report: bool = True
     """After training, print five latents with their held-out text and write a dashboard
     of every latent into the run folder (--no-report skips both, and the time they take)."""

@@ -154,12 +154,15 @@ def _train(
     model_device = cfg.run.model_device
     if model is not None:
         # A model the caller built stays where they put it unless a device is asked for.
-        backend = load_model(model, device=model_device or cfg.run.device)
+        backend = load_model(
+            model, backend=cfg.data.backend, device=model_device or cfg.run.device
+        )
         device = cfg.run.device or str(backend.device)
     else:
         device = _device(cfg.run.device)
         backend = load_model(
-            cfg.data.model, device=model_device or device, device_map=cfg.data.device_map
+            cfg.data.model, backend=cfg.data.backend, device=model_device or device,
+            device_map=cfg.data.device_map,
         )
     device = str(local_device(device, env))
     hook, hook_out = _hooks(cfg, backend, cache_meta)

@@ -14,6 +14,7 @@ import torch
 
 import saekit
 from saekit.cli import main
+from saekit.models import load_model
 from saekit.training import checkpoint as ckpt
 from saekit.training.runlog import read_log
 
@@ -110,3 +111,24 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(
     for name, tensor in weights(run).items():
         assert torch.equal(tensor, reference[name]), name
     assert json.loads((run / "metrics.json").read_text())["evaluated_on"]["tokens"] == 512
+
+
+def test_an_sae_trained_on_one_backend_evaluates_the_same_on_the_other(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code = main([
+        "train", "--backend", "transformer_lens", "--hook", "blocks.1.hook_mlp_out",
+        "--tokens", "2048", "--batch-size", "256", "--context-size", "32",
+        "--eval-tokens", "512", "--expansion-factor", "1", "--out", str(run),
+        "--no-progress", "--no-report",
+    ])
+    assert code == 0
+    sae = saekit.SAE.load(run)
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_mlp_out"
+    texts = ["The king is dead; long live the king. " * 20] * 4
+    on_tl = saekit.evaluate(sae, load_model("bundled", backend="transformer_lens"),
+                            dataset=texts, tokens=256, context_size=32)
+    on_hf = saekit.evaluate(sae, load_model("bundled", backend="hf"),
+                            dataset=texts, tokens=256, context_size=32)
+    assert on_hf.l0 == pytest.approx(on_tl.l0, rel=1e-3)
+    assert on_hf.explained_variance == pytest.approx(on_tl.explained_variance, abs=1e-3)
+    assert on_hf.ce_loss_score == pytest.approx(on_tl.ce_loss_score, abs=1e-3)
