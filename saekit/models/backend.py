@@ -19,7 +19,14 @@ Replacement = Callable[[Tensor], Tensor]
 
 @runtime_checkable
 class ModelBackend(Protocol):
-    """What every model backend provides."""
+    """What every model backend provides.
+
+    Backends also say `causal_lm: bool`: True when `logits` returns the next-token logits of
+    a causal LM (TransformerLens models, `*ForCausalLM`), False for encoders and base models,
+    whose `logits` raises ValueError. It is not a protocol member, so that backends written
+    before it still pass `isinstance(..., ModelBackend)`; read it as
+    `getattr(backend, "causal_lm", True)`.
+    """
 
     @property
     def tokenizer(self) -> Any:
@@ -53,6 +60,8 @@ class ModuleBackendBase:
     """Device and dtype of a backend that wraps a torch module as `self.model`."""
 
     model: torch.nn.Module
+    #: True when `logits` gives next-token logits of a causal LM (see `ModelBackend`).
+    causal_lm: bool = True
 
     @property
     def device(self) -> torch.device:

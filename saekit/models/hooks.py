@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
+
+_TL_STYLE = re.compile(r"(^|\.)hook_|^blocks\.\d+\.|^ln_final\.")
+
+
+def is_transformer_lens_name(name: str) -> bool:
+    """Whether a hook name is in TransformerLens style (`blocks.3.hook_mlp_out`,
+    `blocks.3.attn.hook_z`, `hook_embed`) rather than a module path (`model.layers.3.output`)."""
+    return _TL_STYLE.search(name) is not None
 
 
 def unknown_hook_error(name: str, valid: Iterable[str], model_desc: str) -> ValueError:
-    """A ValueError naming the bad hook and the closest valid ones."""
+    """A ValueError naming the bad hook and the closest valid ones.
+
+    Suggestions come in the naming style of `name`: TransformerLens names for a
+    TransformerLens-style name, module paths for a module path (when the model has names of
+    that style)."""
     valid = list(valid)
-    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    style = is_transformer_lens_name(name)
+    same_style = [v for v in valid if is_transformer_lens_name(v) == style]
+    pool = same_style or valid
+    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.5)
     if not close:
         # Nothing close by spelling: show a few names so the user sees the naming scheme.
-        close = valid[:5]
+        close = pool[:5]
     return ValueError(
         f"hook {name!r} does not exist in {model_desc}; closest valid hook names: "
         f"{', '.join(close)} (backend.hook_names() lists all {len(valid)})"
@@ -71,3 +89,18 @@ def replace_head(
         return out
 
     return replaced
+
+
+def hook_shapes(backend: Any, tokens: Tensor) -> dict[str, tuple[int, ...] | None]:
+    """{hook name: activation shape} for every hook of `backend`, from one forward pass on
+    `tokens` [batch, pos]; None for hooks that did not run on it."""
+    names = list(backend.hook_names())
+    if hasattr(backend, "activation_shapes"):  # HFBackend: every hook in one pass
+        return backend.activation_shapes(tokens)
+    model = getattr(backend, "model", None)
+    if hasattr(model, "run_with_cache"):  # TransformerLens: the cache holds every hook
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens.to(backend.device))
+        return {n: tuple(cache[n].shape) if n in cache else None for n in names}
+    acts = backend.activations(tokens, names)
+    return {n: tuple(acts[n].shape) for n in names}
