@@ -144,7 +144,7 @@ def test_run_on_a_local_file_reports_what_it_evaluated_on(tmp_path: Path, capsys
     from saekit.cli import main
 
     notes = tmp_path / "notes.txt"
-    notes.write_text("".join(f"Note {i}: the tide rose over the harbour wall.\n" for i in range(600)))
+    notes.write_text("".join(f"Note {i}: the tide rose over the wall.\n" for i in range(600)))
     code = main([
         "train", "--dataset", str(notes), "--tokens", "2048", "--batch-size", "256",
         "--context-size", "32", "--eval-tokens", "512", "--expansion-factor", "1",
