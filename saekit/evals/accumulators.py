@@ -1,4 +1,4 @@
-"""Streaming, float64 accumulators for the evaluation metrics (REFERENCE.md section 3).
+"""Streaming, float64 accumulators for the evaluation metrics (docs/evaluation.md defines each).
 
 Each accumulator takes batches of already-masked tokens (special tokens removed) and keeps
 running sums in float64, so a metric over many batches equals the metric over their

@@ -1,4 +1,4 @@
-"""The named result of an evaluation: every metric of REFERENCE.md section 3, by its name."""
+"""The named result of an evaluation: every standard metric, by its name (docs/evaluation.md defines each)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ side exactly as they would alone, dead latents are tracked, bad input is refused
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from training_helpers import make_sae, small_config
@@ -19,7 +21,7 @@ def explained_variance(sae: SAE, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("architecture", list_architectures())
-def test_every_architecture_learns(architecture: str) -> None:
+def test_every_architecture_learns(architecture: str, tmp_path: Path) -> None:
     transcoder = "transcoder" in architecture
     stream = SparseFeatureStream(16, 32, 256, offset=1.0, d_out=16 if transcoder else None)
     sae = make_sae(architecture)
@@ -33,7 +35,11 @@ def test_every_architecture_learns(architecture: str) -> None:
     trained = result.saes["sae"]
     assert explained_variance(trained, x, y) > 0.6
     # The saved form loads back to the same function.
-    assert trained.architecture in list_architectures()
+    trained.save(tmp_path / "sae")
+    loaded = SAE.load(tmp_path / "sae")
+    assert loaded.architecture == trained.architecture  # batchtopk publishes as jumprelu
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x))
 
 
 @pytest.mark.parametrize("architecture", ["topk", "standard"])
