@@ -14,6 +14,7 @@ from saekit.data.tokens import keep_mask, special_token_ids
 from saekit.evals.runner import sae_site
 from saekit.models.backend import ModelBackend
 from saekit.models.hooks import select_head
+from saekit.progress import bar
 from saekit.saes.base import SAE
 
 logger = logging.getLogger(__name__)
@@ -53,12 +54,14 @@ def feature_statistics(
     n_bins: int = 32,
     n_logits: int = 10,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> FeatureStats:
     """Statistics of every latent of `sae` over `token_batches` ([batch, pos] each).
 
     `model` is a backend or anything `load_model` takes. Special tokens (BOS, EOS, padding)
     are left out: they neither count as tokens nor become examples. Logit effects are added
-    when the SAE writes to a space the unembedding reads.
+    when the SAE writes to a space the unembedding reads. `progress` shows a bar of the
+    tokens read (None: as `saekit.progress` is set).
     """
     from saekit.models import load_model
 
@@ -70,11 +73,16 @@ def feature_statistics(
         n_bins=n_bins, seed=seed,
     )
     n_batches = 0
-    for tokens in token_batches:
-        act = backend.activations(tokens, [site.hook_in])[site.hook_in]
-        latents = sae.encode(_sae_input(sae, act, site.head_index).to(sae.device))
-        acc.update(tokens, latents, keep_mask(tokens.cpu(), specials))
-        n_batches += 1
+    total = None
+    if isinstance(token_batches, (list, tuple)):  # batches in memory: count them up front
+        total = sum(t.numel() for t in token_batches if isinstance(t, Tensor))
+    with bar(desc="feature statistics", unit="tok", total=total, progress=progress) as shown:
+        for tokens in token_batches:
+            act = backend.activations(tokens, [site.hook_in])[site.hook_in]
+            latents = sae.encode(_sae_input(sae, act, site.head_index).to(sae.device))
+            acc.update(tokens, latents, keep_mask(tokens.cpu(), specials))
+            n_batches += 1
+            shown.update(tokens.numel())
     if n_batches == 0:
         raise ValueError("no token batches were given; pass at least one [batch, pos] tensor")
     stats = acc.result()

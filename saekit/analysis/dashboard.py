@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.analysis.stats import FeatureStats
+from saekit.progress import bar
 
 ASSET_FILES = ("index.html", "latent.html", "style.css", "index.js", "latent.js")
 
@@ -51,8 +52,12 @@ def write_dashboard(
     title: str = "SAE latents",
     n_bands: int = 4,
     per_band: int = 5,
+    progress: bool | None = None,
 ) -> Path:
-    """Write the site for `stats` under `out`; returns the path of index.html."""
+    """Write the site for `stats` under `out`; returns the path of index.html.
+
+    `progress` shows a bar of the latent pages written (None: as `saekit.progress` is set).
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a folder")
@@ -76,7 +81,7 @@ def write_dashboard(
         logits[key] = None if pair is None else (pair[0].tolist(), pair[1].tolist())
     used: set[int] = set()
     rows = []
-    for i in range(d_sae):
+    for i in bar(range(d_sae), desc="dashboard", unit="latent", progress=progress):
         top = [_example(*e) for e in stats.top_examples(i)]
         bands = [
             [_example(*e) for e in band]

@@ -29,9 +29,10 @@ def build_dashboard(
     dataset: Any = None,
     n_tokens: int = DEFAULT_DASHBOARD_TOKENS,
     context_size: int | None = None,
-    batch_size: int = 16,
+    model_batch_size: int = 16,
     top_k: int = 20,
     title: str | None = None,
+    backend: str = "auto",
 ) -> Path:
     """Statistics and site for `sae` under `out`; returns the path of index.html.
 
@@ -42,18 +43,18 @@ def build_dashboard(
     from saekit.analysis.dashboard import write_dashboard
     from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
 
-    backend = resolve_model([sae], model)
+    model_backend = resolve_model([sae], model, backend)
     meta = sae.cfg.metadata
     context = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
     batches = heldout_token_batches(
-        backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
-        batch_size=batch_size, prepend_bos=meta.window_prepend_bos,
+        model_backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
+        batch_size=model_batch_size, prepend_bos=meta.window_prepend_bos,
     )
-    stats = feature_statistics(sae, backend, batches, top_k=top_k)
+    stats = feature_statistics(sae, model_backend, batches, top_k=top_k)
     out = Path(out)
     stats.save(out)
     name = title or f"{meta.model_name or 'model'} · {meta.hook_name} · {sae.cfg.d_sae} latents"
-    return write_dashboard(stats, backend.tokenizer, out, title=name)
+    return write_dashboard(stats, model_backend.tokenizer, out, title=name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     index = build_dashboard(
         sae, args.out, model=args.model, dataset=args.dataset, n_tokens=args.tokens,
-        context_size=args.context_size, batch_size=args.batch_size, top_k=args.top_k,
+        context_size=args.context_size, model_batch_size=args.model_batch_size,
+        top_k=args.top_k, backend=args.backend,
     )
     logger.info("dashboard written in %.1f s", time.perf_counter() - start)
     print(index.resolve())
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from saekit.commands.eval import add_model_batch_size
+
     parser = subparsers.add_parser(
         "dashboard",
         help="write a static dashboard site of an SAE's latents",
@@ -81,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "target", help="the SAE: a saved folder, RELEASE/SAE_ID, or a Hub repo id"
     )
     parser.add_argument("--out", required=True, help="folder to write the site into")
+    from saekit.commands.eval import add_backend_argument
+
+    add_backend_argument(parser)
     parser.add_argument(
         "--model", default=None,
         help="model to run (default: the model named in the SAE's metadata)",
@@ -97,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--context-size", type=int, default=None,
         help="tokens per sequence (default: the SAE's training context size, else 128)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    add_model_batch_size(parser, default=16)
     parser.add_argument("--top-k", type=int, default=20, help="top examples kept per latent")
     parser.add_argument("--device", default="cpu", help="device for the SAE and the model")
     parser.set_defaults(func=run)

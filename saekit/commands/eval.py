@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from saekit.commands.report import metrics_table
 from saekit.evals.api import DEFAULT_EVAL_TOKENS, evaluate_many, resolve_model
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics, json_safe
 from saekit.saes.base import SAE
@@ -49,6 +50,49 @@ def load_target(target: str, device: str) -> SAE:
     raise ValueError(
         f"cannot find the SAE {target!r}: it is not a folder with {CFG_FILE}, not "
         "RELEASE/SAE_ID of a known release (`saekit pretrained list`), and not a Hub repo id"
+    )
+
+
+class _RenamedFlag(argparse.Action):
+    """An old flag name that still works, with a warning that names the new one."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_flag: str, **kwargs: Any):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        logger.warning(
+            "%s is deprecated here; use %s (sequences per model forward pass; "
+            "`saekit train --batch-size` is tokens per optimisation step)",
+            option_string, self.new_flag,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """--backend, as `saekit.models.load_model` takes it."""
+    from saekit.models.loading import BACKENDS
+
+    parser.add_argument(
+        "--backend", default="auto", choices=BACKENDS,
+        help="library that runs the model (default: auto: TransformerLens for official "
+        "TransformerLens model names, Hugging Face otherwise)",
+    )
+
+
+def add_model_batch_size(parser: argparse.ArgumentParser, default: int) -> None:
+    """--model-batch-size: sequences per model forward pass, as in `saekit cache`; the old
+    --batch-size still works here, with a warning."""
+    parser.add_argument(
+        "--model-batch-size", type=int, default=default,
+        help="sequences per model forward pass (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, dest="model_batch_size", action=_RenamedFlag,
+        new_flag="--model-batch-size", help=argparse.SUPPRESS,
     )
 
 
@@ -104,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, EvalMetrics] = {}
     for model_name, members in groups.items():
         group = [saes[i] for i in members]
-        backend = resolve_model(group, args.model)
+        backend = resolve_model(group, args.model, args.backend)
         logger.info("evaluating %d SAE(s) on %s", len(group), model_name)
         metrics = evaluate_many(
             group,
@@ -112,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             args.dataset,
             args.tokens,
             context_size=args.context_size,
-            batch_size=args.batch_size,
+            batch_size=args.model_batch_size,
             downstream=not args.no_downstream,
             split=args.split,
         )
@@ -120,15 +164,10 @@ def run(args: argparse.Namespace) -> int:
             results[names[i]] = m
     ordered = {name: results[name] for name in names}
     csv_path = write_results(Path(args.out), ordered, dict(zip(names, targets, strict=True)))
-    for name, m in ordered.items():
-        d = m.to_dict()
-        summary = ", ".join(
-            f"{k} {d[k]:.4g}"
-            for k in ("l0", "explained_variance", "ce_loss_score", "dead_fraction")
-            if k in d
-        )
-        print(f"{name}: {summary}")
-    print(f"wrote {csv_path} and one folder per SAE under {args.out}")
+    for (name, m), target in zip(ordered.items(), targets, strict=True):
+        print(f"\n{target}: held-out metrics on {m.n_tokens:,} tokens ({Path(args.out) / name})")
+        print(metrics_table(m.to_dict()))
+    print(f"\nwrote {csv_path} and one folder per SAE under {args.out}")
     return 0
 
 
@@ -145,6 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="TARGET",
         help="a saved SAE folder, RELEASE/SAE_ID from the registry, or a Hub repo id",
     )
+    add_backend_argument(parser)
     parser.add_argument(
         "--model",
         help="the model the SAEs read (name, Hub id, folder, or 'bundled'); default: the "
@@ -165,8 +205,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--context-size", type=int, help="tokens per sequence; default: the SAE's, else 128"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--split", default="train", help="dataset split to read")
+    add_model_batch_size(parser, default=8)
+    parser.add_argument(
+        "--split", default=None,
+        help="dataset split to read; default: its test, then validation split, else the "
+        "documents the SAE's training run held out when --dataset is its training data, "
+        "else all of it",
+    )
     parser.add_argument("--device", default="cpu", help="device for the SAEs and the model")
     parser.add_argument(
         "--no-downstream",

@@ -63,22 +63,26 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_upload(args: argparse.Namespace) -> int:
     from saekit import SAE
     from saekit.io.hub import push_to_hub
+    from saekit.progress import status
 
     run_dir = Path(args.run_dir)
     folder = find_sae_folder(run_dir)
-    SAE.load(folder)  # refuse to upload a folder that does not load
+    # Refuses a folder that does not load, or whose weights or sparsity are not finite.
+    SAE.load(folder)
     metrics = read_metrics(folder, run_dir)
-    url = push_to_hub(
-        folder,
-        args.repo_id,
-        args.sae_id,
-        metrics=metrics,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.message,
-        endpoint=args.endpoint,
-    )
     where = f"{args.repo_id}/{args.sae_id}" if args.sae_id else args.repo_id
+    # The Hub client draws the bytes of large files below this line.
+    with status(f"uploading {folder} to {where}"):
+        url = push_to_hub(
+            folder,
+            args.repo_id,
+            args.sae_id,
+            metrics=metrics,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.message,
+            endpoint=args.endpoint,
+        )
     print(f"uploaded {folder} to {where}: {url}")
     print(
         f'load it with SAE.from_pretrained("{args.repo_id}"'

@@ -30,10 +30,19 @@ from torch import Tensor
 
 from saekit.config import DTYPES, dtype_name
 from saekit.data.buffer import ShuffledRows, check_buffer_sizes
-from saekit.data.shards import CacheError, ShardLayout, check_shard, map_shard
+from saekit.data.shards import (
+    CacheError,
+    ShardLayout,
+    check_progress_records,
+    check_shard,
+    check_shard_finite,
+    map_shard,
+    shard_path,
+)
 from saekit.data.store import ActivationStore
 from saekit.data.tokens import TokenWindows
 from saekit.models.backend import ModelBackend
+from saekit.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +53,7 @@ PROGRESS_FILE = "progress.json"
 #: Metadata keys that must agree for a write to resume into an existing folder.
 IDENTITY_KEYS = (
     "model", "hooks", "d_in", "dtype", "dataset", "context_size", "prepend_bos", "packing",
-    "hook_head_index", "exclude_special_tokens", "tokenizer", "shard_rows",
+    "hook_head_index", "exclude_special_tokens", "tokenizer", "shard_rows", "heldout_documents",
 )
 
 
@@ -117,6 +126,8 @@ def write_activation_cache(
     text_column: str | None = None,
     model_name: str | None = None,
     dataset_name: str | None = None,
+    heldout_documents: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Run the model over `dataset` and write `n_tokens` token rows of activations at
     `hooks` to `out_dir`; returns the final metadata.
@@ -133,6 +144,9 @@ def write_activation_cache(
         dtype: stored dtype (float32, bfloat16, float16).
         model_name, dataset_name: how to record the model and dataset in the metadata
             (default: the backend's name and the dataset argument when it is a string).
+        heldout_documents: how many held-out documents (`saekit.data.heldout`) the caller
+            left out of `dataset`; recorded so that a run evaluates on exactly those.
+        progress: show a bar of the token rows written (None: as `saekit.progress` is set).
         the rest: as in `ActivationStore`.
     """
     if not isinstance(n_tokens, int) or n_tokens <= 0:
@@ -160,6 +174,8 @@ def write_activation_cache(
         "dataset": dataset_name or (str(dataset) if isinstance(dataset, (str, Path)) else None),
         "context_size": windows.context_size,
         "prepend_bos": windows.prepend_bos,
+        "framing": windows.framing,
+        "heldout_documents": heldout_documents,
         "packing": windows.packing,
         "hook_head_index": hook_head_index,
         "exclude_special_tokens": exclude_special_tokens,
@@ -170,17 +186,17 @@ def write_activation_cache(
         "complete": False,
     }
     out.mkdir(parents=True, exist_ok=True)
-    progress: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     if (out / METADATA_FILE).exists():
         old = _read_json(out / METADATA_FILE)
         _require_same(old, meta, out)
         if old["complete"]:
             logger.info("%s already holds a finished cache of %d tokens", out, old["n_tokens"])
             return old
-        progress = _verified_progress(out)
-        if progress:
-            windows.load_state_dict(_list_to_tensor(progress[-1]["position"]))
-            logger.info("resuming %s after %d shards", out, len(progress))
+        records = _verified_progress(out)
+        if records:
+            windows.load_state_dict(_list_to_tensor(records[-1]["position"]))
+            logger.info("resuming %s after %d shards", out, len(records))
     else:
         leftovers = [p.name for p in out.iterdir()]
         if leftovers:
@@ -189,15 +205,20 @@ def write_activation_cache(
                 "pick an empty or new folder"
             )
     _write_json(out / METADATA_FILE, meta)
-    written = sum(r["rows"] for r in progress)
+    written = sum(r["rows"] for r in records)
     pending: dict[str, list[Tensor]] = {h: [] for h in store.hooks}
     pending_rows = 0
+    shown = bar(
+        desc="caching activations", unit="tok", total=n_tokens, initial=written, progress=progress
+    )
     while written < n_tokens:
         chunk = store._next_chunk()
         if chunk is not None:
             for hook in store.hooks:
                 pending[hook].append(chunk[hook].to(device="cpu", dtype=store.dtype))
-            pending_rows += chunk[store.hooks[0]].shape[0]
+            rows_in = chunk[store.hooks[0]].shape[0]
+            shown.update(min(rows_in, n_tokens - written - pending_rows))
+            pending_rows += rows_in
         want = min(shard_rows, n_tokens - written)
         if pending_rows >= want or (chunk is None and pending_rows):
             # Write whole forward passes only, so the saved position is exact: the shard
@@ -207,15 +228,16 @@ def write_activation_cache(
             # Only the last record's dataset position is needed to resume, and a position
             # can hold a long document's pending tokens (1.3 MB of JSON per shard on the
             # bundled corpus, which every reader of the cache would parse).
-            for record in progress:
+            for record in records:
                 record.pop("position", None)
-            progress.append(_write_shard(out, len(progress), tensors, windows))
-            _write_json(out / PROGRESS_FILE, progress)
+            records.append(_write_shard(out, len(records), tensors, windows))
+            _write_json(out / PROGRESS_FILE, records)
             written += rows
             pending = {h: [] for h in store.hooks}
             pending_rows = 0
         if chunk is None:
             break
+    shown.close()
     if written < n_tokens:
         logger.warning("the dataset ran out after %d of %d tokens", written, n_tokens)
     meta["n_tokens"] = written
@@ -264,10 +286,10 @@ def _verified_progress(out: Path) -> list[dict[str, Any]]:
     """The progress records whose shard files are whole; later ones are dropped."""
     if not (out / PROGRESS_FILE).exists():
         return []
-    progress = _read_json(out / PROGRESS_FILE)
+    progress = check_progress_records(out, _read_json(out / PROGRESS_FILE))
     good = []
     for record in progress:
-        path = out / record["file"]
+        path = shard_path(out, record)
         if not path.exists() or path.stat().st_size != record["bytes"]:
             logger.warning("shard %s is missing or incomplete; rewriting from there", path)
             break
@@ -388,7 +410,7 @@ class CachedActivations(ShuffledRows):
             self.metadata, model=expect_model, hooks=self.hooks, d_in=expect_d_in,
             context_size=expect_context_size,
         )
-        self.shards = _read_json(self.path / PROGRESS_FILE)
+        self.shards = check_progress_records(self.path, _read_json(self.path / PROGRESS_FILE))
         total = sum(r["rows"] for r in self.shards)
         if total != self.metadata["n_tokens"]:
             raise CacheError(
@@ -436,7 +458,11 @@ class CachedActivations(ShuffledRows):
 
     def _check(self, index: int) -> ShardLayout:
         record = self.shards[index]
-        return check_shard(self.path / record["file"], record, self.hooks)
+        layout = check_shard(shard_path(self.path, record), record, self.hooks)
+        # In the checker thread, ahead of use: a NaN row found here is named by shard and
+        # row, where the trainer could only report a diverged loss.
+        check_shard_finite(layout)
+        return layout
 
     def _check_ahead(self) -> None:
         """Start the checks of the shards the next `buffer_size` rows will come from; drop

@@ -25,6 +25,7 @@ from saekit.evals.downstream import PredictionScorer
 from saekit.evals.metrics import EvalMetrics
 from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import replace_head, select_head
+from saekit.progress import bar
 from saekit.saes.base import SAE
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def evaluate_saes(
     sites: Sequence[SAESite] | None = None,
     special_ids: Iterable[int] | None = None,
     max_tokens: int | None = None,
+    progress: bool | None = None,
 ) -> list[EvalMetrics]:
     """Evaluate several SAEs on the same model in one pass over `token_batches`.
 
@@ -152,6 +154,7 @@ def evaluate_saes(
         special_ids: token ids excluded from every metric; default: the tokenizer's special
             tokens (BOS, EOS, padding).
         max_tokens: stop after this many tokens (counted before masking).
+        progress: show a bar of the tokens evaluated (None: as `saekit.progress` is set).
 
     Returns:
         One `EvalMetrics` per SAE, in order.
@@ -165,7 +168,12 @@ def evaluate_saes(
     specials = special_token_ids(model.tokenizer) if special_ids is None else set(special_ids)
     hooks = list(dict.fromkeys(h for s in sites for h in (s.hook_in, s.hook_out)))
     seen = 0
-    with torch.no_grad():
+    total = max_tokens
+    if isinstance(token_batches, (list, tuple)):  # batches in memory: count them up front
+        held = sum(t.numel() for t in token_batches if isinstance(t, Tensor))
+        total = held if max_tokens is None else min(held, max_tokens)
+    shown = bar(desc="evaluating", unit="tok", total=total, progress=progress)
+    with torch.no_grad(), shown:
         for tokens in token_batches:
             if max_tokens is not None and seen >= max_tokens:
                 break
@@ -178,6 +186,7 @@ def evaluate_saes(
                 tokens = tokens[:rows]
             seen += tokens.numel()
             _evaluate_batch(model, runs, hooks, tokens, specials, downstream)
+            shown.update(tokens.numel())
     if seen == 0:
         raise ValueError("the token batches were empty; nothing to evaluate")
     logger.debug("evaluated %d SAE(s) on %d tokens", len(runs), seen)
