@@ -37,7 +37,7 @@ def test_pretokenize_then_cache(tmp_path, model_dir, capsys) -> None:
     out = tmp_path / "cache"
     argv = ["cache", "--model", str(model_dir), "--hook", HOOK, "--dataset", str(tokens),
             "--context-size", "16", "--tokens", "120", "--shard-tokens", "50",
-            "--model-batch-size", "2", "--out", str(out)]
+            "--model-batch-size", "2", "--heldout-tokens", "0", "--out", str(out)]
     assert main(argv) == 0
     reader = CachedActivations(out, batch_size=1, buffer_size=1, shuffle=False)
     assert reader.metadata["model"] == str(model_dir) and reader.n_tokens == 120
