@@ -8,6 +8,7 @@ config read from disk and written back is unchanged. Older flat layouts are tran
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,40 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
+def whole_number(name: str, value: Any, *, optional: bool = False) -> int | None:
+    """`value` as an int, refusing bools, strings and fractions (a float that is exactly a
+    whole number, as some writers store sizes, is taken as that number)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    # numbers.Integral takes numpy's integers too (a shape read with numpy).
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        nothing = " or null" if optional else ""
+        raise ValueError(f"{name} must be a whole number{nothing}, got {value!r}")
+    return int(value)
+
+
+def flag(name: str, value: Any, *, optional: bool = False) -> bool | None:
+    """`value` if it is a real bool: a string such as "no" is truthy and would read as
+    true."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        nothing = " or null" if optional else ""
+        raise ValueError(f"{name} must be true or false{nothing}, got {value!r}")
+    return value
+
+
+def text(name: str, value: Any, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        nothing = " or null" if optional else ""
+        raise ValueError(f"{name} must be a string{nothing}, got {value!r}")
+    return value
+
+
 @dataclass
 class SAEMetadata:
     """Where the SAE was trained: model, hook(s) and data. None where unknown."""
@@ -60,8 +95,22 @@ class SAEMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
     """Other metadata keys, kept so that a round trip loses nothing."""
 
+    def __post_init__(self) -> None:
+        # Typed fields are read by loaders and evaluators: refuse a wrong type here, by name.
+        for name in ("model_name", "hook_name", "hook_name_out", "dataset_path",
+                     "neuronpedia_id"):
+            text(f"metadata.{name}", getattr(self, name), optional=True)
+        for name in ("hook_head_index", "context_size"):
+            setattr(self, name, whole_number(f"metadata.{name}", getattr(self, name),
+                                             optional=True))
+        flag("metadata.prepend_bos", self.prepend_bos, optional=True)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"metadata.extra must be a mapping, got {self.extra!r}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEMetadata:
+        if not isinstance(data, dict):
+            raise ValueError(f"metadata must be a mapping, got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
@@ -114,15 +163,34 @@ class SAEConfig:
     """Model, hook and data the SAE belongs to."""
 
     def __post_init__(self) -> None:
+        # Every field's type is checked: a cfg.json from elsewhere may hold k: 3.5 or
+        # "apply_b_dec_to_input": "no", which would otherwise load and misbehave later.
         if isinstance(self.metadata, dict):
             self.metadata = SAEMetadata.from_dict(self.metadata)
+        if not isinstance(self.metadata, SAEMetadata):
+            raise ValueError(f"metadata must be a mapping, got {self.metadata!r}")
+        text("architecture", self.architecture)
+        if not isinstance(self.dtype, torch.dtype):
+            text("dtype", self.dtype)
         self.dtype = dtype_name(self.dtype)
-        for name in ("d_in", "d_sae"):
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        text("device", self.device)
+        for name in ("d_in", "d_sae", "d_out"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_out is not None and (not isinstance(self.d_out, int) or self.d_out <= 0):
-            raise ValueError(f"d_out must be a positive integer or None, got {self.d_out!r}")
+            if value is None and name == "d_out":
+                continue
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                nothing = " or None" if name == "d_out" else ""
+                raise ValueError(f"{name} must be a positive integer{nothing}, got {value!r}")
+            setattr(self, name, int(value))
+        self.k = whole_number("k", self.k, optional=True)
+        flag("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        flag("rescale_acts_by_decoder_norm", self.rescale_acts_by_decoder_norm)
+        text("normalize_activations", self.normalize_activations)
+        text("reshape_activations", self.reshape_activations)
         if self.normalize_activations not in NORMALIZE_MODES:
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r} is not known; "
@@ -136,7 +204,11 @@ class SAEConfig:
         if self.k is not None and not (0 < self.k <= self.d_sae):
             raise ValueError(f"k must be between 1 and d_sae={self.d_sae}, got {self.k}")
         if self.matryoshka_widths is not None:
-            widths = list(self.matryoshka_widths)
+            if not isinstance(self.matryoshka_widths, (list, tuple)):
+                raise ValueError(
+                    f"matryoshka_widths must be a list of widths, got {self.matryoshka_widths!r}"
+                )
+            widths = [whole_number("matryoshka_widths", w) for w in self.matryoshka_widths]
             if widths != sorted(set(widths)) or widths[-1] != self.d_sae or widths[0] <= 0:
                 raise ValueError(
                     "matryoshka_widths must be strictly ascending positive widths ending at "

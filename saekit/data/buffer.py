@@ -9,9 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.finite import NonFiniteActivations
+from saekit.progress import bar
+
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: Rows whose norm exceeds this many times the median are left out of the norm estimate.
+OUTLIER_NORM_RATIO = 100.0
 
 
 def check_buffer_sizes(batch_size: int, buffer_size: int) -> None:
@@ -24,6 +29,41 @@ def check_buffer_sizes(batch_size: int, buffer_size: int) -> None:
             f"buffer_size={buffer_size} cannot hold one batch of batch_size={batch_size}; "
             f"make buffer_size at least {batch_size} (several times larger mixes better)"
         )
+
+
+def robust_mean_norm(norms: Tensor, hook: str = "the hook") -> float:
+    """The mean of row norms `norms` [rows], leaving out rows whose norm is more than
+    OUTLIER_NORM_RATIO times the median norm of the nonzero rows.
+
+    A plain mean is at the mercy of one row: a single row of norm 1e30 among 4,096 made the
+    norm scaling factor 2.5e-27 and every folded weight infinite. Rows that large are
+    corrupt data, not activations; genuinely large rows (the first positions of many
+    models, tens of times the median) stay within the ratio and count as the definition
+    sqrt(d_in) / E||x|| wants. Left-out rows are reported in a warning."""
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise NonFiniteActivations(
+            f"activation row {row} of the norm estimate at {hook} is not finite "
+            f"({int(bad.sum())} such rows); the data holds NaN or infinity"
+        )
+    nonzero = norms[norms > 0]
+    if nonzero.numel() == 0:
+        raise ValueError(
+            f"every activation row read at {hook} is zero, so there is no norm to scale by; "
+            "check the hook, or turn normalize_activations off"
+        )
+    limit = OUTLIER_NORM_RATIO * float(nonzero.median())
+    kept = norms <= limit
+    left_out = norms.numel() - int(kept.sum())
+    if left_out:
+        logger.warning(
+            "the norm scaling factor at %s leaves out %d of %d activation rows whose norm is "
+            "over %g times the median (the largest: %.3g, median %.3g); rows that large are "
+            "likely corrupt data", hook, left_out, norms.numel(), OUTLIER_NORM_RATIO,
+            float(norms.max()), limit / OUTLIER_NORM_RATIO,
+        )
+    return float(norms[kept].mean())
 
 
 class ShuffledRows:
@@ -264,30 +304,42 @@ class ShuffledRows:
 
     # norm scaling
 
-    def estimate_norm_scaling_factor(self, n_batches: int = 100) -> float | dict[str, float]:
+    def estimate_norm_scaling_factor(
+        self, n_batches: int = 100, *, progress: bool | None = None
+    ) -> float | dict[str, float]:
         """s = sqrt(d_in) / E||x|| over about `n_batches * batch_size` rows read from the
         current position (the position itself is left unchanged).
 
         Multiplying activations by s gives them an average norm of sqrt(d_in) (the
         `expected_average_only_in` normalisation). A float for one hook, a dict for several.
+        `progress` shows a bar of the rows read (None: as `saekit.progress` is set).
+
+        E||x|| is the mean row norm without the rows whose norm exceeds OUTLIER_NORM_RATIO
+        times the median (`robust_mean_norm`): on data without such rows it is the plain
+        mean, and one corrupt row (a norm of 1e30 among thousands) cannot move it. Rows left
+        out are reported in a warning; a NaN or infinite row raises NonFiniteActivations.
         """
         if n_batches <= 0:
             raise ValueError(f"n_batches must be positive, got {n_batches}")
         wanted = n_batches * self.batch_size
         saved = self._source_state()
-        sums = dict.fromkeys(self.hooks, 0.0)
+        norms: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
         width: dict[str, int] = {}
         rows = 0
+        shown = bar(desc="norm estimate", unit="tok", total=wanted, progress=progress)
         try:
             while rows < wanted:
                 chunk = self._next_chunk()
                 if chunk is None:
                     break
                 for hook in self.hooks:
-                    sums[hook] += chunk[hook].double().norm(dim=-1).sum().item()
+                    norms[hook].append(chunk[hook].double().norm(dim=-1).cpu())
                     width[hook] = chunk[hook].shape[-1]
-                rows += chunk[self.hooks[0]].shape[0]
+                got = chunk[self.hooks[0]].shape[0]
+                shown.update(min(got, wanted - rows))
+                rows += got
         finally:
+            shown.close()
             self._load_source_state(saved)
         if rows == 0:
             raise ValueError("no activations to estimate the norm scaling factor on")
@@ -296,7 +348,9 @@ class ShuffledRows:
                 "estimated the norm scaling factor on %d rows, fewer than the %d asked for "
                 "(the data ran out)", rows, wanted,
             )
-        factors = {h: math.sqrt(width[h]) / (sums[h] / rows) for h in self.hooks}
+        factors = {
+            h: math.sqrt(width[h]) / robust_mean_norm(torch.cat(norms[h]), h) for h in self.hooks
+        }
         return factors[self.hooks[0]] if self.single else factors
 
     # checkpointing

@@ -41,6 +41,7 @@ from saekit.data.shards import (
 )
 from saekit.data.store import ActivationStore
 from saekit.data.tokens import TokenWindows
+from saekit.errors import disk_full_error
 from saekit.models.backend import ModelBackend
 from saekit.progress import bar
 
@@ -254,10 +255,21 @@ def _write_shard(
     data = save({h: t.contiguous() for h, t in tensors.items()})
     name = _shard_name(index)
     tmp = out / (name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(
+            err, "activation shard", out / name, len(data),
+            f"the {index} shard(s) before it are intact; free some space and run the same "
+            "`saekit cache` command again to continue from there",
+        )
+        if full is not None:
+            raise full from err
+        raise
     os.replace(tmp, out / name)
     return {
         "file": name,
@@ -269,8 +281,9 @@ def _write_shard(
 
 
 def _require_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    if old.get("format") != CACHE_FORMAT:
+    if not isinstance(old, dict) or old.get("format") != CACHE_FORMAT:
         raise CacheError(f"{out / METADATA_FILE} is not a saekit activation-cache metadata file")
+    _check_metadata(old, out / METADATA_FILE)
     diffs = [
         f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}"
         for k in IDENTITY_KEYS if old.get(k) != new.get(k)
@@ -307,11 +320,56 @@ def read_cache_metadata(path: str | Path) -> dict[str, Any]:
             "`saekit cache`"
         )
     meta = _read_json(meta_path)
-    if meta.get("format") != CACHE_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise CacheError(f"{meta_path} is not a saekit activation-cache metadata file")
     if meta.get("version") != CACHE_VERSION:
         raise CacheError(f"{meta_path} has cache version {meta.get('version')}, expected 1")
+    _check_metadata(meta, meta_path)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: Metadata keys a reader relies on: (what the value must be, the test).
+_METADATA_FIELDS: dict[str, tuple[str, Any]] = {
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "hooks": (
+        "a non-empty list of hook names",
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(h, str) for h in v),
+    ),
+    "d_in": (
+        "a mapping of hook name to a positive width",
+        lambda v: isinstance(v, dict) and all(_is_int(w) and w > 0 for w in v.values()),
+    ),
+    "dtype": (f"one of {', '.join(DTYPES)}", lambda v: isinstance(v, str) and v in DTYPES),
+    "context_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "n_tokens": ("a whole number", lambda v: _is_int(v) and v >= 0),
+    "complete": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_metadata(meta: dict[str, Any], meta_path: Path) -> None:
+    """Refuse metadata missing a key a reader relies on, or holding a value of the wrong
+    kind, naming the key: an edited or damaged file fails here, not deep in training."""
+    for key, (expected, test) in _METADATA_FIELDS.items():
+        if key not in meta:
+            raise CacheError(
+                f"{meta_path} has no {key!r} entry; the cache folder is damaged, write it again "
+                "with `saekit cache`"
+            )
+        if not test(meta[key]):
+            raise CacheError(
+                f"{meta_path}: {key} is {meta[key]!r}, but it must be {expected}; the cache "
+                "folder is damaged, write it again with `saekit cache`"
+            )
+    missing = [h for h in meta["hooks"] if h not in meta["d_in"]]
+    if missing:
+        raise CacheError(
+            f"{meta_path}: d_in gives no width for hook(s) {missing}; the cache folder is "
+            "damaged, write it again with `saekit cache`"
+        )
 
 
 def check_cache_matches(

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.finite import NonFiniteActivations, locate_non_finite
+
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: Bytes read (and checksummed) at a time while checking: small enough to stay in the
 #: processor's cache between the read and the CRC, large enough to keep system calls few.
@@ -32,6 +34,63 @@ CHECK_PIECE_BYTES = 2**20
 
 class CacheError(ValueError):
     """A cache folder that cannot be used as it is; the message says why and what to do."""
+
+
+def shard_path(folder: Path, record: Any) -> Path:
+    """The shard file a progress record names, refusing any name that is not a plain file
+    name inside `folder`: progress.json is data, and an absolute or `..` path in it would
+    make a reader open files elsewhere."""
+    name = record.get("file") if isinstance(record, dict) else None
+    if (
+        not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+        or "\0" in name or Path(name).name != name or Path(name).is_absolute()
+    ):
+        raise CacheError(
+            f"{folder / 'progress.json'} has a shard entry {record!r} whose file is not a "
+            "plain file name inside the cache folder; the cache is damaged or was edited, "
+            "write it again"
+        )
+    return folder / name
+
+
+def check_progress_records(folder: Path, records: Any) -> list[dict[str, Any]]:
+    """The progress records of a cache, each checked to name a shard file inside `folder`
+    and to give whole-number rows and bytes and a CRC-32."""
+    if not isinstance(records, list):
+        raise CacheError(
+            f"{folder / 'progress.json'} must hold a list of shard records; write the cache "
+            "again"
+        )
+    for record in records:
+        shard_path(folder, record)
+        fields_ok = (
+            isinstance(record.get("rows"), int) and not isinstance(record["rows"], bool)
+            and record["rows"] >= 0
+            and isinstance(record.get("bytes"), int) and not isinstance(record["bytes"], bool)
+            and record["bytes"] >= 0
+            and isinstance(record.get("crc32"), str)
+        )
+        if not fields_ok:
+            raise CacheError(
+                f"{folder / 'progress.json'} has a shard entry for {record['file']!r} without "
+                "whole-number rows and bytes and a crc32; the cache is damaged, write it again"
+            )
+    return records
+
+
+def check_shard_finite(layout: ShardLayout) -> None:
+    """Refuse a checked shard whose activations hold NaN or infinity, naming the file, hook
+    and row (one reduction per tensor when they are all finite)."""
+    for hook, tensor in map_shard(layout).items():
+        found = locate_non_finite(tensor)
+        if found is not None:
+            raise NonFiniteActivations(
+                f"shard {layout.path} of the activation cache holds non-finite activations "
+                f"at {hook}: {found.describe(('row', 'feature'))} of its {layout.rows} rows. "
+                "The model produced them when the cache was written (a float16 model "
+                "overflows above 65504), or the file was changed since; write the cache "
+                "again from a model in float32 or bfloat16"
+            )
 
 
 @dataclass(frozen=True)

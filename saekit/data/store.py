@@ -11,8 +11,10 @@ from torch import Tensor
 from saekit.config import DTYPES, dtype_name
 from saekit.data.buffer import ShuffledRows, check_buffer_sizes
 from saekit.data.tokens import TokenWindows, keep_mask
+from saekit.finite import NonFiniteActivations, locate_non_finite
 from saekit.models.backend import ModelBackend
 from saekit.models.hooks import select_head
+from saekit.preflight import check_context_size
 
 
 def flatten_activation(act: Tensor, head_index: int | None = None) -> Tensor:
@@ -108,6 +110,7 @@ class ActivationStore(ShuffledRows):
                 prepend_bos=prepend_bos, packing=packing,
             )
         self.context_size = self.windows.context_size
+        check_context_size(model, self.context_size, "context_size")
         self.batch_size = batch_size
         self.buffer_size = buffer_size
         self.model_batch_size = model_batch_size
@@ -122,6 +125,8 @@ class ActivationStore(ShuffledRows):
         )
         self._init_buffer(seed, reuse_batches)
         self._d_in: dict[str, int] | None = None
+        #: Model forward passes made so far (named when activations are not finite).
+        self._forwards = 0
 
     # sizes
 
@@ -148,13 +153,41 @@ class ActivationStore(ShuffledRows):
         """{hook: [rows, d]} for tokens [n, context_size], special tokens removed."""
         acts = self.model.activations(tokens, self.hooks)
         mask = None if self._exclude is None else keep_mask(tokens, self._exclude)
+        self._forwards += 1
         out = {}
         for hook in self.hooks:
             act = flatten_activation(acts[hook], self.hook_head_index)
             out[hook] = act[mask.to(act.device)] if mask is not None else act.flatten(0, 1)
+            self._check_finite(hook, out[hook], tokens, mask)
         if self._d_in is None:
             self._d_in = {h: out[h].shape[-1] for h in self.hooks}
         return out
+
+    def _check_finite(
+        self, hook: str, rows: Tensor, tokens: Tensor, mask: Tensor | None
+    ) -> None:
+        """Refuse NaN or infinite activations as they come from the model, saying where.
+
+        A NaN row would otherwise surface many steps later as a diverged loss, blamed on
+        the learning rate. The check is one reduction per forward pass."""
+        found = locate_non_finite(rows)
+        if found is None:
+            return
+        row, column = found.index
+        if mask is not None:
+            # The kept rows in order: mask.nonzero() is [kept rows, (sequence, position)].
+            sequence, position = (int(i) for i in mask.nonzero()[row])
+        else:
+            sequence, position = divmod(row, tokens.shape[1])
+        raise NonFiniteActivations(
+            f"the model's activations at {hook} are not finite: {found.value} in model "
+            f"forward pass {self._forwards} (sequence {sequence} of {tokens.shape[0]}, token "
+            f"position {position}, feature {column}; {found.count} non-finite values in "
+            f"{found.rows} token rows; {self.windows.windows_emitted} windows of "
+            f"{self.context_size} tokens read from the dataset so far). The model produced "
+            "them, not the SAE: a float16 model overflows above 65504 (load it in float32 or "
+            "bfloat16), and a model with NaN weights gives NaN everywhere"
+        )
 
     def _next_chunk(self) -> dict[str, Tensor] | None:
         tokens = self.windows.batch(self.model_batch_size)

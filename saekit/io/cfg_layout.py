@@ -55,7 +55,9 @@ def _normalize_mode(value: Any) -> str:
         return "expected_average_only_in"
     if value is False or value is None:
         return "none"
-    return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"normalize_activations must be a string or a bool, got {value!r}")
+    return value
 
 
 def _architecture_from_flat(raw: dict[str, Any]) -> tuple[str, int | None]:
@@ -93,11 +95,14 @@ def _from_current(raw: dict[str, Any], source: str) -> SAEConfig:
     if "architecture" not in raw:
         raise ValueError(f"{source} has no 'architecture' key")
     fields = {k: v for k, v in raw.items() if k in _SAE_FIELDS}
+    if not isinstance(raw["metadata"] or {}, dict):
+        raise ValueError(f"{source}: metadata must be a mapping, got {raw['metadata']!r}")
     metadata = dict(raw["metadata"] or {})
     # Training-only settings sae-lens keeps at the top level travel in metadata.
     metadata.update({k: v for k, v in raw.items() if k not in _SAE_FIELDS and k != "metadata"})
-    fields["normalize_activations"] = _normalize_mode(fields.get("normalize_activations"))
-    fields["metadata"] = SAEMetadata.from_dict(metadata)
+    fields["normalize_activations"] = raw.get("normalize_activations")
+    # Built (and type-checked) inside _build, so that errors name the file.
+    fields["metadata"] = metadata
     return _build(fields, source)
 
 
@@ -109,7 +114,7 @@ def _from_flat(raw: dict[str, Any], source: str) -> SAEConfig:
     fields["architecture"] = architecture
     if k is not None:
         fields["k"] = int(k)
-    fields["normalize_activations"] = _normalize_mode(raw.get("normalize_activations"))
+    fields["normalize_activations"] = raw.get("normalize_activations")
     hook_name = raw.get("hook_name", raw.get("hook_point")) or ""
     if "reshape_activations" not in raw and "hook_z" in hook_name:
         # The flat layout has no reshape flag: sae-lens inferred it from the hook name.
@@ -124,13 +129,15 @@ def _from_flat(raw: dict[str, Any], source: str) -> SAEConfig:
                 break
     leftovers = set(raw) - _SAE_FIELDS - used - _DROPPED_KEYS
     metadata.update({key: raw[key] for key in sorted(leftovers)})
-    fields["metadata"] = SAEMetadata.from_dict(metadata)
+    fields["metadata"] = metadata
     return _build(fields, source)
 
 
 def _build(fields: dict[str, Any], source: str) -> SAEConfig:
     fields.pop("device", None)  # where to load is the caller's choice, not the file's
     try:
+        fields["normalize_activations"] = _normalize_mode(fields.get("normalize_activations"))
+        fields["metadata"] = SAEMetadata.from_dict(fields["metadata"])
         return SAEConfig(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from err

@@ -9,18 +9,26 @@ leaves either the old SAE or a folder without cfg.json, never a mix that loads.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saekit.config import SAEConfig
+from saekit.errors import disk_full_error
+from saekit.finite import NonFiniteWeights
 from saekit.io.cfg_layout import config_from_dict
+from saekit.io.headers import safetensors_header
+
+log = logging.getLogger(__name__)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -56,31 +64,100 @@ def save_sae_folder(
     }
     if sparsity is not None:
         files[SPARSITY_FILE] = {"sparsity": sparsity.detach().contiguous().cpu()}
+    needed = sum(t.numel() * t.element_size() for f in files.values() for t in _tensors(f))
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        remove_partial_writes(path.parent, path.name)
+        staging = make_staging_dir(path.parent, f".{path.name}.")
         try:
             for name, content in files.items():
                 _write(staging / name, name, content)
             os.replace(staging, path)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            full = disk_full_error(err, "SAE", path, needed, "nothing was written")
+            if full is not None:
+                raise full from err
             raise
         return path
-    return _replace_in_place(path, files)
+    return _replace_in_place(path, files, needed)
 
 
-def _replace_in_place(path: Path, files: dict[str, Any]) -> Path:
+def _tensors(content: Any) -> list[Tensor]:
+    return list(content.values()) if isinstance(content, dict) and all(
+        isinstance(v, Tensor) for v in content.values()
+    ) else []
+
+
+def make_staging_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty folder `parent/<prefix><8 hex digits>` for assembling a write.
+
+    Created with the default mode, so the umask applies (tempfile.mkdtemp would make it
+    0700, and the renamed result private to its owner whatever the user's umask)."""
+    while True:
+        candidate = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def staging_file(folder: Path, prefix: str) -> Path:
+    """A free name `folder/<prefix><8 hex digits>` for a file to be written and renamed;
+    the writer creates it, with the default mode (so the umask applies)."""
+    while True:
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}"
+        if not candidate.exists():
+            return candidate
+
+
+#: Temporary names an interrupted save leaves: `.cfg.json.<8 chars>` and the like beside
+#: the files of an existing folder, and `.<folder name>.<8 chars>/` beside a new folder.
+_PARTIAL_FILE = re.compile(
+    r"^\.(?:cfg\.json|sae_weights\.safetensors|sparsity\.safetensors)\.[A-Za-z0-9_]{8}$"
+)
+
+
+def remove_partial_writes(folder: Path, new_folder: str | None = None) -> list[Path]:
+    """Remove what an interrupted save (a kill mid-write) left in `folder`: temporary files
+    of an SAE folder's in-place replacement and, with `new_folder`, the half-assembled
+    staging folders of that name (holding nothing but an SAE folder's files). Returns
+    what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    staging = re.compile(rf"^\.{re.escape(new_folder)}\.[A-Za-z0-9_]{{8}}$") if new_folder else None
+    ours = {CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE}
+    removed = []
+    for child in folder.iterdir():
+        if _PARTIAL_FILE.match(child.name) and child.is_file():
+            child.unlink(missing_ok=True)
+            removed.append(child)
+        elif staging is not None and staging.match(child.name) and child.is_dir():
+            if {p.name for p in child.iterdir()} <= ours:
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    if removed:
+        log.info(
+            "removed %d temporary file(s) left by an interrupted save in %s", len(removed), folder
+        )
+    return removed
+
+
+def _replace_in_place(path: Path, files: dict[str, Any], needed: int) -> Path:
+    remove_partial_writes(path)
     staged: dict[str, Path] = {}
     try:
         for name, content in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
-            os.close(fd)
-            staged[name] = Path(tmp)
+            staged[name] = staging_file(path, f".{name}.")
             _write(staged[name], name, content)
-    except BaseException:
+    except BaseException as err:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
+        full = disk_full_error(err, "SAE", path, needed, "the SAE already there is untouched")
+        if full is not None:
+            raise full from err
         raise
     (path / CFG_FILE).unlink(missing_ok=True)
     if SPARSITY_FILE not in files:
@@ -128,14 +205,60 @@ def read_safetensors(file: Path) -> dict[str, Tensor]:
         ) from err
 
 
-def fold_decoder_scales(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def fold_decoder_scales(tensors: dict[str, Tensor], where: str = "") -> dict[str, Tensor]:
     """Older releases carry a per-latent decoder scale; fold it into W_dec."""
     tensors = dict(tensors)
     for name in _DECODER_SCALE_TENSORS:
         scale = tensors.pop(name, None)
         if scale is not None and "W_dec" in tensors:
+            d_sae = tensors["W_dec"].shape[0]
+            if tuple(scale.shape) != (d_sae,):
+                # Broadcasting would otherwise fail obscurely, or inflate W_dec.
+                at = f" in {where}" if where else ""
+                raise ValueError(
+                    f"tensor {name!r}{at} has shape {tuple(scale.shape)}; a per-latent "
+                    f"decoder scale for W_dec's {d_sae} rows needs ({d_sae},)"
+                )
             tensors["W_dec"] = tensors["W_dec"] * scale.to(tensors["W_dec"].dtype)[:, None]
     return tensors
+
+
+def check_sparsity(sparsity: Tensor, d_sae: int, where: str) -> None:
+    """Refuse a sparsity tensor (log10 firing frequency per latent) of the wrong shape or
+    holding NaN or +infinity. -infinity is allowed: the log of a latent that never fired."""
+    if tuple(sparsity.shape) != (d_sae,):
+        raise ValueError(
+            f"{where}: 'sparsity' has shape {tuple(sparsity.shape)}, but the SAE has "
+            f"d_sae={d_sae} latents, so it needs ({d_sae},)"
+        )
+    if not sparsity.is_floating_point():
+        raise ValueError(f"{where}: 'sparsity' must hold floats, found {sparsity.dtype}")
+    bad = torch.isnan(sparsity) | (sparsity == float("inf"))
+    if bool(bad.any()):
+        raise NonFiniteWeights(
+            f"{where}: 'sparsity' holds {int(bad.sum())} NaN or +inf values (the first at "
+            f"latent {int(bad.nonzero()[0])}); a log10 firing frequency is at most 0"
+        )
+
+
+def check_weights_header(cfg: SAEConfig, file: Path) -> None:
+    """Compare the tensors a weights file's header declares with those `cfg` needs, before
+    anything is read: names, shapes and a floating-point dtype, each named on failure."""
+    from saekit.saes.base import SAE
+
+    header = safetensors_header(file)
+    shapes = {name: h.shape for name, h in header.items() if name not in _DECODER_SCALE_TENSORS}
+    SAE.check_tensor_shapes(cfg, shapes, str(file))
+    for name, info in header.items():
+        if name in _DECODER_SCALE_TENSORS and info.shape != (cfg.d_sae,):
+            raise ValueError(
+                f"tensor {name!r} in {file} has shape {info.shape}; a per-latent decoder "
+                f"scale needs ({cfg.d_sae},)"
+            )
+        if not info.is_float:
+            raise ValueError(
+                f"tensor {name!r} in {file} has dtype {info.dtype}; SAE weights are floats"
+            )
 
 
 def read_sae_folder(path: str | Path) -> SAEFolder:
@@ -151,14 +274,23 @@ def read_sae_folder(path: str | Path) -> SAEFolder:
     raw = read_cfg_json(folder)
     cfg = config_from_dict(raw, source=str(folder / CFG_FILE))
     weights_path = folder / WEIGHTS_FILE
-    tensors = fold_decoder_scales(read_safetensors(weights_path))
-    sparsity = None
-    if (folder / SPARSITY_FILE).is_file():
-        sparsity_tensors = read_safetensors(folder / SPARSITY_FILE)
-        if "sparsity" not in sparsity_tensors:
+    sparsity_path = folder / SPARSITY_FILE
+    # Headers first: a cfg.json and weights that disagree fail before anything is read.
+    check_weights_header(cfg, weights_path)
+    if sparsity_path.is_file():
+        declared = safetensors_header(sparsity_path)
+        if "sparsity" not in declared:
             raise ValueError(
-                f"{folder / SPARSITY_FILE} has no 'sparsity' tensor "
-                f"(found {sorted(sparsity_tensors)})"
+                f"{sparsity_path} has no 'sparsity' tensor (found {sorted(declared)})"
             )
-        sparsity = sparsity_tensors["sparsity"]
+        if declared["sparsity"].shape != (cfg.d_sae,):
+            raise ValueError(
+                f"{sparsity_path}: 'sparsity' has shape {declared['sparsity'].shape}, but "
+                f"{folder / CFG_FILE} declares d_sae={cfg.d_sae}, so it needs ({cfg.d_sae},)"
+            )
+    tensors = fold_decoder_scales(read_safetensors(weights_path), str(weights_path))
+    sparsity = None
+    if sparsity_path.is_file():
+        sparsity = read_safetensors(sparsity_path)["sparsity"]
+        check_sparsity(sparsity, cfg.d_sae, str(sparsity_path))
     return SAEFolder(cfg, tensors, sparsity, raw, weights_path)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import DTYPES, SAEConfig, dtype_name
+from saekit.finite import check_finite_tensors
 from saekit.kernels.sparse_topk import (
     SelectedLatents,
     encoder_pre_activations,
@@ -460,11 +461,21 @@ class SAE(nn.Module):
         return cls(SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, **merged))
 
     def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
-        """Write the SAE (in its published form) as a native folder, atomically."""
-        from saekit.io.native import save_sae_folder
+        """Write the SAE (in its published form) as a native folder, atomically.
 
+        Raises NonFiniteWeights, writing nothing, when a weight is NaN or infinite: such a
+        folder would load, evaluate to nulls and upload as if it were a trained SAE."""
+        from saekit.io.native import check_sparsity, save_sae_folder
+
+        # Checked before `published()`, which rebuilds some architectures from their tensors.
+        check_finite_tensors(
+            self.state_dict(), f"the SAE to be saved to {path}",
+            "nothing was written; an SAE whose weights are not finite cannot be right",
+        )
         publish = self.published()
         tensors = {name: t.detach() for name, t in publish.state_dict().items()}
+        if sparsity is not None:
+            check_sparsity(sparsity, publish.cfg.d_sae, f"the sparsity to be saved to {path}")
         return save_sae_folder(path, publish.cfg.to_dict(), tensors, sparsity)
 
     @staticmethod
@@ -512,7 +523,12 @@ class SAE(nn.Module):
                 parts.source,
             )
         sae.to(device=device, dtype=target_dtype)
-        sparsity = parts.sparsity.to(sae.device) if parts.sparsity is not None else None
+        sparsity = None
+        if parts.sparsity is not None:
+            from saekit.io.native import check_sparsity
+
+            check_sparsity(parts.sparsity, sae.cfg.d_sae, parts.source)
+            sparsity = parts.sparsity.to(sae.device)
         return PretrainedSAE(sae, sae.cfg.to_dict(), sparsity)
 
     def push_to_hub(
@@ -531,34 +547,75 @@ class SAE(nn.Module):
             folder = self.save(Path(tmp) / "sae", sparsity=sparsity)
             return push_to_hub(folder, repo_id, sae_id, **upload_options)
 
-    @classmethod
-    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "") -> SAE:
-        """Build an SAE from a config and a full set of named tensors, checking every shape."""
-        sae = architecture_class(cfg.architecture)(cfg)
-        expected = sae.state_dict()
+    @staticmethod
+    def tensor_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        """Every tensor an SAE of `cfg` holds (parameters and buffers) with its shape,
+        worked out without allocating it (on the meta device)."""
+        sae = _unallocated(cfg)
+        return {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+
+    @staticmethod
+    def check_tensor_shapes(
+        cfg: SAEConfig, shapes: dict[str, tuple[int, ...]], source: str = ""
+    ) -> None:
+        """Refuse tensors (by name: shape, e.g. read from a file's header) that an SAE of
+        `cfg` cannot take: missing, unexpected or misshapen ones, each named."""
+        expected = SAE.tensor_shapes(cfg)
         where = f" in {source}" if source else ""
-        missing = sorted(set(expected) - set(tensors))
+        missing = sorted(set(expected) - set(shapes))
         if missing:
             raise ValueError(
                 f"tensor(s) {missing} missing{where}; a {cfg.architecture!r} SAE needs "
                 f"{sorted(expected)}"
             )
-        unexpected = sorted(set(tensors) - set(expected))
+        unexpected = sorted(set(shapes) - set(expected))
         if unexpected:
             raise ValueError(
                 f"unexpected tensor(s) {unexpected}{where} for a {cfg.architecture!r} SAE, which "
                 f"has {sorted(expected)}; is the cfg.json architecture right?"
             )
+        for name, shape in expected.items():
+            if tuple(shapes[name]) != shape:
+                raise ValueError(
+                    f"tensor {name!r}{where} has shape {tuple(shapes[name])} but the config "
+                    f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}"
+                )
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "") -> SAE:
+        """Build an SAE from a config and a full set of named tensors.
+
+        Every name, shape and value is checked (NaN and infinity are refused) before the
+        SAE's memory is allocated, and it is not randomly initialised first: a cfg.json
+        declaring a huge d_sae beside a small weights file fails at once."""
+        SAE.check_tensor_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+        check_finite_tensors(
+            tensors, source or "the tensors given",
+            "the file is damaged, or the SAE was saved after its training diverged",
+        )
+        sae = _unallocated(cfg)
+        sae.to_empty(device=torch.device(cfg.device))
+        # The built module carries a copy of cfg naming the meta device; hand back the
+        # caller's config, as a normal construction does.
+        if sae.cfg.architecture == cfg.architecture:
+            sae.cfg = cfg
+        else:
+            sae.cfg.device = cfg.device
         with torch.no_grad():
-            for name, param in expected.items():
-                value = tensors[name]
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"tensor {name!r}{where} has shape {tuple(value.shape)} but the config "
-                        f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {tuple(param.shape)}"
-                    )
-                param.copy_(value.to(param.dtype))
+            for name, target in sae.state_dict().items():
+                target.copy_(tensors[name].to(target.dtype))
         return sae
+
+
+def _unallocated(cfg: SAEConfig) -> SAE:
+    """An SAE of `cfg` on the meta device: shapes without memory (or random numbers)."""
+    cls = architecture_class(cfg.architecture)
+    try:
+        return cls(cfg.replace(device="meta"))
+    except (NotImplementedError, RuntimeError):
+        # A user's architecture whose initialisation reads values (`.item()`) cannot be
+        # built on the meta device; it is built for real instead.
+        return cls(cfg.replace(device="cpu"))
 
 
 def squared_error(recon: Tensor, target: Tensor) -> Tensor:

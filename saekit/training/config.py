@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import numbers
 import textwrap
 import types
 import typing
@@ -50,6 +52,100 @@ def _check(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
+class Bounds(typing.NamedTuple):
+    """The range of a numeric field: low and high ends (None: open-ended), each included or
+    not."""
+
+    low: float | None
+    low_included: bool = False
+    high: float | None = None
+    high_included: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (
+            value < self.low or (value == self.low and not self.low_included)
+        ):
+            return False
+        return self.high is None or value < self.high or (
+            value == self.high and self.high_included
+        )
+
+    def describe(self) -> str:
+        if self.high is None:
+            if self.low == 0:
+                return ">= 0" if self.low_included else "positive"
+            return f"{'at least' if self.low_included else 'greater than'} {_number(self.low)}"
+        left = "[" if self.low_included else "("
+        right = "]" if self.high_included else ")"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else f"{value}"
+
+
+POSITIVE = Bounds(0)
+NON_NEGATIVE = Bounds(0, low_included=True)
+
+
+def _kind(hint: Any) -> str:
+    """How a field's type reads in a problem ("a whole number", "true or false or null")."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return f"{_kind(inner[0])} or null"
+    if typing.get_origin(hint) is list:
+        return f"a list in which each is {_kind(typing.get_args(hint)[0])}"
+    return {int: "a whole number", float: "a finite number", bool: "true or false",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the field type `hint`: bools only for bool fields, ints (not
+    bools, not floats) for int fields, finite ints or floats for float fields."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    # numbers.Integral and numbers.Real take numpy's scalars too.
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return (
+            isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value)
+        )
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _field_problems(section: Any, bounds: dict[str, Bounds]) -> list[str]:
+    """A problem for every field of `section` whose value is not of its type (NaN and
+    infinity are no value a setting can take) or is outside its `bounds` (which a list
+    field's every element must keep)."""
+    hints = _hints(type(section))
+    out = []
+    for f in dataclasses.fields(section):
+        value, hint = getattr(section, f.name), hints[f.name]
+        if not _fits(value, hint):
+            out.append(f"{f.name} must be {_kind(hint)}, got {value!r}")
+            continue
+        limit = bounds.get(f.name)
+        values = value if isinstance(value, list) else [value]
+        if limit is not None and any(v is not None and not limit.holds(v) for v in values):
+            out.append(f"{f.name} must be {limit.describe()}, got {value!r}")
+    return out
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @dataclass
 class SAESection:
     """The SAE to train."""
@@ -73,20 +169,20 @@ class SAESection:
     the factor is folded into the weights at the end, so the saved SAE takes raw activations."""
 
     def problems(self) -> list[str]:
-        out: list[str] = []
+        # Every field is checked for its type (NaN and infinity are no setting's value);
+        # these are the ranges of the numeric ones.
+        bounds = {
+            "d_sae": POSITIVE, "expansion_factor": POSITIVE, "k": POSITIVE,
+            "matryoshka_widths": POSITIVE,
+        }
+        out = _field_problems(self, bounds)
         from saekit.saes import list_architectures
 
-        if self.architecture not in list_architectures():
+        if isinstance(self.architecture, str) and self.architecture not in list_architectures():
             out.append(
                 f"architecture {self.architecture!r} is not known; use one of "
                 f"{', '.join(list_architectures())}"
             )
-        if self.d_sae is not None and self.d_sae <= 0:
-            out.append(f"d_sae must be positive, got {self.d_sae}")
-        if self.expansion_factor <= 0:
-            out.append(f"expansion_factor must be positive, got {self.expansion_factor}")
-        if self.k is not None and self.k <= 0:
-            out.append(f"k must be positive, got {self.k}")
         if self.k is not None and self.architecture not in TOPK_ARCHITECTURES:
             out.append(
                 f"k applies to {', '.join(TOPK_ARCHITECTURES)}, not {self.architecture!r}; "
@@ -145,14 +241,13 @@ class DataSection:
     accelerate) for models larger than one device; model_device is then ignored."""
 
     def problems(self) -> list[str]:
-        out = []
+        # Every field is checked for its type (NaN and infinity are no setting's value);
+        # these are the ranges of the numeric ones.
+        bounds = {"context_size": POSITIVE, "eval_tokens": NON_NEGATIVE}
+        out = _field_problems(self, bounds)
         if self.backend not in MODEL_BACKENDS:
             out.append(f"backend {self.backend!r} is not one of {', '.join(MODEL_BACKENDS)}")
-        if self.context_size <= 0:
-            out.append(f"context_size must be positive, got {self.context_size}")
-        if self.eval_tokens < 0:
-            out.append(f"eval_tokens must be >= 0, got {self.eval_tokens}")
-        if self.activations is not None and not self.activations.strip():
+        if isinstance(self.activations, str) and not self.activations.strip():
             out.append("activations must name a cache folder, got an empty string")
         return out
 
@@ -246,46 +341,29 @@ class TrainingConfig:
         return self.jumprelu_ste_to_input
 
     def problems(self) -> list[str]:
-        out = []
-        for name in ("tokens", "batch_size"):
-            if getattr(self, name) <= 0:
-                out.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.tokens > 0 and self.batch_size > self.tokens:
+        # Every field is checked for its type (NaN and infinity are no setting's value);
+        # these are the ranges of the numeric ones.
+        bounds = {
+            "tokens": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
+            "lr_warmup_tokens": NON_NEGATIVE, "lr_decay_fraction": Bounds(0, False, 1, True),
+            "l1_coefficient": NON_NEGATIVE, "sparsity_warmup_tokens": NON_NEGATIVE,
+            "target_l0": POSITIVE, "l0_controller_gain": POSITIVE,
+            "aux_k_coefficient": NON_NEGATIVE, "dead_after_tokens": NON_NEGATIVE,
+            "dead_pre_act_coefficient": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+            "jumprelu_bandwidth": POSITIVE, "jumprelu_pre_act_coefficient": NON_NEGATIVE,
+        }
+        out = _field_problems(self, bounds)
+        sizes_ok = all(_fits(getattr(self, n), int) for n in ("tokens", "batch_size"))
+        if sizes_ok and self.tokens > 0 and self.batch_size > self.tokens:
             out.append(f"batch_size={self.batch_size} is larger than tokens={self.tokens}")
-        if not self.lr > 0:
-            out.append(f"lr must be positive, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             out.append(f"lr_schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-        if not 0 < self.lr_decay_fraction <= 1:
-            out.append(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
-        for name in ("lr_warmup_tokens", "sparsity_warmup_tokens", "dead_after_tokens"):
-            if (getattr(self, name) or 0) < 0:
-                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.l1_coefficient < 0:
-            out.append(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
-        if self.target_l0 is not None and not self.target_l0 > 0:
-            out.append(f"target_l0 must be positive, got {self.target_l0}")
-        if self.dead_pre_act_coefficient < 0:
-            out.append(
-                f"dead_pre_act_coefficient must be >= 0, got {self.dead_pre_act_coefficient}"
-            )
-        if (self.jumprelu_pre_act_coefficient or 0) < 0:
-            out.append(
-                "jumprelu_pre_act_coefficient must be >= 0, got "
-                f"{self.jumprelu_pre_act_coefficient}"
-            )
-        if self.l0_controller_gain <= 0:
-            out.append(f"l0_controller_gain must be positive, got {self.l0_controller_gain}")
-        if self.grad_clip < 0:
-            out.append(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.b_dec_init not in B_DEC_INITS:
             out.append(f"b_dec_init {self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}")
         if self.decoder_norm not in DECODER_NORMS:
             out.append(
                 f"decoder_norm {self.decoder_norm!r} is not one of {', '.join(DECODER_NORMS)}"
             )
-        if self.jumprelu_bandwidth <= 0:
-            out.append(f"jumprelu_bandwidth must be positive, got {self.jumprelu_bandwidth}")
         if self.jumprelu_sparsity not in ("step", "tanh"):
             out.append(f"jumprelu_sparsity must be step or tanh, got {self.jumprelu_sparsity!r}")
         return out
@@ -334,15 +412,16 @@ class RunSection:
     """Delete an existing run folder at `out` and start afresh."""
 
     def problems(self) -> list[str]:
-        out = []
+        # Every field is checked for its type (NaN and infinity are no setting's value);
+        # these are the ranges of the numeric ones.
+        # numpy takes seeds in [0, 2**32).
+        bounds = {
+            "seed": Bounds(0, True, 2**32, False), "checkpoint_every": POSITIVE,
+            "keep_checkpoints": Bounds(1, low_included=True), "log_every": POSITIVE,
+        }
+        out = _field_problems(self, bounds)
         if self.dtype not in DTYPES:
             out.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
-            out.append(f"checkpoint_every must be positive, got {self.checkpoint_every}")
-        if self.keep_checkpoints < 1:
-            out.append(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
-        if self.log_every <= 0:
-            out.append(f"log_every must be positive, got {self.log_every}")
         if self.resume is not None and self.overwrite:
             out.append("resume and overwrite cannot both be given; pick one")
         return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -22,6 +23,8 @@ import torch
 from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
+from saekit.io.native import remove_partial_writes
+from saekit.preflight import check_context_size, check_train_dtype
 from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
 from saekit.training.cache_source import (
@@ -33,7 +36,7 @@ from saekit.training.cache_source import (
     refuse_cache_under_torchrun,
     run_cache_metadata,
 )
-from saekit.training.checkpoint import latest_checkpoint
+from saekit.training.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from saekit.training.config import (
     RUN_CONFIG_FILE,
     TOPK_ARCHITECTURES,
@@ -142,11 +145,15 @@ def _train(
         cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
         if cfg.data.activations is not None:
             cache_meta = run_cache_metadata(cfg)
+        if env.is_main:
+            remove_partial_writes(run_dir)  # left by a kill mid-save
+            remove_partial_checkpoints(run_dir)
         if latest_checkpoint(run_dir) is None:
             # Stopped before its first checkpoint: nothing to continue, so start it again.
             if env.is_main:
                 log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
             resume = False
+    _preflight(cfg, model, dataset)
     _seed_everything(cfg.run.seed)
 
     from saekit.models import load_model
@@ -165,8 +172,10 @@ def _train(
             device_map=cfg.data.device_map,
         )
     device = str(local_device(device, env))
+    check_train_dtype(cfg.run.dtype, device)
+    check_context_size(backend, cfg.data.context_size)
     hook, hook_out = _hooks(cfg, backend, cache_meta)
-    saved_state = json.loads((run_dir / RUN_STATE_FILE).read_text()) if resume else None
+    saved_state = _read_run_state(run_dir) if resume else None
     heldout, training_data = _heldout_text(cfg, backend, dataset, cache_meta, saved_state)
     store = _store(
         cfg, backend, hook, hook_out, training_data, device, env,
@@ -175,10 +184,6 @@ def _train(
     dataset_name = cfg.data.dataset if dataset is None else None
     sae = _build_sae(cfg, store, hook, hook_out, device, backend, dataset_name, heldout)
     run_state = saved_state or _new_run_state(cfg, store, hook, parallel, heldout)
-    if not resume and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / RUN_CONFIG_FILE)
-        (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
     job = SAEJob(
         sae,
         cfg.training,
@@ -201,8 +206,19 @@ def _train(
         log_sinks=sinks,
         parallel=parallel,
     )
+    created = False
     try:
+        if not resume and env.is_main:
+            # A resumed run that had no checkpoint starts again in its own folder.
+            created = _start_run_dir(run_dir, replace=cfg.run.resume is None)
+            cfg.save(run_dir / RUN_CONFIG_FILE)
+            (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
         result = trainer.fit(resume=resume)
+    except BaseException:
+        if created and latest_checkpoint(run_dir) is None:
+            # A start that failed before its first checkpoint leaves no folder behind.
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         finish_wandb()
         if isinstance(source, Prefetcher):
@@ -268,11 +284,61 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
                 f"output folder {run_dir} already exists; pass --resume {run_dir} to continue "
                 "that run, --overwrite to replace it, or choose another --out"
             )
+        # --overwrite: the old folder goes only once the new run is ready to write its own
+        # (`_start_run_dir`), so a start that fails on a bad input leaves it as it was.
+    return run_dir, False
+
+
+def _start_run_dir(run_dir: Path, replace: bool) -> bool:
+    """Create the run's folder (with `replace`, a new run's, first removing what --overwrite
+    allowed); True when this start created it, so a start that fails before its first
+    checkpoint removes it again."""
+    if replace and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if run_dir.is_dir():
             shutil.rmtree(run_dir)
         else:
             run_dir.unlink()
-    return run_dir, False
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _preflight(cfg: TrainConfig, model: Any, dataset: Any) -> None:
+    """What can be checked before a model loads: the devices exist, the SAE's dtype trains
+    on its device, and local text files are there and readable as text."""
+    from saekit.preflight import check_device, check_local_dataset, check_train_dtype
+
+    check_device(cfg.run.device, "--device")
+    check_device(cfg.run.model_device, "--model-device")
+    if model is None or cfg.run.device is not None:
+        check_train_dtype(cfg.run.dtype, _device(cfg.run.device))
+    if dataset is None and cfg.data.activations is None:
+        check_local_dataset(cfg.data.dataset, "--dataset")
+    if cfg.data.eval_dataset is not None:
+        check_local_dataset(cfg.data.eval_dataset, "--eval-dataset")
+
+
+def _read_run_state(run_dir: Path) -> dict[str, Any]:
+    """The run's saved run_state.json, refusing a damaged one by name."""
+    file = run_dir / RUN_STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{file} is missing, so the run cannot resume with the values it started with "
+            "(the norm scaling factor, the held-out documents); start it again with --overwrite"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err}); the run folder is damaged, so start the run "
+            "again with --overwrite"
+        ) from None
+    if not isinstance(state, dict) or "norm_scaling_factor" not in state:
+        raise ValueError(
+            f"{file} does not hold a run state (a JSON object with norm_scaling_factor); "
+            "the run folder is damaged, so start the run again with --overwrite"
+        )
+    return state
 
 
 def _seed_everything(seed: int) -> None:
@@ -438,6 +504,11 @@ def _new_run_state(
         # Transcoders: one factor (the input's) for input and target, so that folding it
         # into the weights at the end is exact.
         factor = float(estimate[hook] if isinstance(estimate, dict) else estimate)
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(
+                f"the norm scaling factor estimated at {hook} is {factor}, which cannot scale "
+                "activations; check the data at that hook, or turn normalize_activations off"
+            )
         # Every rank estimated on its own shard; all use rank 0's, which is the one saved.
         factor = parallel.broadcast_object(factor)
     documents = heldout.heldout_documents if heldout is not None else 0

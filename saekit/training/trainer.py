@@ -8,6 +8,8 @@ one model forward pass can feed SAEs on several hooks. It knows nothing of model
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import signal
 import threading
 import time
@@ -19,6 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.config import dtype_name
+from saekit.finite import (
+    NonFiniteActivations,
+    NonFiniteWeights,
+    locate_non_finite,
+    non_finite_report,
+)
 from saekit.progress import bar, progress_enabled, progress_off
 from saekit.saes.base import SAE, LossSettings
 from saekit.training import checkpoint as ckpt
@@ -50,6 +59,11 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient became non-finite; the last good state was checkpointed."""
 
 
+class NonFiniteInput(NonFiniteActivations, TrainingDiverged):
+    """The loss became non-finite because a batch's activations were: the data is at fault,
+    not the training. The last good state was checkpointed."""
+
+
 @dataclass
 class SAEJob:
     """One SAE to train and how: its hyper-parameters and which activations it reads."""
@@ -66,6 +80,17 @@ class SAEJob:
     """Inputs (and targets) are multiplied by this during training; folded in at the end."""
     evaluate: Evaluator | None = None
     """Final held-out evaluation of the finished SAE."""
+
+    def __post_init__(self) -> None:
+        scale = self.norm_scale
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+            or not math.isfinite(scale) or scale <= 0
+        ):
+            raise ValueError(
+                f"norm_scale of SAE {self.name!r} must be a positive finite number, got "
+                f"{scale!r}; estimate it with estimate_norm_scaling_factor on clean data"
+            )
 
 
 @dataclass
@@ -295,7 +320,7 @@ class Trainer:
                 self._initialize(st, x, target)
         # With several ranks, a rank whose SAE diverged must still join every collective of
         # the step; the failure is shared once all are done, and then every rank stops.
-        failure: tuple[SAEJob, str] | None = None
+        failure: tuple[SAEJob, str, str | None] | None = None
         for st, (x, target) in zip(self.states, inputs, strict=True):
             job, sae = st.job, st.job.sae
             sae.train()
@@ -304,7 +329,9 @@ class Trainer:
                 x, target if sae.is_transcoder else None, settings, st.dead_mask()
             )
             if not torch.isfinite(out.loss):
-                failure = failure or (job, f"loss is {out.loss.item()}")
+                failure = failure or (
+                    job, f"loss is {out.loss.item()}", self._input_problem(batch, job)
+                )
                 if not self.parallel.distributed:
                     break
             st.optimizer.zero_grad(set_to_none=True)
@@ -315,14 +342,17 @@ class Trainer:
             if job.cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), job.cfg.grad_clip)
                 if not torch.isfinite(grad_norm):
-                    failure = failure or (job, f"gradient norm is {grad_norm.item()}")
+                    failure = failure or (
+                        job, f"gradient norm is {grad_norm.item()}",
+                        self._input_problem(batch, job),
+                    )
                     if not self.parallel.distributed:
                         break
             self._track(st, out.fire_counts(), out.losses, out.loss, n_tokens, settings)
         device = self.jobs[0].sae.device
         if self.parallel.any(failure is not None, device):
-            job, what = failure or (self.jobs[0], "another rank's SAE diverged")
-            self._diverged(job, what)
+            job, what, problem = failure or (self.jobs[0], "another rank's SAE diverged", None)
+            self._diverged(job, what, problem)
         for st in self.states:
             for group in st.optimizer.param_groups:
                 group["lr"] = lr_at(st.job.cfg, self.tokens_seen)
@@ -334,8 +364,9 @@ class Trainer:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         return n_tokens
 
-    def _select(self, batch: Batch, job: SAEJob) -> tuple[Tensor, Tensor]:
-        """(input, target) for one job, on its device, scaled by its norm factor."""
+    def _select(self, batch: Batch, job: SAEJob, scale: bool = True) -> tuple[Tensor, Tensor]:
+        """(input, target) for one job, on its device, scaled by its norm factor (unless
+        `scale` is false)."""
         if isinstance(batch, Mapping):
             x = _pick(batch, job.hook, job.name, "hook")
             y = _pick(batch, job.hook_out, job.name, "hook_out") if job.sae.is_transcoder else x
@@ -359,7 +390,7 @@ class Trainer:
                 )
         device = job.sae.device
         x, y = x.to(device), y.to(device)
-        if job.norm_scale is not None:
+        if job.norm_scale is not None and scale:
             x, y = x * job.norm_scale, y * job.norm_scale
         return x, y
 
@@ -411,11 +442,50 @@ class Trainer:
         st.interval_steps += 1
         st.interval_coefficient = settings.sparsity_coefficient
 
-    def _diverged(self, job: SAEJob, what: str) -> None:
+    def _input_problem(self, batch: Batch, job: SAEJob) -> str | None:
+        """Why this batch, not the training, made the loss non-finite; None if it did not.
+
+        Runs only after a non-finite loss, so it costs nothing while training is healthy."""
+        raw = self._select(batch, job, scale=False)
+        scaled = self._select(batch, job)
+        names = ("input", "target") if job.sae.is_transcoder else ("input",)
+        for what, tensor, used in zip(names, raw, scaled, strict=False):
+            found = locate_non_finite(tensor)
+            if found is not None:
+                return (
+                    f"the batch's {what} activations are not finite: "
+                    f"{found.describe(('row', 'feature'))}"
+                )
+            if locate_non_finite(used) is not None:
+                return (
+                    f"the batch's {what} activations overflow when multiplied by the norm "
+                    f"scaling factor {job.norm_scale:.6g}; the factor is wrong for this data"
+                )
+            # Finite, but so large that the squared error overflows the SAE's dtype.
+            squares = used.to(job.sae.dtype).pow(2).sum(dim=-1)  # [batch]
+            overflow = ~torch.isfinite(squares)
+            if bool(overflow.any()):
+                row = int(overflow.nonzero()[0])
+                norm = float(tensor[row].double().norm())
+                return (
+                    f"row {row} of the batch's {what} activations has norm {norm:.3g}, whose "
+                    f"square overflows {dtype_name(job.sae.dtype)} in training: the data "
+                    f"holds an extreme outlier row (this batch holds {int(overflow.sum())})"
+                )
+        return None
+
+    def _diverged(self, job: SAEJob, what: str, problem: str | None = None) -> None:
         where = ""
         if self.run_dir is not None:
             path = self._checkpoint()
             where = f"; the last good state is saved in {path} (resume with --resume)"
+        if problem is not None:
+            raise NonFiniteInput(
+                f"training of SAE {job.name!r} stopped at step {self.step + 1} (batch "
+                f"{self.batches_consumed} of the activation stream, after {self.tokens_seen} "
+                f"tokens): {problem}. The activations are at fault, not the training: check "
+                f"the model and data that produced them (or the activation cache){where}"
+            )
         raise TrainingDiverged(
             f"training of SAE {job.name!r} diverged at step {self.step + 1} (after "
             f"{self.tokens_seen} tokens): {what}{where}. Try a lower lr (now {job.cfg.lr}), "
@@ -502,6 +572,15 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         assert self.run_dir is not None
+        bad = self._non_finite_weights()
+        if bad is not None:
+            name, problem = bad
+            raise TrainingDiverged(
+                f"the weights of SAE {name!r} became non-finite by step {self.step} (after "
+                f"{self.tokens_seen} tokens): {problem}. No checkpoint was written, so "
+                f"{self._last_good()}. Try a lower lr (now {self.jobs[0].cfg.lr}), a "
+                "learning-rate warm-up (lr_warmup_tokens) or normalize_activations"
+            )
         state = self.state_dict()
         path = ckpt.checkpoint_dir(self.run_dir) / f"tokens_{self.tokens_seen:015d}"
         if state is not None:
@@ -517,16 +596,30 @@ class Trainer:
     def _restore(self) -> None:
         if self.run_dir is None:
             raise ValueError("resume needs the run_dir of the run to continue")
-        # Rank 0 chooses, so every rank resumes from the same checkpoint.
-        found = ckpt.latest_checkpoint(self.run_dir)
-        path = self.parallel.broadcast_object(None if found is None else str(found))
-        path = None if path is None else Path(path)
-        if path is None:
+        # Rank 0 chooses the newest checkpoint that reads back whole (moving damaged newer
+        # ones aside), so every rank resumes from the same one.
+        chosen: str | None = None
+        failure: str | None = None
+        state: dict[str, Any] | None = None
+        if self.parallel.is_writer:
+            try:
+                intact = ckpt.load_intact_checkpoint(self.run_dir)
+            except ckpt.CorruptCheckpoint as err:
+                failure = str(err)
+            else:
+                if intact is not None:
+                    chosen, state = str(intact.path), intact.state
+        chosen, failure = self.parallel.broadcast_object((chosen, failure))
+        if failure is not None:
+            raise ckpt.CorruptCheckpoint(failure)
+        if chosen is None:
             raise FileNotFoundError(
                 f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}; the run wrote none "
                 "before it stopped, so start it again without resume"
             )
-        state = ckpt.read_checkpoint(path)
+        path = Path(chosen)
+        if state is None:
+            state = ckpt.read_checkpoint(path)
         state = self._own_rank_state(state, path)
         missing = sorted({st.job.name for st in self.states} - set(state["jobs"]))
         if missing:
@@ -589,7 +682,41 @@ class Trainer:
     def _finish(self) -> TrainResult:
         for st in self.states:
             _finalize(st)
+        bad = self._non_finite_weights()
+        if bad is not None:
+            # Never hand on (to evaluation, saving, upload) an SAE that cannot be right.
+            name, problem = bad
+            scale = next((j.norm_scale for j in self.all_jobs if j.name == name), None)
+            factor = "" if scale is None else (
+                f" A norm scaling factor of {scale:.3g} (the inputs were multiplied by it) "
+                "that far from 1 points to extreme activations in the data."
+            )
+            raise NonFiniteWeights(
+                f"the trained SAE {name!r} holds non-finite weights once the norm scaling "
+                f"factor and decoder norms are folded in: {problem}; it is not returned as "
+                f"finished, and {self._last_good()}.{factor}"
+            )
         return self._result(interrupted=None, final=True)
+
+    def _non_finite_weights(self) -> tuple[str, str] | None:
+        """(SAE name, what is wrong) for the first SAE of the run holding NaN or infinite
+        weights, on every rank; None when all are finite."""
+        found: tuple[str, str] | None = None
+        for st in self.states:
+            problem = non_finite_report(st.job.sae.state_dict())
+            if problem is not None:
+                found = found or (st.job.name, problem)
+        # Every rank stops together: another rank's SAEs may be the bad ones.
+        if self.parallel.any(found is not None, self.jobs[0].sae.device) and found is None:
+            found = ("another rank's SAE", "its weights are not finite")
+        return found
+
+    def _last_good(self) -> str:
+        """Where the run's last good state is, as the end of a sentence."""
+        found = ckpt.latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if found is None:
+            return "the run has no checkpoint to resume from"
+        return f"the last good state stays in {found} (resume from it with --resume)"
 
     def _result(self, interrupted: int | None, final: bool = False) -> TrainResult:
         saes, metrics, sparsity = {}, {}, {}

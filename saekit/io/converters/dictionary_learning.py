@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.io.converters.base import ConvertContext, Converted, current_cfg, read_json, require
+from saekit.io.converters.base import (
+    ConvertContext,
+    Converted,
+    check_types,
+    current_cfg,
+    read_json,
+    require,
+)
 from saekit.io.sources import FileSource, join
 
 _SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
@@ -31,7 +38,26 @@ def read_torch_state(file: Path) -> dict[str, Tensor]:
         raise ValueError(f"{file} could not be read as a torch state dict ({err})") from err
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a dict of tensors")
+    for name, tensor in state.items():
+        # A pickle can declare a huge view over a few stored bytes (zero strides); making
+        # it contiguous would then allocate far beyond the file.
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ValueError(
+                f"{file}: tensor {name!r} of shape {list(tensor.shape)} is larger than the "
+                "data stored for it; the file is damaged or was made to mislead"
+            )
     return state
+
+
+#: The trainer settings read, and what each must be.
+_TRAINER_KINDS = {
+    "dict_class": "a string",
+    "k": "an integer",
+    "apply_b_dec_to_input": "true or false",
+    "submodule_name": "a string",
+    "layer": "an integer",
+    "lm_name": "a string",
+}
 
 
 def _hook(trainer: dict[str, Any]) -> str | None:
@@ -69,9 +95,13 @@ def _global_threshold(state: dict[str, Tensor], d_sae: int, where: str) -> Tenso
 def convert_dictionary_learning(source: FileSource, ctx: ConvertContext) -> Converted:
     cfg_path = join(ctx.folder, "config.json")
     raw = source.read(cfg_path, read_json)
-    require(raw, ("trainer",), source.describe(cfg_path))
-    trainer = raw["trainer"]
-    require(trainer, ("dict_class",), source.describe(cfg_path) + " trainer")
+    where_cfg = source.describe(cfg_path)
+    require(raw, ("trainer",), where_cfg)
+    check_types(raw, {"trainer": "an object", "buffer": "an object"}, where_cfg)
+    trainer = raw["trainer"] or {}
+    require(trainer, ("dict_class",), where_cfg + " trainer")
+    check_types(trainer, _TRAINER_KINDS, where_cfg + " trainer", ("dict_class",))
+    check_types(raw.get("buffer") or {}, {"ctx_len": "an integer"}, where_cfg + " buffer")
     state_path = join(ctx.folder, "ae.pt")
     where = source.describe(state_path)
     state = source.read(state_path, read_torch_state)

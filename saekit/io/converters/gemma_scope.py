@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from saekit.io.converters.base import ConvertContext, Converted, current_cfg, pick
+from saekit.io.headers import TensorHeader, npz_headers, safetensors_header
 from saekit.io.native import read_safetensors
 from saekit.io.sources import FileSource, join
 
@@ -44,7 +46,38 @@ def read_npz(file: Path) -> dict[str, Tensor]:
         raise ValueError(f"{file} could not be read as .npz ({err}); is it corrupt?") from err
 
 
-def _native_tensors(stored: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+def _checked_params(
+    source: FileSource, path: str, headers: Callable[[Path], dict[str, TensorHeader]],
+    reader: Callable[[Path], dict[str, Tensor]],
+) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a params file, read only after its header has shown they make one
+    SAE: W_enc [d_in, d_sae], b_enc and threshold [d_sae], W_dec [d_sae, d_out], b_dec
+    [d_out], all floats. An .npz inflates when read, so this is checked first."""
+    where = source.describe(path)
+    declared = source.read(path, headers)
+    shapes = _native_tensors({k: h.shape for k, h in declared.items()}, where)
+    w_enc, w_dec = shapes["W_enc"], shapes["W_dec"]
+    if len(w_enc) != 2 or len(w_dec) != 2:
+        raise ValueError(
+            f"{where}: W_enc {list(w_enc)} and W_dec {list(w_dec)} must both be matrices"
+        )
+    d_sae, d_out = w_enc[1], w_dec[1]
+    expected = {"W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,),
+                "threshold": (d_sae,)}
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise ValueError(
+                f"{where}: {name} has shape {list(shapes[name])}, but W_enc {list(w_enc)} and "
+                f"W_dec {list(w_dec)} make it {list(shape)}; the file is not one SAE"
+            )
+    kinds = _native_tensors({k: h.is_float for k, h in declared.items()}, where)
+    not_float = sorted(k for k, is_float in kinds.items() if not is_float)
+    if not_float:
+        raise ValueError(f"{where}: {not_float} are not floating-point arrays")
+    return _native_tensors(source.read(path, reader), where), where
+
+
+def _native_tensors(stored: dict[str, Any], where: str) -> dict[str, Any]:
     return {
         "W_enc": pick(stored, where, "W_enc", "w_enc"),
         "b_enc": pick(stored, where, "b_enc"),
@@ -84,8 +117,7 @@ def _gemma2_model(repo_id: str | None) -> str | None:
 def convert_gemma_scope(source: FileSource, ctx: ConvertContext) -> Converted:
     """Gemma Scope 1 SAEs (params.npz)."""
     path = join(ctx.folder, NPZ_FILE)
-    where = source.describe(path)
-    tensors = _native_tensors(source.read(path, read_npz), where)
+    tensors, where = _checked_params(source, path, npz_headers, read_npz)
     repo = ctx.repo_id or ""
     site = next((s for s in ("res", "mlp", "att") if f"-{s}" in repo), "res")
     if ctx.folder.startswith("embedding"):
@@ -105,7 +137,7 @@ def convert_gemma_scope(source: FileSource, ctx: ConvertContext) -> Converted:
 def convert_gemma_scope_transcoder(source: FileSource, ctx: ConvertContext) -> Converted:
     """Gemma Scope 1 transcoders (params.npz): read the MLP input, write the MLP output."""
     path = join(ctx.folder, NPZ_FILE)
-    tensors = _native_tensors(source.read(path, read_npz), source.describe(path))
+    tensors = _checked_params(source, path, npz_headers, read_npz)[0]
     model = ctx.model or _gemma2_model(ctx.repo_id)
     cfg = _transcoder_cfg(tensors, ctx, {**_GS1_METADATA, "model_name": model})
     return Converted(cfg, tensors)
@@ -136,14 +168,14 @@ def convert_gemma_scope_2(source: FileSource, ctx: ConvertContext) -> Converted:
     """Gemma Scope 2 SAEs and transcoders (params.safetensors)."""
     path = join(ctx.folder, SAFETENSORS_FILE)
     where = source.describe(path)
-    stored = source.read(path, read_safetensors)
-    if "affine_skip_connection" in stored or ctx.folder.endswith("_affine"):
+    declared = source.read(path, safetensors_header)
+    if "affine_skip_connection" in declared or ctx.folder.endswith("_affine"):
         raise ValueError(
             f"{where} is a transcoder with an affine skip connection on a JumpReLU encoder; "
             "saekit has no such architecture yet (its skip_transcoder is ReLU), so it cannot "
             "be loaded faithfully; pick the variant without '_affine'"
         )
-    tensors = _native_tensors(stored, where)
+    tensors = _checked_params(source, path, safetensors_header, read_safetensors)[0]
     site = ctx.folder.strip("/").split("/")[0]
     base = {**_GS2_METADATA, "model_name": ctx.model or _gemma3_model(ctx.repo_id)}
     if site.startswith(("transcoder", "clt")):

@@ -15,7 +15,10 @@ from saekit.io.sources import FileSource, join
 
 def convert_native(source: FileSource, ctx: ConvertContext) -> Converted:
     cfg = source.read(join(ctx.folder, CFG_FILE), read_json)
-    tensors = fold_decoder_scales(source.read(join(ctx.folder, WEIGHTS_FILE), read_safetensors))
+    weights = join(ctx.folder, WEIGHTS_FILE)
+    tensors = fold_decoder_scales(
+        source.read(weights, read_safetensors), source.describe(weights)
+    )
     sparsity = None
     sparsity_path = join(ctx.folder, SPARSITY_FILE)
     if source.fetch(sparsity_path, required=False) is not None:
