@@ -23,6 +23,10 @@ from saekit.training.config import (
 log = logging.getLogger(__name__)
 
 
+#: Other spellings of a setting's flag.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"run.imports": ("--import",)}
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -55,7 +59,11 @@ def register(subparsers: Any) -> None:
                 kwargs["metavar"] = f.name.upper()
             else:
                 kwargs["metavar"] = f.name.upper()
-            group.add_argument(flag, **kwargs)
+            if f.name == "architecture":
+                from saekit.saes import list_architectures
+
+                kwargs["help"] += f"; registered: {', '.join(list_architectures())}"
+            group.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
     parser.set_defaults(func=run_train)
 
 

@@ -1,4 +1,5 @@
-"""The named result of an evaluation: every standard metric, by its name (docs/evaluation.md defines each)."""
+"""The named result of an evaluation: every standard metric, by its name (defined in
+docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,11 @@ from saekit.saes import gated, jumprelu, standard, topk, transcoder  # noqa: F40
 from saekit.saes.base import SAE, LossSettings, TrainingOutput
 from saekit.saes.registry import architecture_class, list_architectures, register_architecture
 
+#: The architecture `saekit train` trains when none is named.
+DEFAULT_ARCHITECTURE = "topk"
+
 __all__ = [
+    "DEFAULT_ARCHITECTURE",
     "SAE",
     "LossSettings",
     "TrainingOutput",

@@ -130,7 +130,17 @@ class NormState(NamedTuple):
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder. Build one with `SAE.from_config(cfg)` or `SAE.load(folder)`."""
+    """A sparse autoencoder. Build one with `SAE.from_config(cfg)` or `SAE.load(folder)`.
+
+    An architecture is a subclass registered with `@register_architecture("name")`. It must
+    write `activation` (latents from pre-activations, the inference rule). It may override:
+    `parameter_shapes` and `initialize_weights` (parameters beyond W_enc, b_enc, W_dec,
+    b_dec), `pre_activations`, `training_latents` (a batch-level or straight-through training
+    rule), `sparsity_losses` and `dead_latent_losses` (loss terms beyond the MSE),
+    `post_optimizer_step` (constraints), `published` (the form it is saved in),
+    `validate_config` and `config_defaults`. The class attributes below are what the trainer
+    asks of it; the trainer never tests an architecture's name.
+    """
 
     architecture: ClassVar[str] = ""
     #: Transcoders read at one hook and reconstruct another (d_out may differ from d_in).
@@ -139,6 +149,18 @@ class SAE(nn.Module):
     decoder_init_norm: ClassVar[float] = 0.1
     #: The sparsity coefficient weighs a count of active latents (L0), not their sizes.
     penalty_counts_latents: ClassVar[bool] = False
+    #: How training sets its sparsity: "k" (latents kept per token, `cfg.k`; a target L0 is
+    #: k itself) or "coefficient" (a penalty weight; a target L0 runs a controller on it).
+    sparsity_control: ClassVar[str] = "coefficient"
+    #: With decoder_norm "auto", decoder rows are kept at unit norm after every step (right
+    #: for losses with no penalty weighed by decoder-row norms, which unit rows would void).
+    unit_norm_decoder: ClassVar[bool] = False
+    #: The loss terms beyond "mse" (the keys `sparsity_losses` and `dead_latent_losses`
+    #: return), each with the `LossSettings` field that weighs it (None: unweighted).
+    loss_coefficients: ClassVar[dict[str, str | None]] = {}
+    #: What revives latents that stopped firing: a loss term named in `loss_coefficients`,
+    #: or "none".
+    dead_latent_remedy: ClassVar[str] = "none"
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -449,8 +471,11 @@ class SAE(nn.Module):
         return architecture_class(cfg.architecture)(cfg)
 
     @classmethod
-    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
-        """Config fields this architecture needs beyond d_in and d_sae, with sensible values."""
+    def config_defaults(
+        cls, d_in: int, d_sae: int, target_l0: float | None = None
+    ) -> dict[str, Any]:
+        """Config fields this architecture needs beyond d_in and d_sae, with sensible values
+        (the one place they default); `target_l0` is the latents per token asked for."""
         return {}
 
     @staticmethod

@@ -83,6 +83,12 @@ class GatedEncoder(torch.autograd.Function):
 
 @register_architecture("gated")
 class GatedSAE(SAE):
+    #: Its auxiliary loss decodes through a frozen decoder, which would let free decoder
+    #: norms grow without bound: the rows are kept at unit norm.
+    unit_norm_decoder: ClassVar[bool] = True
+    loss_coefficients: ClassVar[dict[str, str | None]] = {
+        "l1": "sparsity_coefficient", "aux_reconstruction": None,
+    }
     #: The gate activations of the last training pass, until `sparsity_losses` uses them.
     _pending_gate_acts: ClassVar[Tensor | None] = None
 

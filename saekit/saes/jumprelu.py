@@ -249,6 +249,10 @@ def _count(fired: Tensor) -> Tensor:
 @register_architecture("jumprelu")
 class JumpReLUSAE(SAE):
     penalty_counts_latents = True
+    loss_coefficients: ClassVar[dict[str, str | None]] = {
+        "l0": "sparsity_coefficient", "pre_act": "jumprelu_pre_act_coefficient",
+    }
+    dead_latent_remedy: ClassVar[str] = "pre_act"
     #: Starting threshold for every latent (the value sae-lens also uses).
     initial_threshold = 0.001
     #: (latents, L0, pre-activation loss) of the last training pass, until

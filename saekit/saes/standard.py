@@ -19,6 +19,10 @@ SPARSE_DENSITY_LIMIT = 0.1
 
 @register_architecture("standard")
 class StandardSAE(SAE):
+    loss_coefficients: ClassVar[dict[str, str | None]] = {
+        "l1": "sparsity_coefficient", "dead_pre_act": "dead_pre_act_coefficient",
+    }
+    dead_latent_remedy: ClassVar[str] = "dead_pre_act"
     #: Whether f = ReLU(h), so the training pass can keep only the positive pre-activations
     #: (the sparse top-k kernel's decode and backward, with every positive pair selected).
     relu_activation: ClassVar[bool] = True

@@ -38,10 +38,18 @@ class TopKFamily(SAE):
     #: Adam steps and the others never win the top-k again: on the bundled demo, 42% of
     #: latents were dead on held-out text after 307k tokens, against 0.7% with this start.
     decoder_init_norm: ClassVar[float] = 1.0
+    sparsity_control: ClassVar[str] = "k"
+    unit_norm_decoder: ClassVar[bool] = True
+    loss_coefficients: ClassVar[dict[str, str | None]] = {"aux_k": "aux_k_coefficient"}
+    dead_latent_remedy: ClassVar[str] = "aux_k"
+    #: Latents per token when neither k nor a target L0 is given.
+    default_k: ClassVar[int] = 64
 
     @classmethod
-    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
-        return {"k": min(32, d_sae)}
+    def config_defaults(
+        cls, d_in: int, d_sae: int, target_l0: float | None = None
+    ) -> dict[str, Any]:
+        return {"k": int(target_l0) if target_l0 else min(cls.default_k, d_sae)}
 
     def validate_config(self, cfg: SAEConfig) -> None:
         super().validate_config(cfg)
@@ -189,10 +197,16 @@ class BatchTopKSAE(TopKFamily):
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """BatchTopK whose nested prefixes of latents must each reconstruct the input alone."""
 
+    loss_coefficients: ClassVar[dict[str, str | None]] = {
+        **BatchTopKSAE.loss_coefficients, "matryoshka_mse": None,
+    }
+
     @classmethod
-    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
+    def config_defaults(
+        cls, d_in: int, d_sae: int, target_l0: float | None = None
+    ) -> dict[str, Any]:
         widths = sorted({max(1, d_sae // 4), max(1, d_sae // 2), d_sae})
-        return {**super().config_defaults(d_in, d_sae), "matryoshka_widths": widths}
+        return {**super().config_defaults(d_in, d_sae, target_l0), "matryoshka_widths": widths}
 
     def validate_config(self, cfg: SAEConfig) -> None:
         super().validate_config(cfg)

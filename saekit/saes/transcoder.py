@@ -21,9 +21,12 @@ class TranscoderMixin(SAE):
     is_transcoder = True
 
     @classmethod
-    def config_defaults(cls, d_in: int, d_sae: int) -> dict[str, Any]:
+    def config_defaults(
+        cls, d_in: int, d_sae: int, target_l0: float | None = None
+    ) -> dict[str, Any]:
         # b_dec lives in the output space, so it cannot be subtracted from the input.
-        return {**super().config_defaults(d_in, d_sae), "apply_b_dec_to_input": False}
+        defaults = super().config_defaults(d_in, d_sae, target_l0)
+        return {**defaults, "apply_b_dec_to_input": False}
 
     def validate_config(self, cfg: SAEConfig) -> None:
         super().validate_config(cfg)

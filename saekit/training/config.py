@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from saekit.config import DTYPES
+from saekit.saes import DEFAULT_ARCHITECTURE
 from saekit.saes.base import DEAD_PRE_ACT_DEFAULT
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 DECODER_NORMS = ("auto", "unit", "free")
-TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 MODEL_BACKENDS = ("auto", "hf", "transformer_lens")
 #: The pre-activation loss weight jumprelu gets when its straight-through gradients reach
 #: the encoder (see TrainingConfig.jumprelu_pre_act_coefficient).
@@ -150,17 +150,19 @@ def _hints(cls: type) -> dict[str, Any]:
 class SAESection:
     """The SAE to train."""
 
-    architecture: str = "topk"
-    """SAE architecture (standard, topk, batchtopk, matryoshka_batchtopk, jumprelu, gated,
-    transcoder, jumprelu_transcoder, skip_transcoder, or a registered one)."""
+    architecture: str = DEFAULT_ARCHITECTURE
+    """SAE architecture: a registered name, in any case (`saekit train --help` lists them;
+    `--import MODULE` or an installed plug-in adds your own)."""
     d_sae: int | None = None
     """Number of latents; overrides expansion_factor when given."""
     expansion_factor: int = 16
     """Latents per input dimension (d_sae = expansion_factor * d_in) when d_sae is not given."""
     k: int | None = None
-    """Latents kept per token for topk-style SAEs (default 64, or target_l0 when given)."""
+    """Latents kept per token, for architectures whose sparsity is k (default: target_l0
+    when given, else the architecture's default, 64 for the built-in ones)."""
     matryoshka_widths: list[int] | None = None
-    """matryoshka_batchtopk: nested prefix widths ending at d_sae (default d_sae/4, /2, 1)."""
+    """Nested prefix widths ending at d_sae, for architectures that take them (default: the
+    architecture's, d_sae/4, d_sae/2, d_sae for the built-in one)."""
     apply_b_dec_to_input: bool = True
     """Subtract b_dec from the input before encoding (forced off for transcoders whose
     output width differs from their input width)."""
@@ -178,20 +180,40 @@ class SAESection:
         out = _field_problems(self, bounds)
         from saekit.saes import list_architectures
 
-        if isinstance(self.architecture, str) and self.architecture not in list_architectures():
+        if isinstance(self.architecture, str) and not self.known:
             out.append(
                 f"architecture {self.architecture!r} is not known; use one of "
                 f"{', '.join(list_architectures())}"
             )
-        if self.k is not None and self.architecture not in TOPK_ARCHITECTURES:
+        if self.k is not None and self.known and not self.sets_k:
             out.append(
-                f"k applies to {', '.join(TOPK_ARCHITECTURES)}, not {self.architecture!r}; "
-                "use target_l0 or l1_coefficient to set its sparsity"
+                f"k applies to architectures whose sparsity is k ({', '.join(k_architectures())}), "
+                f"not {self.architecture!r}; use target_l0 or l1_coefficient to set its sparsity"
             )
         return out
 
+    @property
+    def known(self) -> bool:
+        from saekit.saes import architecture_class
+
+        try:
+            architecture_class(self.architecture)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def sets_k(self) -> bool:
+        """Whether the architecture's sparsity is k (latents kept per token)."""
+        from saekit.saes import architecture_class
+
+        return architecture_class(self.architecture).sparsity_control == "k"
+
     def __post_init__(self) -> None:
         _check(self.problems())
+        from saekit.saes.registry import canonical_architecture
+
+        self.architecture = canonical_architecture(self.architecture)  # "TopK" -> "topk"
 
 
 @dataclass
@@ -406,6 +428,9 @@ class RunSection:
     report: bool = True
     """After training, print five latents with their held-out text and write a dashboard
     of every latent into the run folder (--no-report skips both, and the time they take)."""
+    imports: list[str] | None = None
+    """Python modules (dotted names or .py files) imported first, e.g. one that registers
+    your own architecture with saekit.register_architecture (--import MODULE)."""
     resume: str | None = None
     """Continue the run in this folder from its last checkpoint."""
     overwrite: bool = False
@@ -428,6 +453,13 @@ class RunSection:
 
     def __post_init__(self) -> None:
         _check(self.problems())
+
+
+def k_architectures() -> list[str]:
+    """The registered architectures whose sparsity is k."""
+    from saekit.saes import architecture_class, list_architectures
+
+    return [a for a in list_architectures() if architecture_class(a).sparsity_control == "k"]
 
 
 #: Section name -> class, in the order they appear in files and in --help.
@@ -461,7 +493,7 @@ class TrainConfig:
                 f"k={sae.k} and target_l0={training.target_l0} disagree; for "
                 f"{sae.architecture!r} target_l0 sets k, so give only one"
             )
-        if sae.architecture in TOPK_ARCHITECTURES and training.target_l0 is not None:
+        if sae.known and sae.sets_k and training.target_l0 is not None:
             if training.target_l0 != int(training.target_l0):
                 out.append(f"target_l0 must be a whole number for {sae.architecture!r}")
         return out
@@ -475,6 +507,16 @@ class TrainConfig:
         unknown = sorted(set(data) - set(SECTIONS))
         for name in unknown:
             problems.append(f"unknown section {name!r}{_suggest(name, SECTIONS)}")
+        # Modules that register architectures come first: the sae section names them.
+        run = data.get("run")
+        imports = run.get("imports") if isinstance(run, dict) else None
+        if imports:
+            from saekit.saes.registry import import_modules
+
+            try:
+                import_modules([imports] if isinstance(imports, str) else list(imports))
+            except ValueError as err:
+                problems.append(f"run.imports: {err}")
         sections: dict[str, Any] = {}
         for name, section_cls in SECTIONS.items():
             values = data.get(name) or {}

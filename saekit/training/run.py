@@ -23,6 +23,7 @@ import torch
 from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
+from saekit.errors import SaekitError
 from saekit.io.native import remove_partial_writes
 from saekit.preflight import check_context_size, check_train_dtype
 from saekit.progress import progress_off
@@ -39,7 +40,6 @@ from saekit.training.cache_source import (
 from saekit.training.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from saekit.training.config import (
     RUN_CONFIG_FILE,
-    TOPK_ARCHITECTURES,
     TrainConfig,
     resumed_config,
 )
@@ -59,7 +59,6 @@ METRICS_FILE = "metrics.json"
 RUN_STATE_FILE = "run_state.json"
 #: Batches read to estimate the activation norm scaling factor.
 NORM_ESTIMATE_BATCHES = 5
-DEFAULT_K = 64
 #: Sequences per forward pass of the final evaluation.
 EVAL_BATCH_SEQUENCES = 8
 #: How far (relative) the final held-out L0 may be from target_l0 before the run warns.
@@ -244,7 +243,7 @@ def _train(
 def _check_target_l0(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
     """Say so when the controller did not bring the held-out L0 within 10% of the target."""
     target, l0 = cfg.training.target_l0, metrics.get("l0")
-    if target is None or l0 is None or cfg.sae.architecture in TOPK_ARCHITECTURES:
+    if target is None or l0 is None or cfg.sae.sets_k:
         return
     if abs(l0 - target) > L0_TOLERANCE * target:
         steps = cfg.training.tokens // cfg.training.batch_size
@@ -452,15 +451,15 @@ def _build_sae(
         d_in, d_out = widths, None
     s = cfg.sae
     d_sae = s.d_sae or s.expansion_factor * d_in
-    k = None
-    if s.architecture in TOPK_ARCHITECTURES:
-        k = s.k or (int(cfg.training.target_l0) if cfg.training.target_l0 else DEFAULT_K)
-        if k > d_sae:
-            raise ValueError(f"k={k} is larger than d_sae={d_sae}; lower k or widen the SAE")
-    widths_list = s.matryoshka_widths
-    if s.architecture == "matryoshka_batchtopk" and widths_list is None:
-        widths_list = sorted({max(d_sae // 4, 1), max(d_sae // 2, 1), d_sae})
-    apply_b_dec = s.apply_b_dec_to_input and (d_out is None or d_out == d_in)
+    # The architecture's defaults (k, nested widths, ...), then what the user set.
+    fields = architecture_class(s.architecture).config_defaults(
+        d_in, d_sae, cfg.training.target_l0
+    )
+    fields.update({name: getattr(s, name) for name in ("k", "matryoshka_widths")
+                   if getattr(s, name) is not None})
+    if (fields.get("k") or 0) > d_sae:
+        raise ValueError(f"k={fields['k']} is larger than d_sae={d_sae}; lower k or widen the SAE")
+    fields["apply_b_dec_to_input"] = s.apply_b_dec_to_input and (d_out is None or d_out == d_in)
     framing = sequence_framing(backend.tokenizer, cfg.data.prepend_bos)[0]
     metadata = SAEMetadata(
         model_name=getattr(backend, "name", None) or cfg.data.model,
@@ -482,15 +481,10 @@ def _build_sae(
         d_sae=d_sae,
         dtype=cfg.run.dtype,
         device=device,
-        apply_b_dec_to_input=apply_b_dec,
         d_out=d_out,
-        k=k,
-        matryoshka_widths=widths_list,
         metadata=metadata,
+        **fields,
     )
-    training = cfg.training
-    if s.architecture in TOPK_ARCHITECTURES and training.target_l0 is not None:
-        training.target_l0 = float(k)
     return SAE.from_config(sae_cfg)
 
 
@@ -585,7 +579,13 @@ def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:
         import wandb
     except ImportError as err:
         raise ValueError("--wandb needs the wandb package: pip install wandb") from err
-    run = wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict())
+    try:
+        run = wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict())
+    except wandb.errors.Error as err:  # not logged in, no network, a bad project name
+        raise SaekitError(
+            f"--wandb: Weights & Biases would not start a run ({err}); log in with "
+            "`wandb login` (or set WANDB_API_KEY), set WANDB_MODE=offline, or drop --wandb"
+        ) from err
     return [lambda record: run.log(record)], run.finish
 
 

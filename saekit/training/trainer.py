@@ -31,7 +31,7 @@ from saekit.finite import (
 from saekit.progress import bar, progress_enabled, progress_off
 from saekit.saes.base import SAE, LossSettings
 from saekit.training import checkpoint as ckpt
-from saekit.training.config import TOPK_ARCHITECTURES, TrainingConfig
+from saekit.training.config import TrainingConfig
 from saekit.training.distributed import Parallelism
 from saekit.training.init import (
     initialize_b_dec,
@@ -44,10 +44,6 @@ from saekit.training.schedules import L0Controller, lr_at, sparsity_warmup_facto
 log = logging.getLogger(__name__)
 
 Batch = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]
-#: Architectures trained with unit-norm decoder rows under decoder_norm="auto": topk-style SAEs
-#: (their loss has no norm-weighted penalty) and gated SAEs (whose frozen-decoder auxiliary
-#: loss lets free decoder norms grow without bound).
-UNIT_NORM_ARCHITECTURES = (*TOPK_ARCHITECTURES, "gated")
 #: Fraction of training over which the target-L0 controller's aim moves to the target.
 L0_RAMP_FRACTION = 0.4
 Evaluator = Callable[[SAE], Mapping[str, Any]]
@@ -117,18 +113,18 @@ class _JobState:
         self.job = job
         self.unit_norm = cfg.decoder_norm == "unit" or (
             cfg.decoder_norm == "auto"
-            and sae.architecture in UNIT_NORM_ARCHITECTURES
+            and sae.unit_norm_decoder
             and not sae.cfg.rescale_acts_by_decoder_norm
         )
-        if cfg.target_l0 is not None and sae.architecture in TOPK_ARCHITECTURES:
+        self.uses_coefficient = sae.sparsity_control != "k"
+        if cfg.target_l0 is not None and not self.uses_coefficient:
             if sae.cfg.k != cfg.target_l0:
                 raise ValueError(
                     f"SAE {job.name!r} is {sae.architecture} with k={sae.cfg.k}, but target_l0="
-                    f"{cfg.target_l0}; for topk-style SAEs target_l0 is k, so build it with "
+                    f"{cfg.target_l0}; its sparsity is k, so target_l0 is k: build it with "
                     f"k={int(cfg.target_l0)}"
                 )
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-        self.uses_coefficient = sae.architecture not in TOPK_ARCHITECTURES
         self.controller: L0Controller | None = None
         if cfg.target_l0 is not None and self.uses_coefficient:
             total_steps = max(cfg.tokens // cfg.batch_size, 1)

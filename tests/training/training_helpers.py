@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from saekit import SAE, SAEConfig
+from saekit import SAE, architecture_class
 from saekit.training import TrainingConfig
-from saekit.training.config import TOPK_ARCHITECTURES
 
 
 def make_sae(architecture: str, d_in: int = 16, d_sae: int = 64, seed: int = 0, **fields) -> SAE:
+    """A fresh SAE with its architecture's defaults, k = 4 where the sparsity is k."""
     torch.manual_seed(seed)
-    if architecture in TOPK_ARCHITECTURES:
+    if architecture_class(architecture).sparsity_control == "k":
         fields.setdefault("k", 4)
-    if architecture == "matryoshka_batchtopk":
-        fields.setdefault("matryoshka_widths", [d_sae // 4, d_sae])
-    if "transcoder" in architecture:
-        fields.setdefault("apply_b_dec_to_input", False)
-    return SAE.from_config(SAEConfig(architecture, d_in=d_in, d_sae=d_sae, **fields))
+    return SAE.create(architecture, d_in, d_sae, **fields)
 
 
 def small_config(steps: int, batch_size: int = 256, **fields) -> TrainingConfig:
