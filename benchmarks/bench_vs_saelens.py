@@ -163,7 +163,7 @@ def child_saekit(spec: dict[str, Any]) -> dict[str, Any]:
         training["l1_coefficient"] = spec["l1_coefficient"]
     cfg = TrainConfig.from_dict({
         "sae": sae,
-        "data": {"model": spec["model_name"], "hook": spec["hook"], "context_size":
+        "data": {"model": spec["model_name"], "hook_name": spec["hook"], "context_size":
                  spec["context"], "eval_tokens": 0},
         "training": training,
         # One checkpoint at most (none before the end), as SAELens's default n_checkpoints=0.

@@ -13,6 +13,7 @@ from typing import Any
 from saekit.training.config import (
     RUN_CONFIG_FILE,
     SECTIONS,
+    SETTING_ALIASES,
     ConfigError,
     TrainConfig,
     coerce,
@@ -23,8 +24,14 @@ from saekit.training.config import (
 log = logging.getLogger(__name__)
 
 
-#: Other spellings of a setting's flag.
-FLAG_ALIASES: dict[str, tuple[str, ...]] = {"run.imports": ("--import",)}
+#: Other spellings of a setting's flag (with SETTING_ALIASES, the old and SAELens names).
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "run.imports": ("--import",),
+    **{
+        setting: tuple("--" + alias.replace("_", "-") for alias in aliases)
+        for setting, aliases in SETTING_ALIASES.items()
+    },
+}
 
 
 def register(subparsers: Any) -> None:

@@ -227,12 +227,13 @@ class DataSection:
     """Library that runs the model: hf (Hugging Face transformers; hooks are module paths,
     with TransformerLens names as aliases), transformer_lens, or auto: TransformerLens for
     official TransformerLens model names, Hugging Face for everything else."""
-    hook: str | None = None
-    """Hook the SAE reads, e.g. blocks.2.hook_resid_pre (default: the residual stream
-    before the middle layer, or the cache's hook when activations names a one-hook cache)."""
-    hook_out: str | None = None
+    hook_name: str | None = None
+    """Hook the SAE reads, e.g. blocks.2.hook_resid_pre or a module path (default: the
+    residual stream before the middle layer, or the cache's hook when activations names a
+    one-hook cache). Also --hook."""
+    hook_name_out: str | None = None
     """Transcoders: the hook whose activation is reconstructed (default: the mlp output
-    of the layer read by hook)."""
+    of the layer read by hook_name). Also --hook-out."""
     dataset: str = "bundled"
     """Text dataset: "bundled" (the demo corpus), a local file or folder, or a Hub id."""
     activations: str | None = None
@@ -462,6 +463,35 @@ def k_architectures() -> list[str]:
     return [a for a in list_architectures() if architecture_class(a).sparsity_control == "k"]
 
 
+#: Other names of settings, accepted in config files and as flags: saekit's earlier
+#: spellings, and SAELens's (LanguageModelSAERunnerConfig) where they mean the same thing.
+SETTING_ALIASES: dict[str, tuple[str, ...]] = {
+    "data.hook_name": ("hook",),
+    "data.hook_name_out": ("hook_out",),
+    "training.tokens": ("training_tokens",),
+    "training.batch_size": ("train_batch_size_tokens",),
+}
+
+
+def _canonical_names(section: str, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`values` with aliases renamed to their setting, and a problem for each clash."""
+    renamed = dict(values)
+    problems = []
+    for setting, aliases in SETTING_ALIASES.items():
+        where, name = setting.split(".")
+        if where != section:
+            continue
+        for alias in aliases:
+            if alias not in renamed:
+                continue
+            if name in renamed:
+                problems.append(
+                    f"{section}: {alias!r} and {name!r} name the same setting; give one"
+                )
+            renamed[name] = renamed.pop(alias)
+    return renamed, problems
+
+
 #: Section name -> class, in the order they appear in files and in --help.
 SECTIONS: dict[str, type] = {
     "sae": SAESection,
@@ -523,6 +553,8 @@ class TrainConfig:
             if not isinstance(values, dict):
                 problems.append(f"section {name!r} must be a mapping, got {values!r}")
                 continue
+            values, clashes = _canonical_names(name, values)
+            problems.extend(clashes)
             kwargs, found = _coerce_fields(section_cls, values, name)
             problems.extend(found)
             try:

@@ -361,7 +361,7 @@ def _hooks(
     cfg: TrainConfig, backend: Any, cache_meta: dict[str, Any] | None = None
 ) -> tuple[str, str | None]:
     names = backend.hook_names()
-    hook = cfg.data.hook
+    hook = cfg.data.hook_name
     if hook is None and cache_meta is not None and len(cache_meta["hooks"]) == 1:
         # The cache holds one hook: that is the one the user means to train on.
         hook = cache_meta["hooks"][0]
@@ -375,7 +375,7 @@ def _hooks(
                 f"pass --hook, e.g. one of {', '.join(names[:5])}"
             )
         hook = f"blocks.{layers[len(layers) // 2]}.hook_resid_pre"
-    hook_out = cfg.data.hook_out
+    hook_out = cfg.data.hook_name_out
     if architecture_class(cfg.sae.architecture).is_transcoder and hook_out is None:
         match = re.match(r"^blocks\.(\d+)\.", hook)
         if match is None:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import saekit
-from saekit.cli import main
+from saekit.cli import build_parser, main
 from saekit.commands.train import config_from_args
 from saekit.models.tiny import tiny_hooked_transformer, tiny_tokenizer
 from saekit.training import ConfigError, TrainConfig
@@ -140,3 +140,24 @@ def test_a_missed_target_l0_is_reported(
     assert out.metrics["l0"] > 1.1
     assert "not within 10% of target_l0=1 after 12 steps" in caplog.text
     assert "smaller batch_size" in caplog.text
+
+
+def test_settings_answer_to_their_old_and_saelens_names(tmp_path: Path) -> None:
+    from saekit.commands.train import given_settings
+
+    args = build_parser().parse_args([
+        "train", "--hook", "blocks.0.hook_resid_pre", "--training-tokens", "2048",
+        "--train-batch-size-tokens", "512", "--d-sae", "96", "--l1-coefficient", "3",
+        "--context-size", "64",
+    ])
+    cfg = config_from_args(args)
+    assert cfg.data.hook_name == "blocks.0.hook_resid_pre"
+    assert (cfg.training.tokens, cfg.training.batch_size) == (2048, 512)
+    assert (cfg.sae.d_sae, cfg.training.l1_coefficient, cfg.data.context_size) == (96, 3.0, 64)
+    assert {"training.tokens", "data.hook_name"} <= given_settings(args)
+    # The same in a config file, as saekit wrote it before and as SAELens names it.
+    old = TrainConfig.from_dict({"data": {"hook": "x", "hook_out": "y"},
+                                 "training": {"training_tokens": 4096}})
+    assert (old.data.hook_name, old.data.hook_name_out, old.training.tokens) == ("x", "y", 4096)
+    with pytest.raises(ConfigError, match="'hook' and 'hook_name' name the same setting"):
+        TrainConfig.from_dict({"data": {"hook": "x", "hook_name": "y"}})
