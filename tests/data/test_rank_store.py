@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.data.shard import ShardedActivationStore
+from saekit.data.rank_store import RankActivationStore
 from saekit.data.store import ActivationStore
 from saekit.models import load_model
 from saekit.models.tiny import TINY_TEXTS, tiny_gpt2, tiny_tokenizer
@@ -30,7 +30,7 @@ def test_two_shards_cover_the_rows_of_one_store_without_overlap() -> None:
     docs = list(TINY_TEXTS) * 3
     whole = all_rows(ActivationStore(backend, HOOK, docs, **OPTIONS))
     shards = [
-        all_rows(ShardedActivationStore(backend, HOOK, docs, rank=r, world_size=2, **OPTIONS))
+        all_rows(RankActivationStore(backend, HOOK, docs, rank=r, world_size=2, **OPTIONS))
         for r in range(2)
     ]
     # Together the shards hold exactly the rows of the whole store (as a multiset: no row
@@ -40,4 +40,4 @@ def test_two_shards_cover_the_rows_of_one_store_without_overlap() -> None:
     torch.testing.assert_close(canonical(together), canonical(whole), rtol=1e-5, atol=1e-6)
     assert abs(shards[0].shape[0] - shards[1].shape[0]) <= OPTIONS["model_batch_size"] * 16
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
-        ShardedActivationStore(backend, HOOK, docs, rank=2, world_size=2, **OPTIONS)
+        RankActivationStore(backend, HOOK, docs, rank=2, world_size=2, **OPTIONS)

@@ -9,7 +9,7 @@ from torch import Tensor
 from saekit.data.store import ActivationStore
 
 
-class ShardedActivationStore(ActivationStore):
+class RankActivationStore(ActivationStore):
     """`ActivationStore` for data-parallel rank `rank` of `world_size`.
 
     The ranks read the same token windows `model_batch_size * world_size` at a time and
