@@ -35,7 +35,7 @@ from saekit.assets.corpus import train_texts
 from saekit.data import ActivationStore
 from saekit.models import load_model
 from saekit.models.backend import ModelBackend
-from saekit.training.config import TrainingConfig
+from saekit.training.config import TrainingSection
 from saekit.training.run import NORM_ESTIMATE_BATCHES
 from saekit.training.trainer import SAEJob, Trainer
 
@@ -126,7 +126,7 @@ def run_one(
         fields = {"k": args.k} if architecture == "topk" else {}
         torch.manual_seed(0)
         sae = SAE.create(architecture, d_in, args.expansion * d_in, **fields)
-        cfg = TrainingConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
+        cfg = TrainingSection(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
                              l1_coefficient=args.l1_coefficient)
         trainer = Trainer(SAEJob(sae, cfg, hook=hook, norm_scale=norm_scale),
                           TimedStream(store, stream))

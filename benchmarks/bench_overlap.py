@@ -30,7 +30,7 @@ from saekit import SAE
 from saekit.data import ActivationStore
 from saekit.data.prefetch import Prefetcher
 from saekit.models import load_model
-from saekit.training import SAEJob, Trainer, TrainingConfig
+from saekit.training import SAEJob, Trainer, TrainingSection
 
 
 def texts() -> list[str]:
@@ -74,7 +74,7 @@ def run_once(
 ) -> float:
     store = make_store(backend, hook, data, args)
     sae = make_sae(store.d_in, args)
-    cfg = TrainingConfig(tokens=args.tokens, batch_size=args.batch, b_dec_init="mean")
+    cfg = TrainingSection(tokens=args.tokens, batch_size=args.batch, b_dec_init="mean")
     start = time.perf_counter()
     source: Any = store
     # A buffer's worth of batches ahead: the store makes them in bursts, one buffer fill at
@@ -117,7 +117,7 @@ def part_worker(
                     finished.append(time.perf_counter())
                 yield batch
 
-        cfg = TrainingConfig(tokens=n * args.batch, batch_size=args.batch, b_dec_init="mean")
+        cfg = TrainingSection(tokens=n * args.batch, batch_size=args.batch, b_dec_init="mean")
         Trainer(SAEJob(make_sae(store.d_in, args), cfg), timed()).fit()
         finished.append(time.perf_counter())
     results.put((part, start, finished))

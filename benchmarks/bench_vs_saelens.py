@@ -56,9 +56,9 @@ def buffer_rows(batch_size: int) -> int:
 
 def dead_window(tokens: int, batch_size: int) -> int:
     """saekit's default dead-latent window for the run, in tokens (both libraries use it)."""
-    from saekit.training.config import TrainingConfig
+    from saekit.training.config import TrainingSection
 
-    return TrainingConfig(tokens=tokens, batch_size=batch_size).dead_window
+    return TrainingSection(tokens=tokens, batch_size=batch_size).dead_window
 
 
 #: Issue targets: saekit tokens/s over SAELens's, per architecture.

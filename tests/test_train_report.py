@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from saekit.analysis.stats import FeatureStatsAccumulator
-from saekit.commands.report import metrics_table, pick_latents
+from saekit.commands.report import format_metrics, pick_latents
 
 
-def test_metrics_table_marks_each_target() -> None:
-    table = metrics_table({"l0": 64.0, "explained_variance": 0.90, "dead_fraction": 0.0})
+def test_format_metrics_marks_each_target() -> None:
+    table = format_metrics({"l0": 64.0, "explained_variance": 0.90, "dead_fraction": 0.0})
     rows = {line.split()[0]: line.split()[-1] for line in table.splitlines()[2:]}
     assert rows == {"l0": "ok", "explained_variance": "--", "dead_fraction": "ok"}
 

@@ -241,7 +241,7 @@ class SplicedModel:
         for name in {*(h for h in hooks if h in model_hooks), *wanted_model}:
             steps.setdefault(name, []).append(_model_hook(name, hooks.get(name, []), cache))
         for att in self._attached.values():
-            run = _SAERun(att, hooks, cache)
+            run = _SpliceStep(att, hooks, cache)
             if att.site.hook_in != att.site.hook_out:
                 steps.setdefault(att.site.hook_in, []).append(run.read)
             steps.setdefault(att.site.hook_out, []).append(run.write)
@@ -295,7 +295,7 @@ def _compose(fns: Sequence[Replacement]) -> Replacement:
     return fn
 
 
-class _SAERun:
+class _SpliceStep:
     """One SAE on one forward pass: reads its input, writes its output, runs its points."""
 
     def __init__(

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from saekit.commands.report import metrics_table
+from saekit.commands import positive_int
+from saekit.commands.report import format_metrics
 from saekit.evals.api import DEFAULT_EVAL_TOKENS, evaluate_many, resolve_model
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics, json_safe
 from saekit.saes.base import SAE
@@ -25,17 +26,69 @@ logger = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+#: Metadata the commands use, and the kinds of value each may hold.
+_METADATA_KINDS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "model_name": ("a string", (str,)),
+    "hook_name": ("a string", (str,)),
+    "hook_name_out": ("a string", (str,)),
+    "hook_head_index": ("an integer", (int,)),
+    "context_size": ("an integer", (int,)),
+    "prepend_bos": ("true or false", (bool,)),
+    "dataset_path": ("a string", (str,)),
+}
+
+
 def load_target(target: str, device: str) -> SAE:
     """An SAE from a saved folder, `RELEASE/SAE_ID` (registry), or a Hub repo
-    (`owner/name` or `owner/name/folder/inside/repo`)."""
+    (`owner/name` or `owner/name/folder/inside/repo`). A target that looks like a path
+    (`./x`, `runs/typo` where `runs/` exists) and is not there is "no such folder", not a
+    Hub lookup."""
     from saekit.io.native import CFG_FILE
+
+    path = Path(target).expanduser()
+    where = str(path / CFG_FILE) if path.is_dir() else target
+    try:
+        sae = _load_target(target, device)
+    except (TypeError, AttributeError, KeyError) as err:
+        # A config value of the wrong type that the config classes let through: name the
+        # file instead of failing deep inside with a traceback.
+        raise ValueError(
+            f"cannot load the SAE from {where}: a value in its config has the wrong type "
+            f"({type(err).__name__}: {err}); fix the file"
+        ) from err
+    except ValueError as err:
+        if path.is_dir() and str(path) not in str(err):  # say which folder's file is wrong
+            raise ValueError(f"{where}: {err}") from err
+        raise
+    for name, (expected, kinds) in _METADATA_KINDS.items():
+        value = getattr(sae.cfg.metadata, name)
+        wrong = not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))
+        if value is not None and wrong:
+            raise ValueError(
+                f"{where}: metadata {name} is {value!r}, but it must be {expected} (or null); "
+                "fix the file"
+            )
+    context = sae.cfg.metadata.context_size
+    if context is not None and context <= 0:
+        raise ValueError(f"{where}: metadata context_size is {context}, but it must be positive")
+    return sae
+
+
+def _load_target(target: str, device: str) -> SAE:
+    from saekit.errors import looks_like_path, no_such_path_message
+    from saekit.io.converters.sparsify import is_sparsify_cfg
+    from saekit.io.native import CFG_FILE, read_cfg_json
     from saekit.io.releases import resolve_release_name
 
     path = Path(target).expanduser()
-    if (path / CFG_FILE).is_file():
+    if (path / CFG_FILE).is_file() and not is_sparsify_cfg(read_cfg_json(path)):
         return SAE.load(path, device=device)
-    if path.is_dir():  # a folder laid out like a published repo
+    if path.is_dir():  # a folder laid out like a published repo (sparsify, Gemma Scope...)
         return SAE.from_pretrained(str(path), device=device).sae
+    if path.exists():
+        raise NotADirectoryError(
+            f"{target} is a file; pass the folder that holds the SAE's {CFG_FILE}"
+        )
     parts = target.split("/")
     for i in range(1, len(parts)):
         release = "/".join(parts[:i])
@@ -43,6 +96,11 @@ def load_target(target: str, device: str) -> SAE:
             return SAE.from_pretrained(release, "/".join(parts[i:]), device=device).sae
     if resolve_release_name(target) is not None:
         return SAE.from_pretrained(target, device=device).sae
+    if looks_like_path(target):
+        raise FileNotFoundError(
+            f"{no_such_path_message(target, 'folder')}; pass the folder of a saved SAE (with "
+            f"{CFG_FILE}), RELEASE/SAE_ID (`saekit pretrained list`) or a Hub repo id"
+        )
     if len(parts) >= 2 and _REPO_ID.match("/".join(parts[:2])):
         return SAE.from_pretrained(
             "/".join(parts[:2]), "/".join(parts[2:]) or None, device=device
@@ -87,11 +145,11 @@ def add_model_batch_size(parser: argparse.ArgumentParser, default: int) -> None:
     """--model-batch-size: sequences per model forward pass, as in `saekit cache`; the old
     --batch-size still works here, with a warning."""
     parser.add_argument(
-        "--model-batch-size", type=int, default=default,
+        "--model-batch-size", type=positive_int, default=default,
         help="sequences per model forward pass (default %(default)s)",
     )
     parser.add_argument(
-        "--batch-size", type=int, dest="model_batch_size", action=_RenamedFlag,
+        "--batch-size", type=positive_int, dest="model_batch_size", action=_RenamedFlag,
         new_flag="--model-batch-size", help=argparse.SUPPRESS,
     )
 
@@ -138,6 +196,11 @@ def write_results(out: Path, results: dict[str, EvalMetrics], targets: dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    from saekit.preflight import check_device, check_local_dataset, check_out_folder
+
+    check_device(args.device)
+    check_local_dataset(args.dataset)
+    check_out_folder(args.out)
     targets: list[str] = args.targets
     saes = [load_target(t, args.device) for t in targets]
     names = result_names(targets)
@@ -166,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     csv_path = write_results(Path(args.out), ordered, dict(zip(names, targets, strict=True)))
     for (name, m), target in zip(ordered.items(), targets, strict=True):
         print(f"\n{target}: held-out metrics on {m.n_tokens:,} tokens ({Path(args.out) / name})")
-        print(metrics_table(m.to_dict()))
+        print(format_metrics(m.to_dict()))
     print(f"\nwrote {csv_path} and one folder per SAE under {args.out}")
     return 0
 
@@ -197,13 +260,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=DEFAULT_EVAL_TOKENS,
         help=f"tokens to evaluate on (default {DEFAULT_EVAL_TOKENS})",
     )
     parser.add_argument("--out", default="eval_results", help="output folder (default %(default)s)")
     parser.add_argument(
-        "--context-size", type=int, help="tokens per sequence; default: the SAE's, else 128"
+        "--context-size", type=positive_int,
+        help="tokens per sequence; default: the SAE's, else 128",
     )
     add_model_batch_size(parser, default=8)
     parser.add_argument(

@@ -21,7 +21,7 @@ TARGETS: tuple[tuple[str, str, Any], ...] = (
 DENSITY_RANGE = (1e-3, 5e-2)
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
+def format_metrics(metrics: dict[str, Any]) -> str:
     """The headline metrics, each with the value a good SAE reaches and whether this one does."""
     rows = ["  metric                  value      good SAE", "  " + "-" * 46]
     for name, good, passes in TARGETS:

@@ -152,13 +152,13 @@ def print_report(outcome: Any) -> None:
     dashboard of every latent in the run folder. Everything uses the run's own model,
     text framing and held-out text."""
     from saekit.analysis.dashboard import write_dashboard
-    from saekit.commands.report import heldout_statistics, latent_report, metrics_table
+    from saekit.commands.report import format_metrics, heldout_statistics, latent_report
 
     print(f"\nsaved the SAE to {outcome.run_dir}  (load it: SAE.load({str(outcome.run_dir)!r}))")
     heldout = outcome.heldout
     if outcome.metrics:
         print(f"held-out metrics on {heldout.summary()}:" if heldout else "held-out metrics:")
-        print(metrics_table(outcome.metrics))
+        print(format_metrics(outcome.metrics))
     elif heldout is None:
         print("no held-out evaluation (eval_tokens is 0)")
     if not outcome.config.run.report or heldout is None:

@@ -108,7 +108,7 @@ def _masked_replacement(
     return replace_head(fn, head_index)
 
 
-class _SAERun:
+class _SiteAccumulators:
     """One SAE's site and accumulators."""
 
     def __init__(self, sae: SAE, site: SAESite, downstream: bool) -> None:
@@ -164,7 +164,7 @@ def evaluate_saes(
     sites = list(sites) if sites is not None else [sae_site(sae) for sae in saes]
     if len(sites) != len(saes):
         raise ValueError(f"got {len(sites)} sites for {len(saes)} SAEs")
-    runs = [_SAERun(sae, site, downstream) for sae, site in zip(saes, sites, strict=True)]
+    runs = [_SiteAccumulators(sae, site, downstream) for sae, site in zip(saes, sites, strict=True)]
     specials = special_token_ids(model.tokenizer) if special_ids is None else set(special_ids)
     hooks = list(dict.fromkeys(h for s in sites for h in (s.hook_in, s.hook_out)))
     seen = 0
@@ -195,7 +195,7 @@ def evaluate_saes(
 
 def _evaluate_batch(
     model: ModelBackend,
-    runs: list[_SAERun],
+    runs: list[_SiteAccumulators],
     hooks: list[str],
     tokens: Tensor,
     specials: set[int],

@@ -7,18 +7,20 @@ from saekit.training.config import (
     SAESection,
     TrainConfig,
     TrainingConfig,
+    TrainingSection,
 )
-from saekit.training.trainer import SAEJob, Trainer, TrainingDiverged, TrainResult
+from saekit.training.trainer import FitResult, SAEJob, Trainer, TrainingDiverged
 
 __all__ = [
     "ConfigError",
     "DataSection",
+    "FitResult",
     "RunSection",
     "SAEJob",
     "SAESection",
     "TrainConfig",
-    "TrainResult",
     "Trainer",
     "TrainingConfig",
     "TrainingDiverged",
+    "TrainingSection",
 ]

@@ -30,9 +30,9 @@ B_DEC_INITS = ("zeros", "mean", "geometric_median")
 DECODER_NORMS = ("auto", "unit", "free")
 MODEL_BACKENDS = ("auto", "hf", "transformer_lens")
 #: The pre-activation loss weight jumprelu gets when its straight-through gradients reach
-#: the encoder (see TrainingConfig.jumprelu_pre_act_coefficient).
+#: the encoder (see TrainingSection.jumprelu_pre_act_coefficient).
 JUMPRELU_PRE_ACT_DEFAULT = 1e-3
-#: The longest default dead-latent window, in tokens (TrainingConfig.dead_after_tokens).
+#: The longest default dead-latent window, in tokens (TrainingSection.dead_after_tokens).
 DEAD_WINDOW_LIMIT = 1_000_000
 #: The file in a run folder that holds its TrainConfig (`--config` can re-run it).
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -279,7 +279,7 @@ class DataSection:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingSection:
     """How one SAE is optimised. The trainer reads only this section."""
 
     tokens: int = 307_200
@@ -492,11 +492,14 @@ def _canonical_names(section: str, values: dict[str, Any]) -> tuple[dict[str, An
     return renamed, problems
 
 
+#: The name the training section had before: still importable.
+TrainingConfig = TrainingSection
+
 #: Section name -> class, in the order they appear in files and in --help.
 SECTIONS: dict[str, type] = {
     "sae": SAESection,
     "data": DataSection,
-    "training": TrainingConfig,
+    "training": TrainingSection,
     "run": RunSection,
 }
 #: Run fields that are actions on a folder, not part of what the run is; not saved.
@@ -509,7 +512,7 @@ class TrainConfig:
 
     sae: SAESection = field(default_factory=SAESection)
     data: DataSection = field(default_factory=DataSection)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingSection = field(default_factory=TrainingSection)
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self) -> None:

@@ -397,7 +397,7 @@ def _store(
     model_given: bool = False,
 ) -> Any:
     from saekit.data import ActivationStore
-    from saekit.data.shard import ShardedActivationStore
+    from saekit.data.rank_store import RankActivationStore
 
     if cfg.data.activations is not None:
         assert cache_meta is not None, "run_cache_metadata reads the cache before _store"
@@ -426,7 +426,7 @@ def _store(
         reuse_batches=batch_ring(cfg, device),
     )
     if env.distributed:
-        return ShardedActivationStore(
+        return RankActivationStore(
             backend, hooks, dataset, rank=env.rank, world_size=env.world_size, **options
         )
     return ActivationStore(backend, hooks, dataset, **options)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from saekit.training.config import TrainingConfig
+from saekit.training.config import TrainingSection
 
 
-def lr_at(cfg: TrainingConfig, tokens_seen: int) -> float:
+def lr_at(cfg: TrainingSection, tokens_seen: int) -> float:
     """Learning rate for the step that starts after `tokens_seen` tokens."""
     total = cfg.tokens
     if cfg.lr_warmup_tokens > 0 and tokens_seen < cfg.lr_warmup_tokens:
@@ -31,7 +31,7 @@ def lr_at(cfg: TrainingConfig, tokens_seen: int) -> float:
     return cfg.lr * max(total - tokens_seen, 0) / max(total - decay_start, 1)
 
 
-def sparsity_warmup_factor(cfg: TrainingConfig, tokens_seen: int) -> float:
+def sparsity_warmup_factor(cfg: TrainingSection, tokens_seen: int) -> float:
     """Multiplier in [0, 1] on lambda: rises linearly over sparsity_warmup_tokens."""
     if cfg.sparsity_warmup_tokens <= 0:
         return 1.0

@@ -31,7 +31,7 @@ from saekit.finite import (
 from saekit.progress import bar, progress_enabled, progress_off
 from saekit.saes.base import SAE, LossSettings
 from saekit.training import checkpoint as ckpt
-from saekit.training.config import TrainingConfig
+from saekit.training.config import TrainingSection
 from saekit.training.distributed import Parallelism
 from saekit.training.init import (
     initialize_b_dec,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Batch = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]
 #: Fraction of training over which the target-L0 controller's aim moves to the target.
 L0_RAMP_FRACTION = 0.4
-Evaluator = Callable[[SAE], Mapping[str, Any]]
+EvaluateFn = Callable[[SAE], Mapping[str, Any]]
 #: Receives each log record (e.g. to forward it to Weights & Biases).
 LogSink = Callable[[dict[str, Any]], None]
 
@@ -65,7 +65,7 @@ class SAEJob:
     """One SAE to train and how: its hyper-parameters and which activations it reads."""
 
     sae: SAE
-    cfg: TrainingConfig
+    cfg: TrainingSection
     name: str = "sae"
     """Names the SAE in logs, checkpoints and (with several SAEs) its sub-folder."""
     hook: str | None = None
@@ -74,7 +74,7 @@ class SAEJob:
     """Transcoders with mapping batches: key of the activation to reconstruct."""
     norm_scale: float | None = None
     """Inputs (and targets) are multiplied by this during training; folded in at the end."""
-    evaluate: Evaluator | None = None
+    evaluate: EvaluateFn | None = None
     """Final held-out evaluation of the finished SAE."""
 
     def __post_init__(self) -> None:
@@ -90,7 +90,7 @@ class SAEJob:
 
 
 @dataclass
-class TrainResult:
+class FitResult:
     """What a finished (or interrupted) run produced."""
 
     saes: dict[str, SAE]
@@ -218,7 +218,7 @@ class Trainer:
         if len(token_budgets) != 1:
             raise ValueError(
                 f"SAEs trained side by side share one stream and one token budget; got "
-                f"tokens={sorted(token_budgets)}. Give every job the same TrainingConfig.tokens"
+                f"tokens={sorted(token_budgets)}. Give every job the same TrainingSection.tokens"
             )
         if checkpoint_every is not None and run_dir is None:
             raise ValueError("checkpoint_every needs a run_dir to write checkpoints into")
@@ -244,7 +244,7 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False) -> FitResult:
         """Train to the token budget; with resume=True, first restore the last checkpoint."""
         if resume:
             self._restore()
@@ -675,7 +675,7 @@ class Trainer:
 
     # ----- the end -------------------------------------------------------------------------
 
-    def _finish(self) -> TrainResult:
+    def _finish(self) -> FitResult:
         for st in self.states:
             _finalize(st)
         bad = self._non_finite_weights()
@@ -714,7 +714,7 @@ class Trainer:
             return "the run has no checkpoint to resume from"
         return f"the last good state stays in {found} (resume from it with --resume)"
 
-    def _result(self, interrupted: int | None, final: bool = False) -> TrainResult:
+    def _result(self, interrupted: int | None, final: bool = False) -> FitResult:
         saes, metrics, sparsity = {}, {}, {}
         # Data-parallel ranks hold identical SAEs: only the writer evaluates them.
         evaluates = final and (self.parallel.mode == "sae" or self.parallel.is_writer)
@@ -742,7 +742,7 @@ class Trainer:
                 saes = {n: saes[n] for n in order}
                 metrics = {n: metrics[n] for n in order}
                 sparsity = {n: sparsity[n] for n in order}
-        return TrainResult(saes, metrics, self.tokens_seen, interrupted, sparsity)
+        return FitResult(saes, metrics, self.tokens_seen, interrupted, sparsity)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from saekit.data.prefetch import Prefetcher
 from saekit.data.store import ActivationStore
 from saekit.models import load_model
 from saekit.models.tiny import TINY_TEXTS, tiny_gpt2, tiny_tokenizer
-from saekit.training import SAEJob, Trainer, TrainingConfig
+from saekit.training import SAEJob, Trainer, TrainingSection
 from saekit.training.synthetic import SparseFeatureStream
 
 HOOK = "blocks.1.hook_resid_pre"
@@ -85,7 +85,7 @@ def test_trainer_with_prefetch_resumes_exactly(tmp_path: Path) -> None:
 
     def job() -> SAEJob:
         torch.manual_seed(0)
-        cfg = TrainingConfig(tokens=30 * 64, batch_size=64, lr=3e-3)
+        cfg = TrainingSection(tokens=30 * 64, batch_size=64, lr=3e-3)
         return SAEJob(SAE.create("topk", 16, 64, k=4), cfg)
 
     def stream() -> SparseFeatureStream:

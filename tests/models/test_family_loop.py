@@ -37,7 +37,9 @@ def hook_for(family: str) -> str:
 def run_config(out: Path, family: str, **data: object) -> dict:
     return {
         "sae": {"architecture": "topk", "expansion_factor": 2, "k": 8},
-        "data": {"hook_name": hook_for(family), "context_size": CONTEXT, "eval_tokens": 256, **data},
+        "data": {
+            "hook_name": hook_for(family), "context_size": CONTEXT, "eval_tokens": 256, **data,
+        },
         "training": {"tokens": 1024, "batch_size": 256},
         "run": {"out": str(out), "progress": False, "report": False},
     }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from training_helpers import make_sae
 
-from saekit.training.config import TrainingConfig
+from saekit.training.config import TrainingSection
 from saekit.training.init import (
     geometric_median,
     initialize_b_dec,
@@ -19,7 +19,7 @@ from saekit.training.schedules import L0Controller, lr_at, sparsity_warmup_facto
 
 
 def test_constant_schedule_with_warmup_rises_linearly_then_holds() -> None:
-    cfg = TrainingConfig(tokens=1000, batch_size=10, lr=1.0, lr_warmup_tokens=90)
+    cfg = TrainingSection(tokens=1000, batch_size=10, lr=1.0, lr_warmup_tokens=90)
     assert lr_at(cfg, 0) == pytest.approx(0.1)
     assert lr_at(cfg, 40) == pytest.approx(0.5)
     assert lr_at(cfg, 80) == pytest.approx(0.9)
@@ -28,7 +28,7 @@ def test_constant_schedule_with_warmup_rises_linearly_then_holds() -> None:
 
 
 def test_cosine_schedule_falls_from_peak_to_zero() -> None:
-    cfg = TrainingConfig(tokens=1000, batch_size=10, lr=2.0, lr_schedule="cosine")
+    cfg = TrainingSection(tokens=1000, batch_size=10, lr=2.0, lr_schedule="cosine")
     assert lr_at(cfg, 0) == pytest.approx(2.0)
     assert lr_at(cfg, 500) == pytest.approx(1.0)
     assert lr_at(cfg, 1000) == pytest.approx(0.0, abs=1e-12)
@@ -37,7 +37,7 @@ def test_cosine_schedule_falls_from_peak_to_zero() -> None:
 
 
 def test_linear_schedule_decays_to_zero_over_the_last_fraction() -> None:
-    cfg = TrainingConfig(
+    cfg = TrainingSection(
         tokens=1000, batch_size=10, lr=1.0, lr_schedule="linear", lr_decay_fraction=0.2
     )
     assert lr_at(cfg, 799) == 1.0
@@ -47,11 +47,11 @@ def test_linear_schedule_decays_to_zero_over_the_last_fraction() -> None:
 
 
 def test_sparsity_warmup_reaches_one_and_stays() -> None:
-    cfg = TrainingConfig(tokens=1000, batch_size=10, sparsity_warmup_tokens=100)
+    cfg = TrainingSection(tokens=1000, batch_size=10, sparsity_warmup_tokens=100)
     assert sparsity_warmup_factor(cfg, 0) == pytest.approx(0.1)
     assert sparsity_warmup_factor(cfg, 40) == pytest.approx(0.5)
     assert sparsity_warmup_factor(cfg, 500) == 1.0
-    assert sparsity_warmup_factor(TrainingConfig(tokens=10, batch_size=10), 0) == 1.0
+    assert sparsity_warmup_factor(TrainingSection(tokens=10, batch_size=10), 0) == 1.0
 
 
 def test_controller_raises_lambda_when_l0_is_high_and_lowers_it_when_low() -> None:

@@ -10,7 +10,7 @@ import torch
 from training_helpers import make_sae, small_config
 
 from saekit import SAE, list_architectures
-from saekit.training import SAEJob, Trainer, TrainingConfig
+from saekit.training import SAEJob, Trainer, TrainingSection
 from saekit.training.synthetic import SparseFeatureStream
 
 
@@ -123,9 +123,9 @@ def test_dead_latents_are_tracked_and_auxk_switches_on() -> None:
 
 
 def test_dead_window_defaults_to_a_tenth_of_the_run_up_to_a_million() -> None:
-    assert TrainingConfig(tokens=307_200).dead_window == 30_720
-    assert TrainingConfig(tokens=10**9).dead_window == 1_000_000
-    assert TrainingConfig(tokens=307_200, dead_after_tokens=5).dead_window == 5
+    assert TrainingSection(tokens=307_200).dead_window == 30_720
+    assert TrainingSection(tokens=10**9).dead_window == 1_000_000
+    assert TrainingSection(tokens=307_200, dead_after_tokens=5).dead_window == 5
 
 
 def test_standard_sae_dead_latents_are_revived_by_the_pre_act_term() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from saekit import SAE, architecture_class
-from saekit.training import TrainingConfig
+from saekit.training import TrainingSection
 
 
 def make_sae(architecture: str, d_in: int = 16, d_sae: int = 64, seed: int = 0, **fields) -> SAE:
@@ -16,7 +16,7 @@ def make_sae(architecture: str, d_in: int = 16, d_sae: int = 64, seed: int = 0, 
     return SAE.create(architecture, d_in, d_sae, **fields)
 
 
-def small_config(steps: int, batch_size: int = 256, **fields) -> TrainingConfig:
+def small_config(steps: int, batch_size: int = 256, **fields) -> TrainingSection:
     fields.setdefault("lr", 3e-3)
     fields.setdefault("dead_after_tokens", batch_size * 50)
-    return TrainingConfig(tokens=steps * batch_size, batch_size=batch_size, **fields)
+    return TrainingSection(tokens=steps * batch_size, batch_size=batch_size, **fields)
