@@ -7,9 +7,9 @@ import torch
 from sae_factory import random_sae
 
 from saekit import SAE, LossSettings, SAEConfig, list_architectures, register_architecture
+from saekit.kernels.affine import centred_affine
+from saekit.kernels.jumprelu import JumpReLUFunction, JumpReLUWithL0, StepFunction
 from saekit.kernels.sparse_topk import batch_topk_pairs
-from saekit.saes.base import centred_affine
-from saekit.saes.jumprelu import JumpReLUFunction, JumpReLUWithL0, StepFunction
 
 ARCHITECTURES = list_architectures()
 
