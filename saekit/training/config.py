@@ -315,17 +315,15 @@ class TrainingSection:
     dead_pre_act_coefficient: float = DEAD_PRE_ACT_DEFAULT
     """Standard SAEs and transcoders: weight of c * sum over dead latents of ||W_dec[i]||
     ReLU(-h_i) (mean over tokens), which pushes dead latents back up until they fire;
-    0 turns it off. On the bundled model (16x, 300 steps, the default window of 122,880
-    tokens) it took the held-out dead fraction from 0.264 to 0.137, explained variance
-    unchanged."""
+    0 turns it off (figures: benchmarks/README.md)."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0 disables clipping)."""
     b_dec_init: str = "geometric_median"
     """Initial decoder bias: zeros | mean | geometric_median (of the first batch)."""
     decoder_norm: str = "auto"
     """unit: decoder rows kept at unit norm, gradient parallel to them removed; free: no
-    constraint; auto: unit for topk-style and gated SAEs, free for the rest (their penalty
-    weighs latents by decoder-row norm)."""
+    constraint; auto: as the architecture declares (SAE.unit_norm_decoder: unit where the
+    loss has no penalty weighed by decoder-row norms)."""
     jumprelu_bandwidth: float = 0.001
     """Width of the straight-through kernel for JumpReLU thresholds."""
     jumprelu_sparsity: str = "step"
@@ -339,8 +337,8 @@ class TrainingSection:
     jumprelu_pre_act_coefficient: float | None = None
     """JumpReLU: weight of c * sum_i ||W_dec[i]|| ReLU(theta_i - h_i) (Anthropic, January
     2025), which pulls silent latents back up to their thresholds. None: 1e-3 when the
-    straight-through gradients reach the encoder (which silences many latents), else 0. On
-    the bundled model at target L0 32 it took the dead fraction from 0.90 to 0.46."""
+    straight-through gradients reach the encoder (which silences many latents), else 0
+    (figures: benchmarks/README.md)."""
 
     @property
     def dead_window(self) -> int:
@@ -410,7 +408,7 @@ class RunSection:
     """Device the model runs on (default: device); activations are moved to device."""
     prefetch: bool = True
     """Make the next activation batch in a background thread while the SAE step runs (on
-    accelerators only: on the CPU the two share the same cores and measured slower)."""
+    accelerators only: on the CPU the two would share the same cores)."""
     dtype: str = "float32"
     """SAE parameter dtype: float32, float64, float16 or bfloat16."""
     checkpoint_every: int | None = None
