@@ -11,11 +11,10 @@ from torch import Tensor
 
 from saekit.analysis.stats import FeatureStats, FeatureStatsAccumulator, logit_effects
 from saekit.data.tokens import keep_mask, special_token_ids
-from saekit.evals.runner import sae_site
 from saekit.models.backend import ModelBackend
-from saekit.models.hooks import select_head
 from saekit.progress import bar
 from saekit.saes.base import SAE
+from saekit.sites import sae_region, sae_site
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +31,6 @@ def unembedding(backend: ModelBackend) -> Tensor | None:
     if out is not None and isinstance(getattr(out, "weight", None), Tensor):
         return out.weight.detach().T  # nn.Linear stores [vocab, d_model]
     return None
-
-
-def _sae_input(sae: SAE, act: Tensor, head_index: int | None) -> Tensor:
-    region = select_head(act, head_index)
-    if region.ndim == 4 and sae.cfg.reshape_activations != "hook_z":
-        region = region.flatten(-2)  # [batch, pos, n_heads * d_head]
-    return region
 
 
 @torch.no_grad()
@@ -79,7 +71,7 @@ def feature_statistics(
     with bar(desc="feature statistics", unit="tok", total=total, progress=progress) as shown:
         for tokens in token_batches:
             act = backend.activations(tokens, [site.hook_in])[site.hook_in]
-            latents = sae.encode(_sae_input(sae, act, site.head_index).to(sae.device))
+            latents = sae.encode(sae_region(sae, act, site.head_index).to(sae.device))
             acc.update(tokens, latents, keep_mask(tokens.cpu(), specials))
             n_batches += 1
             shown.update(tokens.numel())

@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.evals.runner import SAESite, sae_site
 from saekit.models.backend import ModelBackend, Replacement
-from saekit.models.hooks import select_head, unknown_hook_error
+from saekit.models.hooks import unknown_hook_error
 from saekit.saes.base import SAE
+from saekit.sites import SAESite, sae_region, sae_site
 
 #: The points each attached SAE exposes, in the order they run.
 SAE_POINTS = (
@@ -318,10 +318,7 @@ class _SpliceStep:
 
     def region(self, act: Tensor) -> Tensor:
         """The part of the hook's activation the SAE sees."""
-        region = select_head(act, self.att.site.head_index)
-        if region.ndim == 4 and self.att.sae.cfg.reshape_activations != "hook_z":
-            region = region.flatten(-2)  # [batch, pos, n_heads * d_head]
-        return region
+        return sae_region(self.att.sae, act, self.att.site.head_index)
 
     def put(self, act: Tensor, new: Tensor) -> Tensor:
         """`act` with the SAE's region replaced by `new`."""

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from saekit.analysis.interventions import Positions, position_mask
 from saekit.analysis.splice import HookFn, HookSpec, SplicedModel, _hook_lists
-from saekit.evals.runner import sae_site
 from saekit.saes.base import SAE
+from saekit.sites import sae_site
 
 
 def steering_vector(sae: SAE, latents: Mapping[int, float], normalize: bool = False) -> Tensor:

@@ -13,17 +13,15 @@ from saekit.data.buffer import ShuffledRows, check_buffer_sizes
 from saekit.data.tokens import TokenWindows, keep_mask
 from saekit.finite import NonFiniteActivations, locate_non_finite
 from saekit.models.backend import ModelBackend
-from saekit.models.hooks import select_head
 from saekit.preflight import check_context_size
+from saekit.sites import activation_region
 
 
 def flatten_activation(act: Tensor, head_index: int | None = None) -> Tensor:
     """[batch, pos, d] (or per-head [batch, pos, n_heads, d_head]) -> [batch, pos, width].
 
     Per-head activations are flattened to n_heads * d_head, or cut to one head."""
-    act = select_head(act, head_index)
-    if act.ndim == 4:
-        act = act.flatten(2)  # [batch, pos, n_heads * d_head]
+    act = activation_region(act, head_index)
     if act.ndim != 3:
         raise ValueError(f"expected an activation [batch, pos, d], got {tuple(act.shape)}")
     return act

@@ -12,7 +12,8 @@ from saekit.evals.api import (
     make_evaluator,
 )
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics
-from saekit.evals.runner import SAESite, evaluate_saes, sae_site
+from saekit.evals.runner import evaluate_saes
+from saekit.sites import SAESite, sae_site
 
 __all__ = [
     "METRIC_NAMES",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,49 +26,9 @@ from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import replace_head, select_head
 from saekit.progress import bar
 from saekit.saes.base import SAE
+from saekit.sites import SAESite, reads_heads, sae_region, sae_site
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SAESite:
-    """Where an SAE sits in the model: the hook it reads and the hook it reconstructs (the
-    same hook unless it is a transcoder), and the attention head, for per-head SAEs."""
-
-    hook_in: str
-    hook_out: str
-    head_index: int | None = None
-
-
-def sae_site(sae: SAE, hook: str | None = None, hook_out: str | None = None) -> SAESite:
-    """The SAE's site from its metadata; `hook` / `hook_out` override the metadata."""
-    meta = sae.cfg.metadata
-    hook_in = hook or meta.hook_name
-    if not hook_in:
-        raise ValueError(
-            "the SAE's metadata has no hook_name, so it is unknown which activation it reads; "
-            "set sae.cfg.metadata.hook_name or pass hook=..."
-        )
-    if sae.is_transcoder:
-        out = hook_out or meta.hook_name_out
-        if not out:
-            raise ValueError(
-                f"this {sae.architecture} reconstructs another hook than it reads, but its "
-                "metadata has no hook_name_out; set sae.cfg.metadata.hook_name_out or pass "
-                "hook_out=..."
-            )
-    else:
-        out = hook_out or hook_in
-    return SAESite(hook_in, out, meta.hook_head_index)
-
-
-def _region(sae: SAE, act: Tensor, head_index: int | None) -> Tensor:
-    """The part of a hook's activation the SAE sees: [batch, pos, d] (or
-    [batch, pos, n_heads, d_head] for SAEs that flatten heads themselves)."""
-    region = select_head(act, head_index)
-    if region.ndim == 4 and sae.cfg.reshape_activations != "hook_z":
-        region = region.flatten(-2)  # a per-head hook read whole by a flat SAE
-    return region
 
 
 def _per_token(t: Tensor, mask: Tensor) -> Tensor:
@@ -120,7 +79,7 @@ class _SiteAccumulators:
 
     def flat_heads(self, act: Tensor) -> bool:
         region = select_head(act, self.site.head_index)
-        return region.ndim == 4 and self.sae.cfg.reshape_activations != "hook_z"
+        return region.ndim == 4 and not reads_heads(self.sae)
 
     def result(self) -> EvalMetrics:
         return EvalMetrics.from_stats(
@@ -220,11 +179,11 @@ def _evaluate_batch(
     recons: list[Tensor] = []
     for run in runs:
         site = run.site
-        x = _region(run.sae, acts[site.hook_in], site.head_index)
+        x = sae_region(run.sae, acts[site.hook_in], site.head_index)
         target = (
             x
             if site.hook_out == site.hook_in
-            else _region(run.sae, acts[site.hook_out], site.head_index)
+            else sae_region(run.sae, acts[site.hook_out], site.head_index)
         )
         latents, recon = _encode_decode(run.sae, x)
         run.sparsity.update(_per_token(latents, mask))

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from sae_factory import random_sae
 
 from saekit import SAE, SAEConfig, SAEMetadata, architecture_class, list_architectures
-from saekit.evals.runner import SAESite, evaluate_saes, sae_site
+from saekit.evals.runner import evaluate_saes
 from saekit.models.tiny import tiny_gpt2, tiny_hooked_transformer, tiny_tokenizer
 from saekit.models.tl import TransformerLensBackend
+from saekit.sites import SAESite, sae_site
 
 D_MODEL = 32
 VOCAB = 300
