@@ -16,10 +16,8 @@ from saekit.training.config import (
     SETTING_ALIASES,
     ConfigError,
     TrainConfig,
-    coerce,
-    field_docs,
-    read_config_file,
 )
+from saekit.training.fields import coerce, field_docs, read_config_file
 
 log = logging.getLogger(__name__)
 

@@ -7,23 +7,27 @@ a config in one pass rather than one error at a time.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import math
-import numbers
-import textwrap
-import types
 import typing
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from saekit.config import DTYPES
 from saekit.saes import DEFAULT_ARCHITECTURE
 from saekit.saes.base import DEAD_PRE_ACT_DEFAULT
+from saekit.training.fields import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Bounds,
+    ConfigError,
+    check_problems,
+    coerce_fields,
+    field_problems,
+    fits_type,
+    read_config_file,
+    suggest,
+)
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
@@ -36,114 +40,6 @@ JUMPRELU_PRE_ACT_DEFAULT = 1e-3
 DEAD_WINDOW_LIMIT = 1_000_000
 #: The file in a run folder that holds its TrainConfig (`--config` can re-run it).
 RUN_CONFIG_FILE = "run_config.yaml"
-
-
-class ConfigError(ValueError):
-    """An invalid config; `problems` lists every problem found, one sentence each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid training config ({len(self.problems)} problem(s)):\n{lines}")
-
-
-def _check(problems: list[str]) -> None:
-    if problems:
-        raise ConfigError(problems)
-
-
-class Bounds(typing.NamedTuple):
-    """The range of a numeric field: low and high ends (None: open-ended), each included or
-    not."""
-
-    low: float | None
-    low_included: bool = False
-    high: float | None = None
-    high_included: bool = False
-
-    def holds(self, value: float) -> bool:
-        if self.low is not None and (
-            value < self.low or (value == self.low and not self.low_included)
-        ):
-            return False
-        return self.high is None or value < self.high or (
-            value == self.high and self.high_included
-        )
-
-    def describe(self) -> str:
-        if self.high is None:
-            if self.low == 0:
-                return ">= 0" if self.low_included else "positive"
-            return f"{'at least' if self.low_included else 'greater than'} {_number(self.low)}"
-        left = "[" if self.low_included else "("
-        right = "]" if self.high_included else ")"
-        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
-
-
-def _number(value: float | None) -> str:
-    return str(int(value)) if value is not None and float(value).is_integer() else f"{value}"
-
-
-POSITIVE = Bounds(0)
-NON_NEGATIVE = Bounds(0, low_included=True)
-
-
-def _kind(hint: Any) -> str:
-    """How a field's type reads in a problem ("a whole number", "true or false or null")."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return f"{_kind(inner[0])} or null"
-    if typing.get_origin(hint) is list:
-        return f"a list in which each is {_kind(typing.get_args(hint)[0])}"
-    return {int: "a whole number", float: "a finite number", bool: "true or false",
-            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether `value` is of the field type `hint`: bools only for bool fields, ints (not
-    bools, not floats) for int fields, finite ints or floats for float fields."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    # numbers.Integral and numbers.Real take numpy's scalars too.
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:
-        return (
-            isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value)
-        )
-    if hint is str:
-        return isinstance(value, str)
-    return True
-
-
-def _field_problems(section: Any, bounds: dict[str, Bounds]) -> list[str]:
-    """A problem for every field of `section` whose value is not of its type (NaN and
-    infinity are no value a setting can take) or is outside its `bounds` (which a list
-    field's every element must keep)."""
-    hints = _hints(type(section))
-    out = []
-    for f in dataclasses.fields(section):
-        value, hint = getattr(section, f.name), hints[f.name]
-        if not _fits(value, hint):
-            out.append(f"{f.name} must be {_kind(hint)}, got {value!r}")
-            continue
-        limit = bounds.get(f.name)
-        values = value if isinstance(value, list) else [value]
-        if limit is not None and any(v is not None and not limit.holds(v) for v in values):
-            out.append(f"{f.name} must be {limit.describe()}, got {value!r}")
-    return out
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 @dataclass
@@ -177,7 +73,7 @@ class SAESection:
             "d_sae": POSITIVE, "expansion_factor": POSITIVE, "k": POSITIVE,
             "matryoshka_widths": POSITIVE,
         }
-        out = _field_problems(self, bounds)
+        out = field_problems(self, bounds)
         from saekit.saes import list_architectures
 
         if isinstance(self.architecture, str) and not self.known:
@@ -210,7 +106,7 @@ class SAESection:
         return architecture_class(self.architecture).sparsity_control == "k"
 
     def __post_init__(self) -> None:
-        _check(self.problems())
+        check_problems(self.problems())
         from saekit.saes.registry import canonical_architecture
 
         self.architecture = canonical_architecture(self.architecture)  # "TopK" -> "topk"
@@ -267,7 +163,7 @@ class DataSection:
         # Every field is checked for its type (NaN and infinity are no setting's value);
         # these are the ranges of the numeric ones.
         bounds = {"context_size": POSITIVE, "eval_tokens": NON_NEGATIVE}
-        out = _field_problems(self, bounds)
+        out = field_problems(self, bounds)
         if self.backend not in MODEL_BACKENDS:
             out.append(f"backend {self.backend!r} is not one of {', '.join(MODEL_BACKENDS)}")
         if isinstance(self.activations, str) and not self.activations.strip():
@@ -275,7 +171,7 @@ class DataSection:
         return out
 
     def __post_init__(self) -> None:
-        _check(self.problems())
+        check_problems(self.problems())
 
 
 @dataclass
@@ -373,8 +269,8 @@ class TrainingSection:
             "dead_pre_act_coefficient": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
             "jumprelu_bandwidth": POSITIVE, "jumprelu_pre_act_coefficient": NON_NEGATIVE,
         }
-        out = _field_problems(self, bounds)
-        sizes_ok = all(_fits(getattr(self, n), int) for n in ("tokens", "batch_size"))
+        out = field_problems(self, bounds)
+        sizes_ok = all(fits_type(getattr(self, n), int) for n in ("tokens", "batch_size"))
         if sizes_ok and self.tokens > 0 and self.batch_size > self.tokens:
             out.append(f"batch_size={self.batch_size} is larger than tokens={self.tokens}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -390,7 +286,7 @@ class TrainingSection:
         return out
 
     def __post_init__(self) -> None:
-        _check(self.problems())
+        check_problems(self.problems())
 
 
 @dataclass
@@ -443,7 +339,7 @@ class RunSection:
             "seed": Bounds(0, True, 2**32, False), "checkpoint_every": POSITIVE,
             "keep_checkpoints": Bounds(1, low_included=True), "log_every": POSITIVE,
         }
-        out = _field_problems(self, bounds)
+        out = field_problems(self, bounds)
         if self.dtype not in DTYPES:
             out.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.resume is not None and self.overwrite:
@@ -451,7 +347,7 @@ class RunSection:
         return out
 
     def __post_init__(self) -> None:
-        _check(self.problems())
+        check_problems(self.problems())
 
 
 def k_architectures() -> list[str]:
@@ -514,7 +410,7 @@ class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self) -> None:
-        _check(self.cross_problems())
+        check_problems(self.cross_problems())
 
     def cross_problems(self) -> list[str]:
         out = []
@@ -537,7 +433,7 @@ class TrainConfig:
             raise ConfigError([f"a training config must be a mapping, got {type(data).__name__}"])
         unknown = sorted(set(data) - set(SECTIONS))
         for name in unknown:
-            problems.append(f"unknown section {name!r}{_suggest(name, SECTIONS)}")
+            problems.append(f"unknown section {name!r}{suggest(name, SECTIONS)}")
         # Modules that register architectures come first: the sae section names them.
         run = data.get("run")
         imports = run.get("imports") if isinstance(run, dict) else None
@@ -556,7 +452,7 @@ class TrainConfig:
                 continue
             values, clashes = _canonical_names(name, values)
             problems.extend(clashes)
-            kwargs, found = _coerce_fields(section_cls, values, name)
+            kwargs, found = coerce_fields(section_cls, values, name)
             problems.extend(found)
             try:
                 sections[name] = section_cls(**kwargs)
@@ -638,115 +534,3 @@ def resumed_config(
         ])
     out.run.resume = requested.run.resume
     return out
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML or JSON: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
-    return data
-
-
-def _suggest(name: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
-
-
-def _coerce_fields(
-    cls: type, values: dict[str, Any], section: str
-) -> tuple[dict[str, Any], list[str]]:
-    """Values converted to each field's type, and a problem for each that cannot be."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    problems = []
-    for key, value in values.items():
-        if key not in hints:
-            problems.append(f"{section}: unknown field {key!r}{_suggest(key, names)}")
-            continue
-        try:
-            kwargs[key] = coerce(value, hints[key])
-        except (TypeError, ValueError):
-            problems.append(
-                f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}"
-            )
-    return kwargs, problems
-
-
-def coerce(value: Any, hint: Any) -> Any:
-    """`value` as type `hint` (int, float, str, bool, list[int] and their optional forms)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0])
-    if typing.get_origin(hint) is list:
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(value)
-        return [coerce(v, args[0]) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise TypeError(value)
-    if hint is int:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            return int(float(value)) if float(value).is_integer() else int(value)
-        if not isinstance(value, int):
-            raise TypeError(value)
-        return value
-    if hint is float:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise TypeError(value)
-        return value
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return f"{_type_name(inner[0])} or null"
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    return getattr(hint, "__name__", str(hint))
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string literal under it in the class body)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs

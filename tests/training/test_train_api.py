@@ -14,7 +14,8 @@ from saekit.cli import build_parser, main
 from saekit.commands.train import config_from_args
 from saekit.models.tiny import tiny_hooked_transformer, tiny_tokenizer
 from saekit.training import ConfigError, TrainConfig
-from saekit.training.config import SECTIONS, field_docs
+from saekit.training.config import SECTIONS
+from saekit.training.fields import field_docs
 from saekit.training.runlog import read_log
 
 TEXTS = [f"to be or not to be, that is the question number {i}. " * 12 for i in range(120)]
