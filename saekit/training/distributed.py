@@ -109,10 +109,18 @@ class Parallelism:
     rank = 0
     world_size = 1
     mode = "single"
+    #: Each rank holds SAEs of its own (not copies of the others'): each rank saves,
+    #: logs and evaluates its own, and the writer gathers them.
+    saes_per_rank = False
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def loss_replicas(self) -> int:
+        """Ranks over whose batch shards one SAE's summed loss statistics are averaged."""
+        return 1
 
     @property
     def is_writer(self) -> bool:
@@ -209,6 +217,10 @@ class DataParallel(_Collective):
 
     mode = "data"
 
+    @property
+    def loss_replicas(self) -> int:
+        return self.world_size
+
     def global_rows(self, local_rows: int) -> int:
         return local_rows * self.world_size
 
@@ -251,6 +263,7 @@ class SAEParallel(_Collective):
     """
 
     mode = "sae"
+    saes_per_rank = True
 
     def owns(self, index: int, n_jobs: int) -> bool:
         if n_jobs < self.world_size:

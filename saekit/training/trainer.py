@@ -419,8 +419,7 @@ class Trainer:
         total = self.parallel.reduce_stats(local)
         d_sae = counts.shape[0]
         counts = total[:d_sae].round().to(torch.int64)
-        ranks = self.parallel.world_size if self.parallel.mode == "data" else 1
-        loss_values = (total[d_sae:] / ranks).tolist()
+        loss_values = (total[d_sae:] / self.parallel.loss_replicas).tolist()
         st.tokens_since_fired += n_tokens
         st.tokens_since_fired[counts > 0] = 0
         if self.tokens_seen >= self.total_tokens // 2:
@@ -494,7 +493,7 @@ class Trainer:
     def _log_record(self) -> dict[str, Any] | None:
         """This step's log line on the writer (None on other ranks)."""
         record = self._local_log_record()
-        if self.parallel.mode != "sae":
+        if not self.parallel.saes_per_rank:
             return record if self.parallel.is_writer else None
         parts = self.parallel.gather_objects(record)
         if parts is None:
@@ -543,7 +542,7 @@ class Trainer:
         if hasattr(self.data, "state_dict"):
             data_state = self.data.state_dict()
         local: dict[str, Any] = {"rng": ckpt.rng_state(device), "data": data_state}
-        if self.parallel.mode == "sae" or self.parallel.is_writer:
+        if self.parallel.saes_per_rank or self.parallel.is_writer:
             local["jobs"] = {st.job.name: st.state_dict() for st in self.states}
         ranks = self.parallel.gather_objects(local)
         if ranks is None:
@@ -717,7 +716,7 @@ class Trainer:
     def _result(self, interrupted: int | None, final: bool = False) -> FitResult:
         saes, metrics, sparsity = {}, {}, {}
         # Data-parallel ranks hold identical SAEs: only the writer evaluates them.
-        evaluates = final and (self.parallel.mode == "sae" or self.parallel.is_writer)
+        evaluates = final and (self.parallel.saes_per_rank or self.parallel.is_writer)
         for st in self.states:
             name = st.job.name
             sae = st.job.sae.published() if final else st.job.sae
@@ -730,7 +729,7 @@ class Trainer:
                     metrics[name] = dict(st.job.evaluate(sae))
             else:
                 metrics[name] = {}
-        if final and self.parallel.mode == "sae":
+        if final and self.parallel.saes_per_rank:
             # The writer returns every rank's SAEs, so it can save the whole run.
             parts = self.parallel.gather_objects((saes, metrics, sparsity))
             if parts is not None:
