@@ -23,8 +23,9 @@ import torch
 from saekit.config import SAEConfig, SAEMetadata
 from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
-from saekit.errors import SaekitError
+from saekit.errors import DiskFullError, SaekitError
 from saekit.io.native import remove_partial_writes
+from saekit.models.backend import ModelBackend
 from saekit.preflight import check_context_size, check_train_dtype
 from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
@@ -45,6 +46,7 @@ from saekit.training.config import (
 )
 from saekit.training.distributed import (
     DistEnv,
+    Parallelism,
     destroy_process_group,
     init_process_group,
     local_device,
@@ -80,7 +82,7 @@ class TrainOutcome:
     """The signal that stopped the run early, else None."""
     config: TrainConfig | None = None
     """The config the run followed (on resume: the saved one, with the changes allowed)."""
-    backend: Any = None
+    backend: ModelBackend | None = None
     """The model backend the run read (reused by the report, so the model loads once)."""
     heldout: HeldoutText | None = None
     """The held-out text of the final evaluation (None when eval_tokens is 0)."""
@@ -232,7 +234,13 @@ def _train(
     if heldout is not None and metrics:
         metrics["evaluated_on"] = heldout.to_dict()
     _check_target_l0(cfg, metrics)
-    trained.save(run_dir, sparsity=result.sparsity["sae"])
+    try:
+        trained.save(run_dir, sparsity=result.sparsity["sae"])
+    except DiskFullError as err:
+        raise DiskFullError(
+            f"{err}. The run's final checkpoint is kept: free some space and finish with "
+            f"`saekit train --resume {run_dir}`", err.path, err.needed,
+        ) from err
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     if sinks:
         for sink in sinks:
@@ -358,7 +366,7 @@ def _device(name: str | None) -> str:
 
 
 def _hooks(
-    cfg: TrainConfig, backend: Any, cache_meta: dict[str, Any] | None = None
+    cfg: TrainConfig, backend: ModelBackend, cache_meta: dict[str, Any] | None = None
 ) -> tuple[str, str | None]:
     names = backend.hook_names()
     hook = cfg.data.hook_name
@@ -386,7 +394,7 @@ def _hooks(
 
 def _store(
     cfg: TrainConfig,
-    backend: Any,
+    backend: ModelBackend,
     hook: str,
     hook_out: str | None,
     dataset: Any,
@@ -438,7 +446,7 @@ def _build_sae(
     hook: str,
     hook_out: str | None,
     device: str,
-    backend: Any,
+    backend: ModelBackend,
     dataset_name: str | None,
     heldout: HeldoutText | None,
 ) -> SAE:
@@ -489,7 +497,7 @@ def _build_sae(
 
 
 def _new_run_state(
-    cfg: TrainConfig, store: Any, hook: str, parallel: Any, heldout: HeldoutText | None
+    cfg: TrainConfig, store: Any, hook: str, parallel: Parallelism, heldout: HeldoutText | None
 ) -> dict[str, Any]:
     """What a resumed run must reuse: the norm scaling factor and the documents held out."""
     factor = None
@@ -511,7 +519,7 @@ def _new_run_state(
 
 def _heldout_text(
     cfg: TrainConfig,
-    backend: Any,
+    backend: ModelBackend,
     dataset: Any,
     cache_meta: dict[str, Any] | None,
     saved_state: dict[str, Any] | None,
@@ -563,7 +571,7 @@ def _heldout_text(
 
 
 def _evaluator(
-    backend: Any, heldout: HeldoutText | None, hook: str, hook_out: str | None
+    backend: ModelBackend, heldout: HeldoutText | None, hook: str, hook_out: str | None
 ) -> Any:
     if heldout is None:
         return None
