@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from saekit.commands import non_negative_int, positive_int
 from saekit.commands.pretokenize import add_dataset_arguments
 from saekit.training.config import DataSection
 
@@ -22,12 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="model backend (default: auto)")
     parser.add_argument("--hook", action="append", required=True, dest="hooks",
                         help="hook name; repeat for several hooks from one forward pass")
-    parser.add_argument("--hook-head-index", type=int, default=None,
+    parser.add_argument("--hook-head-index", type=non_negative_int, default=None,
                         help="keep one attention head of a per-head hook such as hook_z")
     add_dataset_arguments(parser)
-    parser.add_argument("--tokens", type=int, required=True, help="token rows to write")
+    parser.add_argument("--tokens", type=positive_int, required=True, help="token rows to write")
     parser.add_argument("--out", required=True, help="cache folder")
-    parser.add_argument("--heldout-tokens", type=int, default=DataSection.eval_tokens,
+    parser.add_argument("--heldout-tokens", type=non_negative_int, default=DataSection.eval_tokens,
                         help="a dataset without a test or validation split keeps this many "
                              "tokens of whole documents out of the cache (every 10th from the "
                              "first), for a run's final evaluation; 0 caches every document "
@@ -38,9 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         choices=("float32", "bfloat16", "float16"),
                         help="dtype to run the model in (default: as loaded)")
     parser.add_argument("--device", default=None, help="device to run the model on")
-    parser.add_argument("--model-batch-size", type=int, default=8,
+    parser.add_argument("--model-batch-size", type=positive_int, default=8,
                         help="sequences per forward pass")
-    parser.add_argument("--shard-tokens", type=int, default=65536, help="token rows per shard")
+    parser.add_argument("--shard-tokens", type=positive_int, default=65536,
+                        help="token rows per shard")
     parser.add_argument("--include-special-tokens", dest="exclude_special_tokens",
                         action="store_false",
                         help="keep activations at BOS/EOS/pad tokens (dropped by default)")
@@ -52,9 +54,19 @@ def run(args: argparse.Namespace) -> int:
     from saekit.data.heldout import HELDOUT_RULE, heldout_documents_batches, training_rows
     from saekit.data.text import heldout_split, load_text_dataset
     from saekit.models import load_model
+    from saekit.preflight import (
+        check_context_size,
+        check_device,
+        check_local_dataset,
+        check_out_folder,
+    )
 
+    check_device(args.device)
+    check_local_dataset(args.dataset)
+    check_out_folder(args.out)
     model = load_model(args.model, backend=args.backend, device=args.device,
                        dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
+    check_context_size(model, args.context_size)
     dataset = load_text_dataset(args.dataset, split=args.split, streaming=args.streaming,
                                 trust_remote_code=args.trust_remote_code)
     heldout = 0

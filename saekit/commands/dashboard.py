@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from saekit.commands import positive_int
 from saekit.saes.base import SAE
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,12 @@ def build_dashboard(
     from saekit.analysis.collect import feature_statistics
     from saekit.analysis.dashboard import write_dashboard
     from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
+    from saekit.preflight import check_context_size
 
     model_backend = resolve_model([sae], model, backend)
     meta = sae.cfg.metadata
     context = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
+    check_context_size(model_backend, context)
     batches = heldout_token_batches(
         model_backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
         batch_size=model_batch_size, prepend_bos=meta.window_prepend_bos,
@@ -59,7 +62,11 @@ def build_dashboard(
 
 def run(args: argparse.Namespace) -> int:
     from saekit.commands.eval import load_target
+    from saekit.preflight import check_device, check_local_dataset, check_out_folder
 
+    check_device(args.device)
+    check_local_dataset(args.dataset)
+    check_out_folder(args.out)
     sae = load_target(args.target, args.device)
     start = time.perf_counter()
     index = build_dashboard(
@@ -97,14 +104,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="text to read (path or Hub name; default: the bundled corpus's held-out works)",
     )
     parser.add_argument(
-        "--tokens", type=int, default=DEFAULT_DASHBOARD_TOKENS,
+        "--tokens", type=positive_int, default=DEFAULT_DASHBOARD_TOKENS,
         help="tokens to read (default %(default)s)",
     )
     parser.add_argument(
-        "--context-size", type=int, default=None,
+        "--context-size", type=positive_int, default=None,
         help="tokens per sequence (default: the SAE's training context size, else 128)",
     )
     add_model_batch_size(parser, default=16)
-    parser.add_argument("--top-k", type=int, default=20, help="top examples kept per latent")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=20, help="top examples kept per latent"
+    )
     parser.add_argument("--device", default="cpu", help="device for the SAE and the model")
     parser.set_defaults(func=run)

@@ -89,7 +89,9 @@ def hooks_text(backend: Any, match: str | None = None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from saekit.models import load_model
+    from saekit.preflight import check_device
 
+    check_device(args.device)
     backend = load_model(args.model, backend=args.backend, device=args.device,
                          trust_remote_code=args.trust_remote_code)
     print(hooks_text(backend, args.match))

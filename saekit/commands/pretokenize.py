@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from saekit.commands import positive_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,7 +18,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--text-column", default=None,
                         help="column holding the text (default: found automatically)")
-    parser.add_argument("--context-size", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--context-size", type=positive_int, default=128,
+                        help="tokens per sequence")
     parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
                         help="start each sequence with the BOS token, or not (default: as the "
                              "tokenizer does: BOS when it has one, else its own special "
@@ -38,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='tokenizer: "bundled", a local folder or a Hub model id')
     add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty)")
-    parser.add_argument("--max-sequences", type=int, default=None,
+    parser.add_argument("--max-sequences", type=positive_int, default=None,
                         help="stop after this many sequences")
     parser.set_defaults(func=run)
 
@@ -50,13 +53,21 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> object:
         return _bundled_module().load_bundled_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    from saekit.errors import model_load_error
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no such folder or Hub id, or the Hub out of reach
+        raise model_load_error(name, err, "tokenizer") from err
 
 
 def run(args: argparse.Namespace) -> int:
     from saekit.data.pretokenize import pretokenize
     from saekit.data.text import load_text_dataset
+    from saekit.preflight import check_local_dataset, check_out_folder
 
+    check_local_dataset(args.dataset)
+    check_out_folder(args.out)
     tokenizer = load_tokenizer(args.tokenizer, args.trust_remote_code)
     dataset = load_text_dataset(args.dataset, split=args.split, streaming=args.streaming,
                                 trust_remote_code=args.trust_remote_code)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from saekit.errors import SaekitError, no_such_path_message
 from saekit.io.native import CFG_FILE
 
 #: Files in which a run may record evaluation metrics ({name: number}); the first found wins.
@@ -17,8 +18,13 @@ METRIC_FILES = ("metrics.json", "eval_metrics.json", "eval.json")
 
 def find_sae_folder(run_dir: Path) -> Path:
     """The SAE folder of a run: RUN_DIR itself, or its one (or `final`) sub-folder with cfg.json."""
+    if not run_dir.exists():
+        raise FileNotFoundError(
+            f"{no_such_path_message(run_dir, 'folder')}; pass a training run folder or a saved "
+            "SAE folder"
+        )
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a folder")
+        raise NotADirectoryError(f"{run_dir} is a file; pass a run folder or a saved SAE folder")
     if (run_dir / CFG_FILE).is_file():
         return run_dir
     candidates = sorted(p.parent for p in run_dir.glob(f"*/{CFG_FILE}"))
@@ -42,7 +48,13 @@ def read_metrics(*folders: Path) -> dict[str, Any] | None:
         for name in METRIC_FILES:
             file = folder / name
             if file.is_file():
-                raw = json.loads(file.read_text(encoding="utf-8"))
+                try:
+                    raw = json.loads(file.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise ValueError(
+                        f"{file} is not valid JSON ({err}); fix or remove it (it only adds "
+                        "the metrics to the model card)"
+                    ) from None
                 return _flatten(raw) if isinstance(raw, dict) else None
     return None
 
@@ -60,29 +72,75 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def hub_problem(err: BaseException, where: str, endpoint: str | None) -> SaekitError | None:
+    """One line for what went wrong talking to the Hub (offline, refused, failing, out of
+    reach); None for any other error, which keeps its traceback."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    hub = f"the Hub at {endpoint}" if endpoint else "the Hugging Face Hub"
+    if isinstance(err, OfflineModeIsEnabled):
+        return SaekitError(
+            f"cannot upload to {where}: HF_HUB_OFFLINE is set, so the Hub is not contacted; "
+            "upload from a machine with network access, with HF_HUB_OFFLINE unset"
+        )
+    if isinstance(err, HfHubHTTPError):
+        response = getattr(err, "response", None)
+        code = getattr(response, "status_code", None)
+        said = " ".join(str(err).split("\n")[0].split())[:200]
+        if code in (401, 403):
+            return SaekitError(
+                f"{hub} refused the upload to {where} ({said}): not logged in, or the token "
+                "cannot write there; log in with `hf auth login` or set HF_TOKEN to a token "
+                "with write access"
+            )
+        if isinstance(code, int) and code >= 500:
+            return SaekitError(
+                f"{hub} failed while uploading to {where} ({said}); the server is at fault, "
+                "not the SAE: try again later"
+            )
+        return SaekitError(f"{hub} refused the upload to {where}: {said}")
+    network = isinstance(err, ConnectionError) or any(
+        cls.__name__ in ("TransportError", "RequestError", "ConnectionError")
+        and cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+        for cls in type(err).__mro__
+    )
+    if network:
+        return SaekitError(
+            f"cannot reach {hub} to upload to {where} ({err}); check the network connection, "
+            "and HF_ENDPOINT or --endpoint if you use a mirror"
+        )
+    return None
+
+
 def run_upload(args: argparse.Namespace) -> int:
-    from saekit import SAE
+    from saekit.commands.eval import load_target
     from saekit.io.hub import push_to_hub
     from saekit.progress import status
 
     run_dir = Path(args.run_dir)
     folder = find_sae_folder(run_dir)
     # Refuses a folder that does not load, or whose weights or sparsity are not finite.
-    SAE.load(folder)
+    load_target(str(folder), "cpu")
     metrics = read_metrics(folder, run_dir)
     where = f"{args.repo_id}/{args.sae_id}" if args.sae_id else args.repo_id
     # The Hub client draws the bytes of large files below this line.
-    with status(f"uploading {folder} to {where}"):
-        url = push_to_hub(
-            folder,
-            args.repo_id,
-            args.sae_id,
-            metrics=metrics,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.message,
-            endpoint=args.endpoint,
-        )
+    try:
+        with status(f"uploading {folder} to {where}"):
+            url = push_to_hub(
+                folder,
+                args.repo_id,
+                args.sae_id,
+                metrics=metrics,
+                private=args.private,
+                revision=args.revision,
+                commit_message=args.message,
+                endpoint=args.endpoint,
+            )
+    except Exception as err:
+        problem = hub_problem(err, where, args.endpoint)
+        if problem is None:
+            raise
+        raise problem from err
     print(f"uploaded {folder} to {where}: {url}")
     print(
         f'load it with SAE.from_pretrained("{args.repo_id}"'

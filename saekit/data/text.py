@@ -12,6 +12,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from saekit.errors import looks_like_path, no_such_path_message
+from saekit.preflight import check_text_file
+
 logger = logging.getLogger(__name__)
 
 #: Local file suffixes and the `datasets` builder that reads them.
@@ -23,6 +26,8 @@ FILE_BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
+#: Builders whose files are text, checked (UTF-8, not empty, not binary) before reading.
+TEXT_BUILDERS = ("text", "json", "csv")
 #: Column names tried, in order, when no text column is named.
 TEXT_COLUMNS = ("text", "content", "document", "story", "body", "raw_content", "sentence")
 #: Column names that hold pre-tokenized data.
@@ -100,8 +105,12 @@ def load_text_dataset(
             return _load_local(path, split)
         if source == BUNDLED_DATASET:
             return _bundled_split(split)
-        if isinstance(source, Path) or str(source).startswith((".", "/", "~")):
-            raise FileNotFoundError(f"dataset path {source} does not exist")
+        if looks_like_path(source, tuple(FILE_BUILDERS)):
+            # A file name, or a path into a folder that exists, is never a Hub dataset.
+            raise FileNotFoundError(
+                no_such_path_message(source, "dataset file or folder")
+                + "; pass an existing file or folder, or a Hub dataset name (owner/name)"
+            )
         kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
@@ -210,7 +219,10 @@ def _load_local(path: Path, split: str) -> Any:
                 f"folder {path} mixes file kinds ({', '.join(sorted(builders))}); keep one kind "
                 "per dataset folder"
             )
-        return datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        for file in files:
+            if FILE_BUILDERS[Path(file).suffix.lower()] in TEXT_BUILDERS:
+                check_text_file(Path(file), allow_empty=True)  # one empty file of many is fine
+        return _load_files(builders.pop(), files, path)
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
@@ -219,7 +231,25 @@ def _load_local(path: Path, split: str) -> Any:
         )
     if split != "train":
         raise UnknownSplitError(split, path, ["train"])
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if builder in TEXT_BUILDERS:
+        check_text_file(path)
+    return _load_files(builder, str(path), path)
+
+
+def _load_files(builder: str, files: str | list[str], where: Path) -> Any:
+    """`datasets.load_dataset` on local files; a file it cannot parse (a JSON line that is
+    not JSON, a ragged CSV) is a ValueError naming the file and the parser's reason."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__ or err
+        reason = " ".join(str(cause).split())[:300]
+        raise ValueError(
+            f"cannot read {where} as {builder} data: {reason}; fix the file or pass another one"
+        ) from err
 
 
 def _local_split_files(folder: Path) -> dict[str, list[str]]:

@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from saekit.evals.metrics import EvalMetrics
-from saekit.evals.runner import SAESite, evaluate_saes, sae_site
+from saekit.evals.runner import evaluate_saes
 from saekit.models.backend import ModelBackend
+from saekit.preflight import check_context_size
 from saekit.saes.base import SAE
+from saekit.sites import SAESite, sae_site
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +143,14 @@ def evaluate_many(
         raise ValueError("no SAEs to evaluate")
     backend = resolve_model(saes, model)
     meta = saes[0].cfg.metadata
+    context_size = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
+    check_context_size(backend, context_size)
     dataset, split = _eval_dataset(dataset, split, meta)
     batches = heldout_token_batches(
         backend.tokenizer,
         tokens,
         dataset=dataset,
-        context_size=context_size or meta.context_size or DEFAULT_CONTEXT_SIZE,
+        context_size=context_size,
         batch_size=batch_size,
         prepend_bos=meta.window_prepend_bos if prepend_bos is None else prepend_bos,
         split=split,

@@ -89,6 +89,21 @@ def _tensors(content: Any) -> list[Tensor]:
     ) else []
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def make_staging_dir(parent: Path, prefix: str) -> Path:
     """A new, empty folder `parent/<prefix><8 hex digits>` for assembling a write.
 
@@ -155,7 +170,10 @@ def _replace_in_place(path: Path, files: dict[str, Any], needed: int) -> Path:
     except BaseException as err:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-        full = disk_full_error(err, "SAE", path, needed, "the SAE already there is untouched")
+        kept = "the SAE already there is untouched" if (path / CFG_FILE).is_file() else (
+            "nothing of it was written"
+        )
+        full = disk_full_error(err, "SAE", path, needed, kept)
         if full is not None:
             raise full from err
         raise
@@ -173,6 +191,9 @@ def _write(target: Path, name: str, content: Any) -> None:
     """Write one file of the folder (`name` says which) and flush it to disk."""
     if name.endswith(".safetensors"):
         save_file(content, str(target))
+        # safetensors makes its files private (0600) whatever the umask; give this one the
+        # mode open() would have.
+        os.chmod(target, 0o666 & ~current_umask())
     else:
         target.write_text(json.dumps(content, indent=2) + "\n")
     with open(target, "rb") as handle:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from saekit.config import DTYPES, dtype_name
+from saekit.errors import model_load_error
 from saekit.models.backend import ModelBackend
 from saekit.progress import announces_load
 
@@ -277,7 +278,10 @@ def _load_hf(
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    except (OSError, ValueError) as err:  # no such folder or Hub id, or the Hub out of reach
+        raise model_load_error(name, err) from err
     if _is_causal_lm_config(config):
         model = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
     else:

@@ -109,8 +109,10 @@ def test_text_column_detection_and_errors(tok) -> None:
 
 
 def test_missing_path_and_bad_suffix(tmp_path, tok) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no such dataset file or folder: .*nope.txt"):
         load_text_dataset(tmp_path / "nope.txt")
+    with pytest.raises(FileNotFoundError, match="no such dataset file"):
+        load_text_dataset("nope.txt")  # a file name is never looked up on the Hub
     bad = tmp_path / "data.xml"
     bad.write_text("<a/>")
     with pytest.raises(ValueError, match="suffix '.xml'"):

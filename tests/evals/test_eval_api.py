@@ -124,4 +124,4 @@ def test_cli_writes_metrics_csv_and_plot(model_dir, tmp_path) -> None:
 def test_cli_unknown_target(tmp_path, capsys) -> None:
     rc = main(["eval", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "cannot find the SAE" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err  # not a Hub lookup

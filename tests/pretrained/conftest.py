@@ -47,7 +47,18 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fake_hub() -> Iterator[FakeHub]:
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub reachable as huggingface_hub sees it, even where the shell sets
+    HF_HUB_OFFLINE=1 (an offline cluster): tests that talk to a stand-in Hub need that."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def fake_hub(online: None) -> Iterator[FakeHub]:
     with FakeHub() as hub:
         yield hub
 

@@ -41,7 +41,7 @@ def test_doc_examples_run(tmp_path, hub_cache, fake_hub) -> None:
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache.dir)}
     result = run("\n".join(offline), env, tmp_path)
     assert result.returncode == 0, result.stderr
-    env = {"HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "hf_doc_test_token"}
+    env = {"HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "hf_doc_test_token", "HF_HUB_OFFLINE": "0"}
     result = run("\n".join(online), env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "my-name/my-saes" in fake_hub.repos

@@ -4,6 +4,7 @@ for downloads (revision, force_download, truncated files) and uploads (push_to_h
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,9 @@ def test_cli_upload(tmp_path, fake_hub, monkeypatch, capsys) -> None:
     assert "layer_0/sae_weights.safetensors" in files
     assert "| explained_variance | 0.81 |" in files["layer_0/README.md"].decode()
     assert "| l0/mean | 7 |" in files["layer_0/README.md"].decode()
-    assert "me/from-cli" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "me/from-cli" in captured.out
+    assert re.search(r"uploading \S+ to me/from-cli/layer_0: \d+\.\d s", captured.err)
 
 
 def test_cli_upload_without_an_sae_says_what_it_needs(tmp_path, capsys) -> None:

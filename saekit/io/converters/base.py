@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,6 +72,31 @@ def require(mapping: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
         raise ValueError(
             f"{where} has no {', '.join(repr(k) for k in missing)} (found {sorted(mapping)})"
         )
+
+
+#: What a config value may be, by the words an error uses for it.
+_KINDS: dict[str, Any] = {
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    and math.isfinite(v),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+    "true or false": lambda v: isinstance(v, bool),
+}
+
+
+def check_types(
+    mapping: dict[str, Any], kinds: dict[str, str], where: str, required: tuple[str, ...] = ()
+) -> None:
+    """Refuse a config value of the wrong kind (`kinds` maps a key to "an integer", "a
+    number", "a string", "an object" or "true or false"), naming the file and the key.
+    Absent or null keys pass, except those in `required`."""
+    for key, kind in kinds.items():
+        value = mapping.get(key)
+        if value is None and key in required:
+            raise ValueError(f"{where}: {key} is missing or null, but it must be {kind}")
+        if value is not None and not _KINDS[kind](value):
+            raise ValueError(f"{where}: {key} is {value!r}, but it must be {kind}")
 
 
 def pick(tensors: dict[str, Tensor], where: str, *names: str) -> Tensor:

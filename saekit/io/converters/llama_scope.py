@@ -13,9 +13,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saekit.io.converters.base import ConvertContext, Converted, current_cfg, read_json, require
+from saekit.io.converters.base import (
+    ConvertContext,
+    Converted,
+    check_types,
+    current_cfg,
+    read_json,
+    require,
+)
 from saekit.io.native import read_safetensors
 from saekit.io.sources import FileSource, join
+
+#: The hyperparameters read, and what each must be.
+_HYPERPARAM_KINDS = {
+    "jump_relu_threshold": "a number",
+    "hook_point_in": "a string",
+    "hook_point_out": "a string",
+    "norm_activation": "a string",
+}
 
 
 def _linear_tensors(stored: dict[str, Tensor], where: str) -> dict[str, Tensor]:
@@ -40,6 +55,9 @@ def convert_llama_scope(source: FileSource, ctx: ConvertContext) -> Converted:
     cfg_path = join(ctx.folder, "hyperparams.json")
     raw = source.read(cfg_path, read_json)
     require(raw, ("jump_relu_threshold", "hook_point_in"), source.describe(cfg_path))
+    check_types(
+        raw, _HYPERPARAM_KINDS, source.describe(cfg_path), ("jump_relu_threshold",)
+    )
     weights_path = join(ctx.folder, "checkpoints/final.safetensors")
     tensors = _linear_tensors(
         source.read(weights_path, read_safetensors), source.describe(weights_path)
@@ -67,6 +85,7 @@ def convert_llama_scope_r1_distill(source: FileSource, ctx: ConvertContext) -> C
     cfg_path = join(ctx.folder, "config.json")
     raw = source.read(cfg_path, read_json)
     require(raw, ("hook_point_in",), source.describe(cfg_path))
+    check_types(raw, _HYPERPARAM_KINDS, source.describe(cfg_path))
     weights_path = join(ctx.folder, "sae_weights.safetensors")
     where = source.describe(weights_path)
     stored = source.read(weights_path, read_safetensors)

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import re
 
-from saekit.io.converters.base import ConvertContext, Converted, current_cfg, read_json, require
+from saekit.io.converters.base import (
+    ConvertContext,
+    Converted,
+    check_types,
+    current_cfg,
+    read_json,
+    require,
+)
 from saekit.io.native import read_safetensors
 from saekit.io.sources import FileSource, join
 
@@ -42,6 +49,7 @@ def convert_sparsify(source: FileSource, ctx: ConvertContext) -> Converted:
     raw = source.read(cfg_path, read_json)
     where = source.describe(cfg_path)
     require(raw, ("k",), where)
+    check_types(raw, {"k": "an integer", "transcode": "true or false"}, where, ("k",))
     if raw.get("transcode"):
         raise ValueError(
             f"{where} describes a sparsify transcoder; saekit has no top-k transcoder "
