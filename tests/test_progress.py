@@ -41,6 +41,8 @@ from saekit.progress import (
 HOOK = "blocks.1.hook_resid_pre"
 TEXTS = [f"{text} Number {i}." for i, text in enumerate(list(TINY_TEXTS) * 8)]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def rate(unit: str) -> re.Pattern[str]:
     """A tqdm rate such as `1.23ktok/s` or `512latent/s`."""
@@ -54,13 +56,6 @@ def progress_on() -> Iterator[None]:
     set_progress(previous)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small matmuls on a shared machine run faster on one thread than on several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
