@@ -54,12 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from saekit.data.heldout import HELDOUT_RULE, heldout_documents_batches, training_rows
     from saekit.data.text import heldout_split, load_text_dataset
     from saekit.models import load_model
-    from saekit.preflight import (
-        check_context_size,
-        check_device,
-        check_local_dataset,
-        check_out_folder,
-    )
+    from saekit.models.positions import check_context_size
+    from saekit.preflight import check_device, check_local_dataset, check_out_folder
 
     check_device(args.device)
     check_local_dataset(args.dataset)

@@ -43,7 +43,7 @@ def build_dashboard(
     from saekit.analysis.collect import feature_statistics
     from saekit.analysis.dashboard import write_dashboard
     from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
-    from saekit.preflight import check_context_size
+    from saekit.models.positions import check_context_size
 
     model_backend = resolve_model([sae], model, backend)
     meta = sae.cfg.metadata

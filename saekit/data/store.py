@@ -13,7 +13,7 @@ from saekit.data.buffer import ShuffledRows, check_buffer_sizes
 from saekit.data.tokens import TokenWindows, keep_mask
 from saekit.finite import NonFiniteActivations, locate_non_finite
 from saekit.models.backend import ModelBackend
-from saekit.preflight import check_context_size
+from saekit.models.positions import check_context_size
 from saekit.sites import activation_region
 
 

@@ -7,13 +7,13 @@ by `Dataset.save_to_disk` or holding such files, an in-memory `datasets.Dataset`
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from saekit.errors import looks_like_path, no_such_path_message
-from saekit.preflight import check_text_file
+from saekit.errors import SaekitError, looks_like_path, no_such_path_message
 
 logger = logging.getLogger(__name__)
 
@@ -336,3 +336,63 @@ def iter_rows(dataset: Any, start: int = 0) -> Iterator[Any]:
     if isinstance(dataset, datasets.IterableDataset):
         return iter(dataset.skip(start) if start else dataset)
     return itertools.islice(iter(dataset), start, None)
+
+
+#: Bytes read at a time when checking a text file.
+_CHUNK_BYTES = 1 << 20
+#: Bytes at the start of a file searched for NUL bytes, which text never holds.
+_BINARY_PROBE_BYTES = 8192
+
+
+def check_text_file(path: Path, allow_empty: bool = False) -> None:
+    """Refuse a local text file (txt, jsonl, json, csv) that holds no text (unless
+    `allow_empty`), is binary, or is not UTF-8, naming the byte and line of the first bad
+    byte.
+
+    Files are read strictly as UTF-8: decoding with replacement characters would train on
+    garbled text without anyone noticing, so the user re-encodes the file once instead."""
+    size = path.stat().st_size
+    if size == 0 and allow_empty:
+        return
+    if size == 0:
+        raise SaekitError(f"{path} holds no text (the file is empty); pass a file with text in it")
+    with path.open("rb") as handle:
+        head = handle.read(_BINARY_PROBE_BYTES)
+        nul = head.find(b"\0")
+        if nul >= 0:
+            raise SaekitError(
+                f"{path} is a binary file, not text (a NUL byte at byte offset {nul}); pass a "
+                "UTF-8 text file"
+            )
+        handle.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset, line, blank = 0, 1, True
+        while chunk := handle.read(_CHUNK_BYTES):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                # err.object is the bytes held back from the last chunk, then this one.
+                at = offset - (len(err.object) - len(chunk)) + err.start
+                line += err.object[: err.start].count(b"\n")
+                bad = err.object[err.start : err.start + 1].hex()
+                raise SaekitError(
+                    f"{path} is not UTF-8 text: byte 0x{bad} at byte offset {at} (line {line}) "
+                    f"is not valid UTF-8 ({err.reason}); the file is probably in another "
+                    "encoding such as latin-1 or cp1252. Re-encode it as UTF-8, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path} > utf8.txt`"
+                ) from None
+            blank = blank and not text.strip()
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise SaekitError(
+                f"{path} is not UTF-8 text: it ends inside a multi-byte character at byte "
+                f"offset {offset - len(err.object) + err.start}; the file is cut short or in "
+                "another encoding. Re-encode it as UTF-8"
+            ) from None
+    if blank and not allow_empty:
+        raise SaekitError(
+            f"{path} holds no text (only white space); pass a file with text in it"
+        )

@@ -17,7 +17,7 @@ from torch import Tensor
 from saekit.evals.metrics import EvalMetrics
 from saekit.evals.runner import evaluate_saes
 from saekit.models.backend import ModelBackend
-from saekit.preflight import check_context_size
+from saekit.models.positions import check_context_size
 from saekit.saes.base import SAE
 from saekit.sites import SAESite, sae_site
 

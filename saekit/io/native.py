@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -262,14 +263,20 @@ def check_sparsity(sparsity: Tensor, d_sae: int, where: str) -> None:
         )
 
 
-def check_weights_header(cfg: SAEConfig, file: Path) -> None:
-    """Compare the tensors a weights file's header declares with those `cfg` needs, before
-    anything is read: names, shapes and a floating-point dtype, each named on failure."""
-    from saekit.saes.base import SAE
+#: Checks tensor shapes (by name, e.g. from a file's header) against what an SAE of a config
+#: holds, raising a ValueError that names the source (`saekit.saes.shapes.check_tensor_shapes`:
+#: the SAE classes know their tensors, this module only reads files).
+ShapeCheck = Callable[[SAEConfig, dict[str, tuple[int, ...]], str], None]
 
+
+def check_weights_header(cfg: SAEConfig, file: Path, check_shapes: ShapeCheck | None) -> None:
+    """Compare the tensors a weights file's header declares with those `cfg` needs, before
+    anything is read: names and shapes (with `check_shapes`) and a floating-point dtype,
+    each named on failure."""
     header = safetensors_header(file)
     shapes = {name: h.shape for name, h in header.items() if name not in _DECODER_SCALE_TENSORS}
-    SAE.check_tensor_shapes(cfg, shapes, str(file))
+    if check_shapes is not None:
+        check_shapes(cfg, shapes, str(file))
     for name, info in header.items():
         if name in _DECODER_SCALE_TENSORS and info.shape != (cfg.d_sae,):
             raise ValueError(
@@ -282,8 +289,9 @@ def check_weights_header(cfg: SAEConfig, file: Path) -> None:
             )
 
 
-def read_sae_folder(path: str | Path) -> SAEFolder:
-    """Read a native folder (either cfg.json layout); errors name the file and what is wrong."""
+def read_sae_folder(path: str | Path, check_shapes: ShapeCheck | None = None) -> SAEFolder:
+    """Read a native folder (either cfg.json layout); errors name the file and what is wrong.
+    `check_shapes` checks the weights file's header before any tensor is read."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"SAE folder {folder} does not exist")
@@ -297,7 +305,7 @@ def read_sae_folder(path: str | Path) -> SAEFolder:
     weights_path = folder / WEIGHTS_FILE
     sparsity_path = folder / SPARSITY_FILE
     # Headers first: a cfg.json and weights that disagree fail before anything is read.
-    check_weights_header(cfg, weights_path)
+    check_weights_header(cfg, weights_path, check_shapes)
     if sparsity_path.is_file():
         declared = safetensors_header(sparsity_path)
         if "sparsity" not in declared:

@@ -27,6 +27,7 @@ from saekit.kernels.sparse_topk import (
     sparse_decode,
 )
 from saekit.saes.registry import architecture_class
+from saekit.saes.shapes import check_tensor_shapes, tensor_shapes, unallocated
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +512,7 @@ class SAE(nn.Module):
         """Load a native folder (current or pre-6.0 flat cfg.json)."""
         from saekit.io.native import read_sae_folder
 
-        folder = read_sae_folder(path)
+        folder = read_sae_folder(path, check_shapes=check_tensor_shapes)
         sae = SAE.from_tensors(folder.cfg, folder.tensors, source=str(folder.weights_path))
         return sae.to(device=device or "cpu", dtype=resolve_dtype(dtype))
 
@@ -575,37 +576,15 @@ class SAE(nn.Module):
 
     @staticmethod
     def tensor_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-        """Every tensor an SAE of `cfg` holds (parameters and buffers) with its shape,
-        worked out without allocating it (on the meta device)."""
-        sae = _unallocated(cfg)
-        return {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+        """Every tensor an SAE of `cfg` holds, with its shape (`saekit.saes.shapes`)."""
+        return tensor_shapes(cfg)
 
     @staticmethod
     def check_tensor_shapes(
         cfg: SAEConfig, shapes: dict[str, tuple[int, ...]], source: str = ""
     ) -> None:
-        """Refuse tensors (by name: shape, e.g. read from a file's header) that an SAE of
-        `cfg` cannot take: missing, unexpected or misshapen ones, each named."""
-        expected = SAE.tensor_shapes(cfg)
-        where = f" in {source}" if source else ""
-        missing = sorted(set(expected) - set(shapes))
-        if missing:
-            raise ValueError(
-                f"tensor(s) {missing} missing{where}; a {cfg.architecture!r} SAE needs "
-                f"{sorted(expected)}"
-            )
-        unexpected = sorted(set(shapes) - set(expected))
-        if unexpected:
-            raise ValueError(
-                f"unexpected tensor(s) {unexpected}{where} for a {cfg.architecture!r} SAE, which "
-                f"has {sorted(expected)}; is the cfg.json architecture right?"
-            )
-        for name, shape in expected.items():
-            if tuple(shapes[name]) != shape:
-                raise ValueError(
-                    f"tensor {name!r}{where} has shape {tuple(shapes[name])} but the config "
-                    f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}"
-                )
+        """Refuse tensors an SAE of `cfg` cannot take (`saekit.saes.shapes`)."""
+        check_tensor_shapes(cfg, shapes, source)
 
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "") -> SAE:
@@ -619,7 +598,7 @@ class SAE(nn.Module):
             tensors, source or "the tensors given",
             "the file is damaged, or the SAE was saved after its training diverged",
         )
-        sae = _unallocated(cfg)
+        sae = unallocated(cfg)
         sae.to_empty(device=torch.device(cfg.device))
         # The built module carries a copy of cfg naming the meta device; hand back the
         # caller's config, as a normal construction does.
@@ -631,17 +610,6 @@ class SAE(nn.Module):
             for name, target in sae.state_dict().items():
                 target.copy_(tensors[name].to(target.dtype))
         return sae
-
-
-def _unallocated(cfg: SAEConfig) -> SAE:
-    """An SAE of `cfg` on the meta device: shapes without memory (or random numbers)."""
-    cls = architecture_class(cfg.architecture)
-    try:
-        return cls(cfg.replace(device="meta"))
-    except (NotImplementedError, RuntimeError):
-        # A user's architecture whose initialisation reads values (`.item()`) cannot be
-        # built on the meta device; it is built for real instead.
-        return cls(cfg.replace(device="cpu"))
 
 
 def squared_error(recon: Tensor, target: Tensor) -> Tensor:

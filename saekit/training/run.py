@@ -26,7 +26,8 @@ from saekit.data.prefetch import Prefetcher
 from saekit.errors import DiskFullError, SaekitError
 from saekit.io.native import remove_partial_writes
 from saekit.models.backend import ModelBackend
-from saekit.preflight import check_context_size, check_train_dtype
+from saekit.models.positions import check_context_size
+from saekit.preflight import check_train_dtype
 from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
 from saekit.training.cache_source import (
