@@ -367,10 +367,10 @@ def test_jumprelu_training_matches_plain_autograd(
     x = torch.randn(40, 6, dtype=torch.float64) * 2
     settings = LossSettings(
         sparsity_coefficient=coefficient,
-        jumprelu_bandwidth=bandwidth,
-        jumprelu_sparsity=sparsity,
-        jumprelu_ste_to_input=ste_to_input,
-        jumprelu_pre_act_coefficient=pre_act,
+        threshold_bandwidth=bandwidth,
+        threshold_penalty=sparsity,
+        ste_to_input=ste_to_input,
+        threshold_pre_act_coefficient=pre_act,
         tanh_scale=tanh_scale,
     )
     out = sae.training_forward(x, settings=settings)
@@ -438,9 +438,8 @@ def test_standard_training_matches_plain_autograd(centre: bool, last_l0: float |
     sae.to(dtype=torch.float64)
     x = torch.randn(40, 6, dtype=torch.float64)
     dead = torch.arange(24) % 3 == 0
-    settings = LossSettings(sparsity_coefficient=0.4, dead_pre_act_coefficient=0.3,
-                            last_l0=last_l0)
-    out = sae.training_forward(x, settings=settings, dead_mask=dead)
+    settings = LossSettings(sparsity_coefficient=0.4, dead_pre_act_coefficient=0.3)
+    out = sae.training_forward(x, settings=settings, dead_mask=dead, last_l0=last_l0)
 
     p = _leaves(sae)
     centred = (x - p["b_dec"]) if centre else x

@@ -157,8 +157,8 @@ def test_standard_sae_sparse_path_matches_the_dense_one(
         with torch.no_grad():
             sae.b_enc.add_(shift)
             sae.b_dec.copy_(b_dec)
-        settings = LossSettings(sparsity_coefficient=0.7, last_l0=last_l0)
-        out = sae.training_forward(x, settings=settings)
+        settings = LossSettings(sparsity_coefficient=0.7)
+        out = sae.training_forward(x, settings=settings, last_l0=last_l0)
         out.loss.backward()
         grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
         results.append((out, grads))
@@ -177,12 +177,13 @@ def test_standard_sae_takes_the_sparse_path_only_when_few_latents_fired() -> Non
     x = torch.randn(16, 8)
 
     def path(last_l0: float | None, **extra: object) -> bool:
-        settings = LossSettings(sparsity_coefficient=1.0, last_l0=last_l0, **extra)
-        return isinstance(sae.training_pass(x, sae.center(x), settings)[1], SelectedLatents)
+        settings = LossSettings(sparsity_coefficient=1.0, **extra)
+        pass_ = sae.training_pass(x, sae.center(x), settings, last_l0)
+        return isinstance(pass_[1], SelectedLatents)
 
     assert not path(None)  # the first step
     assert path(0.1 * 100) and not path(0.1 * 100 + 1)
     assert not path(1.0, use_sparse_kernel=False)
     tanh = SAE.create("tanh_relu", 8, 100)
-    settings = LossSettings(sparsity_coefficient=1.0, last_l0=0.0)
-    assert not isinstance(tanh.training_pass(x, tanh.center(x), settings)[1], SelectedLatents)
+    settings = LossSettings(sparsity_coefficient=1.0)
+    assert not isinstance(tanh.training_pass(x, tanh.center(x), settings, 0.0)[1], SelectedLatents)

@@ -26,8 +26,9 @@ from torch import Tensor
 from saekit.config import SAEConfig
 from saekit.errors import disk_full_error
 from saekit.finite import NonFiniteWeights
-from saekit.io.cfg_layout import config_from_dict
-from saekit.io.headers import safetensors_header
+from saekit.io.cfg_layout import apply_overrides, config_from_dict
+from saekit.io.headers import TensorHeader, safetensors_header
+from saekit.io.sources import FileSource, LocalSource, join
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,16 @@ _DECODER_SCALE_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
 
 
 class SAEFolder(NamedTuple):
-    """What a native folder holds, read and checked; `SAE.load` builds the SAE from it."""
+    """What a native folder holds, read and checked; `SAE.load` and `SAE.from_pretrained`
+    build the SAE from it."""
 
     cfg: SAEConfig
     tensors: dict[str, Tensor]
     sparsity: Tensor | None
     cfg_dict: dict[str, Any]
-    """cfg.json as written, in whichever layout."""
+    """cfg.json as written, in whichever layout (without the registry's overrides)."""
     weights_path: Path
+    """The weights file on this machine (in the Hub cache for a Hub repo)."""
 
 
 def save_sae_folder(
@@ -201,19 +204,24 @@ def _write(target: Path, name: str, content: Any) -> None:
         os.fsync(handle.fileno())
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; errors name the file (a ValueError lets sources re-fetch)."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file may be corrupt") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object, found {type(raw).__name__}")
+    return raw
+
+
 def read_cfg_json(folder: Path) -> dict[str, Any]:
     cfg_path = folder / CFG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(
             f"{cfg_path} not found: an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}"
         )
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_path} is not valid JSON ({err}); the file may be corrupt") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object, found {type(raw).__name__}")
-    return raw
+    return read_json(cfg_path)
 
 
 def read_safetensors(file: Path) -> dict[str, Tensor]:
@@ -269,28 +277,70 @@ def check_sparsity(sparsity: Tensor, d_sae: int, where: str) -> None:
 ShapeCheck = Callable[[SAEConfig, dict[str, tuple[int, ...]], str], None]
 
 
-def check_weights_header(cfg: SAEConfig, file: Path, check_shapes: ShapeCheck | None) -> None:
-    """Compare the tensors a weights file's header declares with those `cfg` needs, before
-    anything is read: names and shapes (with `check_shapes`) and a floating-point dtype,
-    each named on failure."""
-    header = safetensors_header(file)
+def _check_weights_header(
+    cfg: SAEConfig, header: dict[str, TensorHeader], where: str, check_shapes: ShapeCheck | None
+) -> None:
+    """Compare the tensors a weights file's header declares with those `cfg` needs: names and
+    shapes (with `check_shapes`) and a floating-point dtype, each named on failure."""
     shapes = {name: h.shape for name, h in header.items() if name not in _DECODER_SCALE_TENSORS}
     if check_shapes is not None:
-        check_shapes(cfg, shapes, str(file))
+        check_shapes(cfg, shapes, where)
     for name, info in header.items():
         if name in _DECODER_SCALE_TENSORS and info.shape != (cfg.d_sae,):
             raise ValueError(
-                f"tensor {name!r} in {file} has shape {info.shape}; a per-latent decoder "
+                f"tensor {name!r} in {where} has shape {info.shape}; a per-latent decoder "
                 f"scale needs ({cfg.d_sae},)"
             )
         if not info.is_float:
             raise ValueError(
-                f"tensor {name!r} in {file} has dtype {info.dtype}; SAE weights are floats"
+                f"tensor {name!r} in {where} has dtype {info.dtype}; SAE weights are floats"
             )
 
 
+def read_native(
+    source: FileSource,
+    folder: str = "",
+    *,
+    check_shapes: ShapeCheck | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> SAEFolder:
+    """Read a native folder (either cfg.json layout) from a local folder or a Hub repo;
+    errors name the file and what is wrong. The config (with the registry's `overrides`)
+    is checked against each file's header before any tensor is read, so a cfg.json that
+    declares a huge d_sae beside a small weights file fails without allocating it."""
+    cfg_path, weights, sparsity_path = (
+        join(folder, name) for name in (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
+    )
+    raw = source.read(cfg_path, read_json)
+    cfg = config_from_dict(apply_overrides(raw, overrides), source=source.describe(cfg_path))
+    # Reading a header fetches the whole file (once) and re-fetches a truncated download.
+    weights_where = source.describe(weights)
+    header = source.read(weights, safetensors_header)
+    _check_weights_header(cfg, header, weights_where, check_shapes)
+    has_sparsity = source.fetch(sparsity_path, required=False) is not None
+    if has_sparsity:
+        where = source.describe(sparsity_path)
+        declared = source.read(sparsity_path, safetensors_header)
+        if "sparsity" not in declared:
+            raise ValueError(f"{where} has no 'sparsity' tensor (found {sorted(declared)})")
+        if declared["sparsity"].shape != (cfg.d_sae,):
+            raise ValueError(
+                f"{where}: 'sparsity' has shape {declared['sparsity'].shape}, but "
+                f"{source.describe(cfg_path)} declares d_sae={cfg.d_sae}, so it needs "
+                f"({cfg.d_sae},)"
+            )
+    tensors = fold_decoder_scales(source.read(weights, read_safetensors), weights_where)
+    sparsity = None
+    if has_sparsity:
+        sparsity = source.read(sparsity_path, read_safetensors)["sparsity"]
+        check_sparsity(sparsity, cfg.d_sae, source.describe(sparsity_path))
+    weights_path = source.fetch(weights)
+    assert weights_path is not None
+    return SAEFolder(cfg, tensors, sparsity, raw, weights_path)
+
+
 def read_sae_folder(path: str | Path, check_shapes: ShapeCheck | None = None) -> SAEFolder:
-    """Read a native folder (either cfg.json layout); errors name the file and what is wrong.
+    """Read a native folder on disk (`read_native`, with messages for a missing folder).
     `check_shapes` checks the weights file's header before any tensor is read."""
     folder = Path(path)
     if not folder.exists():
@@ -300,26 +350,8 @@ def read_sae_folder(path: str | Path, check_shapes: ShapeCheck | None = None) ->
             f"{folder} is not a folder; SAE.load expects a folder holding {CFG_FILE} and "
             f"{WEIGHTS_FILE}"
         )
-    raw = read_cfg_json(folder)
-    cfg = config_from_dict(raw, source=str(folder / CFG_FILE))
-    weights_path = folder / WEIGHTS_FILE
-    sparsity_path = folder / SPARSITY_FILE
-    # Headers first: a cfg.json and weights that disagree fail before anything is read.
-    check_weights_header(cfg, weights_path, check_shapes)
-    if sparsity_path.is_file():
-        declared = safetensors_header(sparsity_path)
-        if "sparsity" not in declared:
-            raise ValueError(
-                f"{sparsity_path} has no 'sparsity' tensor (found {sorted(declared)})"
-            )
-        if declared["sparsity"].shape != (cfg.d_sae,):
-            raise ValueError(
-                f"{sparsity_path}: 'sparsity' has shape {declared['sparsity'].shape}, but "
-                f"{folder / CFG_FILE} declares d_sae={cfg.d_sae}, so it needs ({cfg.d_sae},)"
-            )
-    tensors = fold_decoder_scales(read_safetensors(weights_path), str(weights_path))
-    sparsity = None
-    if sparsity_path.is_file():
-        sparsity = read_safetensors(sparsity_path)["sparsity"]
-        check_sparsity(sparsity, cfg.d_sae, str(sparsity_path))
-    return SAEFolder(cfg, tensors, sparsity, raw, weights_path)
+    if not (folder / CFG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder / CFG_FILE} not found: an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}"
+        )
+    return read_native(LocalSource(folder), check_shapes=check_shapes)

@@ -50,14 +50,14 @@ class LossSettings:
     """Dead latents used by AuxK; None means d_in // 2."""
     use_sparse_kernel: bool = True
     """topk-style SAEs: decode through the sparse top-k kernel (same result, less work)."""
-    jumprelu_bandwidth: float = 0.001
+    threshold_bandwidth: float = 0.001
     """Width of the straight-through kernel for JumpReLU thresholds."""
-    jumprelu_sparsity: str = "step"
+    threshold_penalty: str = "step"
     """JumpReLU penalty: "step" (L0 via straight-through) or "tanh"."""
-    jumprelu_ste_to_input: bool = False
+    ste_to_input: bool = False
     """Give the straight-through gradients to the pre-activations too, not only the
     thresholds (see `saekit.saes.jumprelu`)."""
-    jumprelu_pre_act_coefficient: float = 0.0
+    threshold_pre_act_coefficient: float = 0.0
     """c in c * sum_i ||W_dec[i]|| ReLU(theta_i - h_i), which pulls silent latents back up
     to their thresholds (decoder norms taken as constants); 0 turns it off."""
     dead_pre_act_coefficient: float = DEAD_PRE_ACT_DEFAULT
@@ -66,17 +66,14 @@ class LossSettings:
     they fire (decoder norms taken as constants); 0 turns it off."""
     tanh_scale: float = 4.0
     """c in tanh(c * f_i * ||W_dec[i]||) for the tanh penalty."""
-    last_l0: float | None = None
-    """Latents per token in the previous training step (None: unknown). Standard SAEs
-    train through the sparse kernel while it is low (`saekit.saes.standard`)."""
 
     def __post_init__(self) -> None:
-        if self.jumprelu_sparsity not in ("step", "tanh"):
+        if self.threshold_penalty not in ("step", "tanh"):
             raise ValueError(
-                f"jumprelu_sparsity must be 'step' or 'tanh', got {self.jumprelu_sparsity!r}"
+                f"threshold_penalty must be 'step' or 'tanh', got {self.threshold_penalty!r}"
             )
-        if self.jumprelu_bandwidth <= 0:
-            raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
+        if self.threshold_bandwidth <= 0:
+            raise ValueError(f"threshold_bandwidth must be > 0, got {self.threshold_bandwidth}")
 
 
 class TrainingOutput:
@@ -339,10 +336,13 @@ class SAE(nn.Module):
         target: Tensor | None = None,
         settings: LossSettings | None = None,
         dead_mask: Tensor | None = None,
+        last_l0: float | None = None,
     ) -> TrainingOutput:
         """One training forward pass on x [batch, d_in] (target [batch, d_out] for transcoders).
 
-        `dead_mask` [d_sae] marks latents the trainer considers dead (for AuxK).
+        `dead_mask` [d_sae] marks latents the trainer considers dead (for AuxK). `last_l0` is
+        the trainer's latents per token in its previous step (None: unknown), by which an
+        architecture may choose how it computes this step, never what it computes.
         The MSE is the mean over tokens of the squared error summed over features.
         """
         settings = settings or LossSettings()
@@ -357,7 +357,7 @@ class SAE(nn.Module):
         target = x if target is None else target.to(self.dtype)
         self._check_width(target, self.cfg.output_width, "target")
         centred = self.center(x)
-        hidden_pre, latents, recon = self.training_pass(x, centred, settings)
+        hidden_pre, latents, recon = self.training_pass(x, centred, settings, last_l0)
         losses = {"mse": squared_error(recon, target)}
         losses.update(self.sparsity_losses(x, hidden_pre, latents, settings))
         if dead_mask is not None and dead_mask.any():
@@ -369,10 +369,10 @@ class SAE(nn.Module):
         return TrainingOutput(recon, latents, total, losses)
 
     def training_pass(
-        self, x: Tensor, centred: Tensor, settings: LossSettings
+        self, x: Tensor, centred: Tensor, settings: LossSettings, last_l0: float | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(pre-activations, latents, reconstruction) for a prepared input x [batch, d_in];
-        `centred` is `center(x)`."""
+        `centred` is `center(x)`; `last_l0` as in `training_forward`."""
         encoder_input, centre = self.encoder_input(x, centred)
         hidden_pre, latents = self.encode_parts(encoder_input, settings, centre)
         return hidden_pre, latents, self.reconstruct(x, latents)

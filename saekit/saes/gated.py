@@ -47,7 +47,7 @@ class GatedSAE(SAE):
         return pi_gate, (pi_gate > 0).to(x.dtype) * magnitude
 
     def training_pass(
-        self, x: Tensor, centred: Tensor, settings: LossSettings
+        self, x: Tensor, centred: Tensor, settings: LossSettings, last_l0: float | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Hands on ReLU(pi_gate), which is all the losses need of the gate, in the first slot."""
         encoder_input, centre = self.encoder_input(x, centred)

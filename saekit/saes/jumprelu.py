@@ -24,7 +24,7 @@ from saekit.saes.registry import register_architecture
 class JumpReLUSAE(SAE):
     penalty_counts_latents = True
     loss_coefficients: ClassVar[dict[str, str | None]] = {
-        "l0": "sparsity_coefficient", "pre_act": "jumprelu_pre_act_coefficient",
+        "l0": "sparsity_coefficient", "pre_act": "threshold_pre_act_coefficient",
     }
     dead_latent_remedy: ClassVar[str] = "pre_act"
     #: Starting threshold for every latent (the value sae-lens also uses).
@@ -45,13 +45,13 @@ class JumpReLUSAE(SAE):
         return torch.relu(hidden_pre) * (hidden_pre > self.threshold)
 
     def training_latents(self, hidden_pre: Tensor, settings: LossSettings) -> Tensor:
-        bandwidth = settings.jumprelu_bandwidth
+        bandwidth = settings.threshold_bandwidth
         return JumpReLUFunction.apply(
-            torch.relu(hidden_pre), self.threshold, bandwidth, settings.jumprelu_ste_to_input
+            torch.relu(hidden_pre), self.threshold, bandwidth, settings.ste_to_input
         )
 
     def training_pass(
-        self, x: Tensor, centred: Tensor, settings: LossSettings
+        self, x: Tensor, centred: Tensor, settings: LossSettings, last_l0: float | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The latents come with their L0 from one fused function (`JumpReLUWithL0`), which
         writes them over the pre-activations; so both of the first two slots hold the latents,
@@ -59,10 +59,10 @@ class JumpReLUSAE(SAE):
         hidden_pre = self.pre_activations(*self.encoder_input(x, centred))
         if hidden_pre._is_view():  # autograd cannot rebase a view that is written over
             hidden_pre = hidden_pre.clone()
-        step = settings.jumprelu_sparsity == "step"
+        step = settings.threshold_penalty == "step"
         latents, l0, pre_act = JumpReLUWithL0.apply(
-            hidden_pre, self.threshold, settings.jumprelu_bandwidth, step,
-            settings.jumprelu_ste_to_input, self._pre_act_weights(settings),
+            hidden_pre, self.threshold, settings.threshold_bandwidth, step,
+            settings.ste_to_input, self._pre_act_weights(settings),
         )
         self._pending_l0 = (latents, l0, pre_act)
         return latents, latents, self.reconstruct(x, latents)
@@ -72,19 +72,19 @@ class JumpReLUSAE(SAE):
     ) -> dict[str, Tensor]:
         pending, self._pending_l0 = self._pending_l0, None
         from_pass = pending is not None and pending[0] is latents  # from training_pass
-        if settings.jumprelu_sparsity == "tanh":
+        if settings.threshold_penalty == "tanh":
             flat = latents.reshape(-1, latents.shape[-1])
             penalty = TanhPenalty.apply(flat, self.decoder_norms(), settings.tanh_scale)
         elif from_pass:
             penalty = pending[1]
         else:
             fired = StepFunction.apply(
-                hidden_pre, self.threshold, settings.jumprelu_bandwidth,
-                settings.jumprelu_ste_to_input,
+                hidden_pre, self.threshold, settings.threshold_bandwidth,
+                settings.ste_to_input,
             )
             penalty = fired.sum(dim=-1).mean()
         losses = {"l0": settings.sparsity_coefficient * penalty}
-        if settings.jumprelu_pre_act_coefficient:
+        if settings.threshold_pre_act_coefficient:
             if from_pass:
                 losses["pre_act"] = pending[2]
             else:
@@ -95,7 +95,7 @@ class JumpReLUSAE(SAE):
     def _pre_act_weights(self, settings: LossSettings) -> Tensor | None:
         """c * ||W_dec[i]|| per latent for the pre-activation loss (the norms as constants),
         or None when it is off."""
-        coefficient = settings.jumprelu_pre_act_coefficient
+        coefficient = settings.threshold_pre_act_coefficient
         return coefficient * self.decoder_norms().detach() if coefficient else None
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:

@@ -31,18 +31,17 @@ class StandardSAE(SAE):
         return torch.relu(hidden_pre)
 
     def training_pass(
-        self, x: Tensor, centred: Tensor, settings: LossSettings
+        self, x: Tensor, centred: Tensor, settings: LossSettings, last_l0: float | None = None
     ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
         # Once few latents fire (a trained standard SAE: a few percent), the decoder and
         # every product of the backward touch only the firing pairs, as for top-k SAEs.
         # The L0 of the trainer's last step decides (the first step is dense).
-        last_l0 = settings.last_l0
         sparse = (
             settings.use_sparse_kernel and self.relu_activation and not self.is_transcoder
             and last_l0 is not None and last_l0 <= SPARSE_DENSITY_LIMIT * self.cfg.d_sae
         )
         if not sparse:
-            return super().training_pass(x, centred, settings)
+            return super().training_pass(x, centred, settings, last_l0)
         # Every firing pair, row-major (in token order, as the kernel wants).
         return self.sparse_training_pass(centred, lambda h: (h > 0).nonzero().unbind(1))
 

@@ -70,10 +70,10 @@ class TopKFamily(SAE):
         return scatter_latents(*scores.shape, token, latent, scores[token, latent])
 
     def training_pass(
-        self, x: Tensor, centred: Tensor, settings: LossSettings
+        self, x: Tensor, centred: Tensor, settings: LossSettings, last_l0: float | None = None
     ) -> tuple[Tensor, Tensor | SelectedLatents, Tensor]:
         if not self._sparse_path(settings):
-            return super().training_pass(x, centred, settings)
+            return super().training_pass(x, centred, settings, last_l0)
         # Selecting on the pre-activations themselves saves a ReLU pass over [batch, d_sae]:
         # ReLU keeps the order of positive scores, and a pair picked below zero has value
         # ReLU(h) = 0, as a zero picked after the ReLU would.

@@ -33,9 +33,9 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 DECODER_NORMS = ("auto", "unit", "free")
 MODEL_BACKENDS = ("auto", "hf", "transformer_lens")
-#: The pre-activation loss weight jumprelu gets when its straight-through gradients reach
-#: the encoder (see TrainingSection.jumprelu_pre_act_coefficient).
-JUMPRELU_PRE_ACT_DEFAULT = 1e-3
+#: The pre-activation loss weight of learned-threshold SAEs whose straight-through
+#: gradients reach the encoder (see TrainingSection.threshold_pre_act_coefficient).
+THRESHOLD_PRE_ACT_DEFAULT = 1e-3
 #: The longest default dead-latent window, in tokens (TrainingSection.dead_after_tokens).
 DEAD_WINDOW_LIMIT = 1_000_000
 #: The file in a run folder that holds its TrainConfig (`--config` can re-run it).
@@ -109,7 +109,7 @@ class SAESection:
         check_problems(self.problems())
         from saekit.saes.registry import canonical_architecture
 
-        self.architecture = canonical_architecture(self.architecture)  # "TopK" -> "topk"
+        self.architecture = canonical_architecture(self.architecture)  # the registered case
 
 
 @dataclass
@@ -193,23 +193,24 @@ class TrainingSection:
     lr_decay_fraction: float = 0.2
     """linear schedule: fraction of training, at the end, over which lr decays to zero."""
     l1_coefficient: float = 5.0
-    """Sparsity coefficient lambda (L1 for standard, gated and transcoders, L0 for jumprelu);
-    the starting value when target_l0 is set (jumprelu then starts after one step where its
-    L0 penalty equals the reconstruction loss); ignored by topk-style SAEs."""
+    """Sparsity coefficient lambda, the weight of the architecture's sparsity penalty (an L1
+    of latents, or an L0 count for learned-threshold SAEs); the starting value when
+    target_l0 is set (a penalty that counts latents then starts after one step where it
+    equals the reconstruction loss); unused by architectures whose sparsity is k."""
     sparsity_warmup_tokens: int = 0
     """Tokens over which lambda rises linearly from zero (not used with target_l0)."""
     target_l0: float | None = None
-    """Wanted latents per token: sets k for topk-style SAEs; for the others a controller
-    adjusts lambda during training so the final L0 lands near it."""
+    """Wanted latents per token: sets k where the architecture's sparsity is k; for the
+    others a controller adjusts lambda during training so the final L0 lands near it."""
     l0_controller_gain: float = 0.03
     """How fast the target-L0 controller moves log(lambda) per step, per unit of log-L0 error."""
     aux_k_coefficient: float = 1 / 32
-    """AuxK loss weight for topk-style SAEs (revives dead latents)."""
+    """AuxK loss weight, for architectures whose sparsity is k (revives dead latents)."""
     dead_after_tokens: int | None = None
     """A latent is dead once it has not fired for this many training tokens. None: a tenth
     of the run, at most 1,000,000, so a short run revives its dead latents too."""
     dead_pre_act_coefficient: float = DEAD_PRE_ACT_DEFAULT
-    """Standard SAEs and transcoders: weight of c * sum over dead latents of ||W_dec[i]||
+    """ReLU SAEs with an L1 penalty: weight of c * sum over dead latents of ||W_dec[i]||
     ReLU(-h_i) (mean over tokens), which pushes dead latents back up until they fire;
     0 turns it off (figures: benchmarks/README.md)."""
     grad_clip: float = 1.0
@@ -220,19 +221,21 @@ class TrainingSection:
     """unit: decoder rows kept at unit norm, gradient parallel to them removed; free: no
     constraint; auto: as the architecture declares (SAE.unit_norm_decoder: unit where the
     loss has no penalty weighed by decoder-row norms)."""
-    jumprelu_bandwidth: float = 0.001
-    """Width of the straight-through kernel for JumpReLU thresholds."""
-    jumprelu_sparsity: str = "step"
-    """JumpReLU penalty: step (L0 through a straight-through estimator) or tanh."""
-    jumprelu_ste_to_input: bool | None = None
-    """JumpReLU: the straight-through gradients reach the encoder too, not only the
-    thresholds (Anthropic, January 2025). L0 then follows the sparsity coefficient within a
+    threshold_bandwidth: float = 0.001
+    """Learned-threshold SAEs: width of the straight-through kernel for the thresholds."""
+    threshold_penalty: str = "step"
+    """Learned-threshold SAEs: the penalty, step (L0 through a straight-through estimator)
+    or tanh."""
+    ste_to_input: bool | None = None
+    """Learned-threshold SAEs: the straight-through gradients reach the encoder too, not the
+    thresholds alone (Anthropic, January 2025). L0 then follows the sparsity coefficient within a
     few hundred steps instead of at the pace Adam moves thresholds (about lr per step), but
     a fixed coefficient silences many more latents. None: on with target_l0 (the
     controller sets the coefficient), off without; false is Rajamanoharan et al. 2024."""
-    jumprelu_pre_act_coefficient: float | None = None
-    """JumpReLU: weight of c * sum_i ||W_dec[i]|| ReLU(theta_i - h_i) (Anthropic, January
-    2025), which pulls silent latents back up to their thresholds. None: 1e-3 when the
+    threshold_pre_act_coefficient: float | None = None
+    """Learned-threshold SAEs: weight of c * sum_i ||W_dec[i]|| ReLU(theta_i - h_i)
+    (Anthropic, January 2025), which pulls silent latents back up to their thresholds.
+    None: 1e-3 when the
     straight-through gradients reach the encoder (which silences many latents), else 0
     (figures: benchmarks/README.md)."""
 
@@ -244,18 +247,18 @@ class TrainingSection:
         return self.dead_after_tokens
 
     @property
-    def jumprelu_pre_act(self) -> float:
-        """`jumprelu_pre_act_coefficient` with its default resolved."""
-        if self.jumprelu_pre_act_coefficient is None:
-            return JUMPRELU_PRE_ACT_DEFAULT if self.jumprelu_ste_reaches_input else 0.0
-        return self.jumprelu_pre_act_coefficient
+    def threshold_pre_act(self) -> float:
+        """`threshold_pre_act_coefficient` with its default resolved."""
+        if self.threshold_pre_act_coefficient is None:
+            return THRESHOLD_PRE_ACT_DEFAULT if self.ste_reaches_input else 0.0
+        return self.threshold_pre_act_coefficient
 
     @property
-    def jumprelu_ste_reaches_input(self) -> bool:
-        """`jumprelu_ste_to_input` with its default resolved."""
-        if self.jumprelu_ste_to_input is None:
+    def ste_reaches_input(self) -> bool:
+        """`ste_to_input` with its default resolved."""
+        if self.ste_to_input is None:
             return self.target_l0 is not None
-        return self.jumprelu_ste_to_input
+        return self.ste_to_input
 
     def problems(self) -> list[str]:
         # Every field is checked for its type (NaN and infinity are no setting's value);
@@ -267,7 +270,7 @@ class TrainingSection:
             "target_l0": POSITIVE, "l0_controller_gain": POSITIVE,
             "aux_k_coefficient": NON_NEGATIVE, "dead_after_tokens": NON_NEGATIVE,
             "dead_pre_act_coefficient": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
-            "jumprelu_bandwidth": POSITIVE, "jumprelu_pre_act_coefficient": NON_NEGATIVE,
+            "threshold_bandwidth": POSITIVE, "threshold_pre_act_coefficient": NON_NEGATIVE,
         }
         out = field_problems(self, bounds)
         sizes_ok = all(fits_type(getattr(self, n), int) for n in ("tokens", "batch_size"))
@@ -281,8 +284,8 @@ class TrainingSection:
             out.append(
                 f"decoder_norm {self.decoder_norm!r} is not one of {', '.join(DECODER_NORMS)}"
             )
-        if self.jumprelu_sparsity not in ("step", "tanh"):
-            out.append(f"jumprelu_sparsity must be step or tanh, got {self.jumprelu_sparsity!r}")
+        if self.threshold_penalty not in ("step", "tanh"):
+            out.append(f"threshold_penalty must be step or tanh, got {self.threshold_penalty!r}")
         return out
 
     def __post_init__(self) -> None:
@@ -362,6 +365,10 @@ def k_architectures() -> list[str]:
 SETTING_ALIASES: dict[str, tuple[str, ...]] = {
     "data.hook_name": ("hook",),
     "data.hook_name_out": ("hook_out",),
+    "training.threshold_bandwidth": ("jumprelu_bandwidth",),
+    "training.threshold_penalty": ("jumprelu_sparsity",),
+    "training.ste_to_input": ("jumprelu_ste_to_input",),
+    "training.threshold_pre_act_coefficient": ("jumprelu_pre_act_coefficient",),
     "training.tokens": ("training_tokens",),
     "training.batch_size": ("train_batch_size_tokens",),
 }

@@ -212,7 +212,7 @@ class DataParallel(_Collective):
 
     Every rank must hold the same number of rows per step (the global batch split evenly).
     Equivalent to one process on the global batch for losses that are means over tokens;
-    batchtopk's batch-wide top-k is taken within each rank's shard instead.
+    a batch-wide rule (a top-k over the whole batch) is taken within each rank's shard.
     """
 
     mode = "data"

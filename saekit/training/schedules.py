@@ -57,7 +57,7 @@ class L0Controller:
     far_above = 2.0
     #: Above this ratio of the sparsity terms to the reconstruction loss, lambda is not
     #: raised: Adam's steps are then already all sparsity, and a larger lambda would change
-    #: nothing but wind up (a jumprelu SAE on the bundled model, whose L0 falls as fast as
+    #: nothing but wind up (a learned-threshold SAE on the bundled model, whose L0 falls as fast as
     #: its thresholds can move, took lambda from 5 to 3e16).
     max_sparsity_share = 100.0
 
@@ -103,7 +103,7 @@ class L0Controller:
         if previous is None:
             self.smoothed_l0 = previous = self.start_l0 = l0
             if self.balance_start and sparsity_share:
-                # A penalty that counts latents (jumprelu's L0) has no natural scale next to
+                # A penalty that counts latents (an L0 count) has no natural scale next to
                 # the default l1_coefficient, which is for L1 sizes: 5 was 70x the balance
                 # point on the bundled model and silenced most latents before the controller
                 # could take it back. Starting balanced, the controller only has to fine-tune.

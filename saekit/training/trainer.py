@@ -142,7 +142,7 @@ class _JobState:
         self.interval: dict[str, float] = {}
         self.interval_steps = 0
         #: Latents per token in the last step (None before the first). Checkpointed: the
-        #: standard SAE's choice of training path depends on it.
+        #: architecture may choose how it computes a step by it (training_forward).
         self.last_l0: float | None = None
         #: The last step's other loss terms over its reconstruction loss (for the controller).
         self.interval_last_share = 0.0
@@ -158,12 +158,11 @@ class _JobState:
         return LossSettings(
             sparsity_coefficient=self.coefficient(tokens_seen),
             aux_k_coefficient=cfg.aux_k_coefficient,
-            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-            jumprelu_sparsity=cfg.jumprelu_sparsity,
-            jumprelu_ste_to_input=cfg.jumprelu_ste_reaches_input,
-            jumprelu_pre_act_coefficient=cfg.jumprelu_pre_act,
+            threshold_bandwidth=cfg.threshold_bandwidth,
+            threshold_penalty=cfg.threshold_penalty,
+            ste_to_input=cfg.ste_reaches_input,
+            threshold_pre_act_coefficient=cfg.threshold_pre_act,
             dead_pre_act_coefficient=cfg.dead_pre_act_coefficient,
-            last_l0=self.last_l0,
         )
 
     def dead_mask(self) -> Tensor:
@@ -322,7 +321,7 @@ class Trainer:
             sae.train()
             settings = st.settings(self.tokens_seen)
             out = sae.training_forward(
-                x, target if sae.is_transcoder else None, settings, st.dead_mask()
+                x, target if sae.is_transcoder else None, settings, st.dead_mask(), st.last_l0
             )
             if not torch.isfinite(out.loss):
                 failure = failure or (
@@ -429,7 +428,7 @@ class Trainer:
         st.last_l0 = l0
         mse = loss_values[names.index("mse_loss")] if "mse_loss" in names else 0.0
         st.interval_last_share = (loss_values[0] - mse) / max(mse, 1e-12)
-        # Loss terms get a suffix: jumprelu's L0 penalty is called "l0", like the metric.
+        # Loss terms get a suffix: an L0 penalty term may be called "l0", like the metric.
         values = {"loss": loss_values[0], "l0": l0}
         values.update(dict(zip(names[1:], loss_values[1:], strict=True)))
         for key, value in values.items():
@@ -752,7 +751,7 @@ def _finalize(st: _JobState) -> None:
         sae.fold_activation_norm_scaling_factor(st.job.norm_scale)
     try:
         sae.fold_W_dec_norm()
-    except ValueError as err:  # topk with free decoder norms: folding would change it
+    except ValueError as err:  # an architecture whose function folding would change
         log.info("decoder norms of %r left as trained: %s", st.job.name, err)
 
 
