@@ -128,9 +128,7 @@ def _train(
     refuse_cache_under_torchrun(cfg, env)
     # A missing, unfinished or too small cache fails before any folder or model is touched
     # (on resume, once the saved config has said which cache the run reads).
-    cache_meta = None
-    if cfg.run.resume is None and cfg.data.activations is not None:
-        cache_meta = run_cache_metadata(cfg)
+    cache_meta = _cache_metadata(cfg) if cfg.run.resume is None else None
     # Under torchrun every rank trains on its share of each global batch; rank 0 alone
     # checks and writes the run folder, and the others wait until it is ready.
     if env.distributed:
@@ -145,8 +143,7 @@ def _train(
     parallel.barrier()
     if resume:
         cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
-        if cfg.data.activations is not None:
-            cache_meta = run_cache_metadata(cfg)
+        cache_meta = _cache_metadata(cfg)
         if env.is_main:
             remove_partial_writes(run_dir)  # left by a kill mid-save
             remove_partial_checkpoints(run_dir)
@@ -176,16 +173,14 @@ def _train(
     device = str(local_device(device, env))
     check_train_dtype(cfg.run.dtype, device)
     check_context_size(backend, cfg.data.context_size)
-    hook, hook_out = _hooks(cfg, backend, cache_meta)
     saved_state = _read_run_state(run_dir) if resume else None
-    heldout, training_data = _heldout_text(cfg, backend, dataset, cache_meta, saved_state)
-    store = _store(
-        cfg, backend, hook, hook_out, training_data, device, env,
-        cache_meta=cache_meta, model_given=model is not None,
+    activations, heldout = _activation_source(
+        cfg, backend, dataset, cache_meta, saved_state, device, env, model is not None
     )
+    hook, hook_out = activations.hook, activations.hook_out
     dataset_name = cfg.data.dataset if dataset is None else None
-    sae = _build_sae(cfg, store, hook, hook_out, device, backend, dataset_name, heldout)
-    run_state = saved_state or _new_run_state(cfg, store, hook, parallel, heldout)
+    sae = _build_sae(cfg, activations, device, backend, dataset_name, heldout)
+    run_state = saved_state or _new_run_state(cfg, activations, parallel, heldout)
     job = SAEJob(
         sae,
         cfg.training,
@@ -195,6 +190,7 @@ def _train(
         evaluate=_evaluator(backend, heldout, hook, hook_out) if env.is_main else None,
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
+    store = activations.store
     overlap = prefetches(cfg, device)
     source = Prefetcher(store, depth=PREFETCH_DEPTH, device=device) if overlap else store
     trainer = Trainer(
@@ -393,6 +389,49 @@ def _hooks(
     return hook, hook_out
 
 
+@dataclass
+class ActivationSource:
+    """Where a run's training activations come from, chosen once: the model over the
+    training text, or an activation cache (`cache`, its metadata)."""
+
+    store: Any
+    """The stream of batches the trainer reads (an ActivationStore or a cache reader)."""
+    hook: str
+    hook_out: str | None
+    widths: dict[str, int]
+    """Width of each hook's rows."""
+    cache: dict[str, Any] | None = None
+
+
+def _cache_metadata(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The activation cache's metadata when the run reads one (checked: a missing,
+    unfinished or too small cache fails here, before any work), else None."""
+    return run_cache_metadata(cfg) if cfg.data.activations is not None else None
+
+
+def _activation_source(
+    cfg: TrainConfig,
+    backend: ModelBackend,
+    dataset: Any,
+    cache_meta: dict[str, Any] | None,
+    saved_state: dict[str, Any] | None,
+    device: str,
+    env: DistEnv,
+    model_given: bool,
+) -> tuple[ActivationSource, HeldoutText | None]:
+    """The run's activations (hooks, widths and the stream) and its held-out text: the two
+    are chosen together, since the text a run holds out is text it must not train on."""
+    hook, hook_out = _hooks(cfg, backend, cache_meta)
+    heldout, training_data = _heldout_text(cfg, backend, dataset, cache_meta, saved_state)
+    store = _store(
+        cfg, backend, hook, hook_out, training_data, device, env,
+        cache_meta=cache_meta, model_given=model_given,
+    )
+    found = store.d_in
+    widths = dict(found) if isinstance(found, dict) else {hook: int(found)}
+    return ActivationSource(store, hook, hook_out, widths, cache_meta), heldout
+
+
 def _store(
     cfg: TrainConfig,
     backend: ModelBackend,
@@ -408,8 +447,7 @@ def _store(
     from saekit.data import ActivationStore
     from saekit.data.rank_store import RankActivationStore
 
-    if cfg.data.activations is not None:
-        assert cache_meta is not None, "run_cache_metadata reads the cache before _store"
+    if cache_meta is not None:
         return cached_store(cfg, backend, hook, hook_out, cache_meta, device, model_given)
     if dataset is None:
         dataset = cfg.data.dataset  # a name ("bundled" included) the store resolves
@@ -443,9 +481,7 @@ def _store(
 
 def _build_sae(
     cfg: TrainConfig,
-    store: Any,
-    hook: str,
-    hook_out: str | None,
+    activations: ActivationSource,
     device: str,
     backend: ModelBackend,
     dataset_name: str | None,
@@ -453,11 +489,9 @@ def _build_sae(
 ) -> SAE:
     from saekit.data.tokens import sequence_framing
 
-    widths = store.d_in
-    if isinstance(widths, dict):
-        d_in, d_out = widths[hook], widths[hook_out]
-    else:
-        d_in, d_out = widths, None
+    hook, hook_out = activations.hook, activations.hook_out
+    d_in = activations.widths[hook]
+    d_out = activations.widths.get(hook_out) if hook_out is not None else None
     s = cfg.sae
     d_sae = s.d_sae or s.expansion_factor * d_in
     # The architecture's defaults (k, nested widths, ...), then what the user set.
@@ -498,12 +532,16 @@ def _build_sae(
 
 
 def _new_run_state(
-    cfg: TrainConfig, store: Any, hook: str, parallel: Parallelism, heldout: HeldoutText | None
+    cfg: TrainConfig,
+    activations: ActivationSource,
+    parallel: Parallelism,
+    heldout: HeldoutText | None,
 ) -> dict[str, Any]:
     """What a resumed run must reuse: the norm scaling factor and the documents held out."""
     factor = None
+    hook = activations.hook
     if cfg.sae.normalize_activations:
-        estimate = store.estimate_norm_scaling_factor(NORM_ESTIMATE_BATCHES)
+        estimate = activations.store.estimate_norm_scaling_factor(NORM_ESTIMATE_BATCHES)
         # Transcoders: one factor (the input's) for input and target, so that folding it
         # into the weights at the end is exact.
         factor = float(estimate[hook] if isinstance(estimate, dict) else estimate)
