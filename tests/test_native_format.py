@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,54 @@ def test_config_validation_errors() -> None:
         SAE.from_config(SAEConfig(architecture="topk", d_in=4, d_sae=8))
     with pytest.raises(ValueError, match="only transcoders"):
         SAE.create("standard", 4, 8, d_out=5)
+
+
+# ----- one reader for SAE.load and from_pretrained ---------------------------------------------
+
+
+def hub_like_folder(tmp_path: Path, architecture: str) -> tuple[Path, str]:
+    """A repo folder holding one native SAE under `layer0/`, with a sparsity file and an older
+    release's per-latent decoder scale (folded into W_dec on reading)."""
+    folder = random_sae(architecture).save(tmp_path / "repo" / "layer0", sparsity=torch.randn(32))
+    tensors = safetensors.torch.load_file(str(folder / "sae_weights.safetensors"))
+    tensors["scaling_factor"] = torch.rand(32) + 0.5
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    return folder, "layer0"
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_load_and_from_pretrained_read_a_native_folder_alike(
+    tmp_path: Path, architecture: str
+) -> None:
+    folder, sae_id = hub_like_folder(tmp_path, architecture)
+    loaded = SAE.load(folder)
+    pretrained = SAE.from_pretrained(str(tmp_path / "repo"), sae_id)
+    assert pretrained.sae.cfg.to_dict() == loaded.cfg.to_dict()
+    want, got = loaded.state_dict(), pretrained.sae.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[name], got[name]) for name in want)
+    assert torch.equal(pretrained.sparsity, native.read_sae_folder(folder).sparsity)
+
+
+def test_a_huge_d_sae_fails_from_the_header_through_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, sae_id = hub_like_folder(tmp_path, "standard")
+    raw = json.loads((folder / "cfg.json").read_text())
+    raw["d_sae"] = 10**12
+    (folder / "cfg.json").write_text(json.dumps(raw))
+
+    def no_tensor_reads(file: Path) -> dict[str, torch.Tensor]:
+        raise AssertionError(f"{file} was read before its header was checked")
+
+    monkeypatch.setattr(native, "read_safetensors", no_tensor_reads)
+    weights = str(folder / "sae_weights.safetensors")
+    for load in (
+        lambda: SAE.load(folder),
+        lambda: SAE.from_pretrained(str(tmp_path / "repo"), sae_id),
+    ):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=r"'W_enc' in .* has shape \(8, 32\)") as err:
+            load()
+        assert weights in str(err.value)
+        assert time.perf_counter() - start < 1.0

@@ -81,6 +81,25 @@ def is_flat_layout(raw: dict[str, Any]) -> bool:
     return "metadata" not in raw
 
 
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The registry's config overrides applied to a cfg dict of either layout."""
+    if not overrides:
+        return raw
+    raw = dict(raw)
+    if is_flat_layout(raw):
+        raw.update(overrides)
+        return raw
+    top_level = set(SAEConfig.__dataclass_fields__) - {"metadata"}
+    metadata = dict(raw.get("metadata") or {})
+    for key, value in overrides.items():
+        if key in top_level:
+            raw[key] = value
+        else:
+            metadata[key] = value
+    raw["metadata"] = metadata
+    return raw
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
     """Read a cfg.json dict in either layout; errors name `source` and the missing key."""
     for key in ("d_in", "d_sae"):

@@ -215,13 +215,17 @@ def read_json(file: Path) -> dict[str, Any]:
     return raw
 
 
-def read_cfg_json(folder: Path) -> dict[str, Any]:
+def _require_cfg(folder: Path) -> Path:
     cfg_path = folder / CFG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(
             f"{cfg_path} not found: an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}"
         )
-    return read_json(cfg_path)
+    return cfg_path
+
+
+def read_cfg_json(folder: Path) -> dict[str, Any]:
+    return read_json(_require_cfg(folder))
 
 
 def read_safetensors(file: Path) -> dict[str, Tensor]:
@@ -350,8 +354,5 @@ def read_sae_folder(path: str | Path, check_shapes: ShapeCheck | None = None) ->
             f"{folder} is not a folder; SAE.load expects a folder holding {CFG_FILE} and "
             f"{WEIGHTS_FILE}"
         )
-    if not (folder / CFG_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder / CFG_FILE} not found: an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}"
-        )
+    _require_cfg(folder)
     return read_native(LocalSource(folder), check_shapes=check_shapes)

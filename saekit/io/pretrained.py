@@ -10,8 +10,9 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from saekit.config import SAEConfig
-from saekit.io.cfg_layout import config_from_dict, is_flat_layout
+from saekit.io.cfg_layout import apply_overrides, config_from_dict
 from saekit.io.converters import ConvertContext, converter_for, detect_layout
+from saekit.io.native import ShapeCheck
 from saekit.io.releases import (
     PretrainedEntry,
     check_relative_path,
@@ -48,6 +49,7 @@ def fetch_pretrained(
     cache_dir: str | Path | None = None,
     endpoint: str | None = None,
     layout: str | None = None,
+    check_shapes: ShapeCheck | None = None,
 ) -> PretrainedParts:
     """Fetch and convert a published SAE.
 
@@ -55,7 +57,9 @@ def fetch_pretrained(
     a Hub repo id `owner/name` (then `sae_id` is the folder inside the repo) or a local folder
     laid out like such a repo. Hub files go through the Hugging Face cache (`cache_dir`,
     default HF_HUB_CACHE), at `revision`; `force_download` fetches them again. `layout`
-    overrides the registry's or the detected file layout.
+    overrides the registry's or the detected file layout. `check_shapes`
+    (`SAE.check_tensor_shapes`) lets a native folder's weights header be checked against its
+    cfg.json before any tensor is read.
     """
     if sae_id is not None:
         check_relative_path(sae_id, "sae_id")  # before any path is built from it
@@ -80,7 +84,8 @@ def fetch_pretrained(
         raise ValueError(unknown_release_message(release))
 
     layout = layout or detect_layout(source, folder)
-    converted = converter_for(layout, release)(source, ConvertContext(folder, repo_id, model))
+    ctx = ConvertContext(folder, repo_id, model, overrides, check_shapes)
+    converted = converter_for(layout, release)(source, ctx)
     raw = apply_overrides(converted.cfg, overrides)
     where = source.describe(folder or ".")
     cfg = config_from_dict(raw, source=where)
@@ -89,21 +94,3 @@ def fetch_pretrained(
     scale = entry.norm_scaling_factor if entry is not None else None
     return PretrainedParts(cfg, converted.tensors, converted.sparsity, scale, where)
 
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """The registry's config overrides applied to a cfg dict of either layout."""
-    if not overrides:
-        return raw
-    raw = dict(raw)
-    if is_flat_layout(raw):
-        raw.update(overrides)
-        return raw
-    top_level = set(SAEConfig.__dataclass_fields__) - {"metadata"}
-    metadata = dict(raw.get("metadata") or {})
-    for key, value in overrides.items():
-        if key in top_level:
-            raw[key] = value
-        else:
-            metadata[key] = value
-    raw["metadata"] = metadata
-    return raw

@@ -81,6 +81,9 @@ class HubSource:
         self.cache_dir = cache_dir
         self.endpoint = endpoint
         self._refetched: set[str] = set()
+        #: Files fetched so far, so that reading a file's header and then its tensors asks
+        #: the Hub once and downloads it once (force_download included).
+        self._fetched: dict[str, Path] = {}
         #: Optional files that could not be checked because the Hub was unreachable.
         self.offline_misses: list[str] = []
 
@@ -110,8 +113,10 @@ class HubSource:
         )
 
         check_relative_path(path, "file path")
+        if path in self._fetched:
+            return self._fetched[path]
         try:
-            return Path(self._download(path, self.force_download))
+            local = Path(self._download(path, self.force_download))
         except LocalEntryNotFoundError as err:
             # Offline (or the Hub unreachable) and not in the cache. An optional file (such as
             # sparsity.safetensors) counts as absent, so a cached SAE still loads offline.
@@ -133,6 +138,8 @@ class HubSource:
             if required:
                 raise FileNotFoundError(f"{self.describe(path)} not found on the Hub") from err
             return None
+        self._fetched[path] = local
+        return local
 
     def offline_message(self, path: str) -> str:
         return (
@@ -160,4 +167,5 @@ class HubSource:
                     f"downloaded again ({type(fetch_err).__name__}); connect to the network "
                     "and load with force_download=True"
                 ) from err
+            self._fetched[path] = fresh
             return reader(fresh)

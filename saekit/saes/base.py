@@ -535,7 +535,9 @@ class SAE(nn.Module):
         """
         from saekit.io.pretrained import fetch_pretrained
 
-        parts = fetch_pretrained(release, sae_id, **fetch_options)
+        parts = fetch_pretrained(
+            release, sae_id, check_shapes=check_tensor_shapes, **fetch_options
+        )
         target_dtype = resolve_dtype(dtype) or parts.cfg.torch_dtype
         # Build and fold in float32; cast and move once at the end.
         sae = SAE.from_tensors(parts.cfg.replace(dtype="float32"), parts.tensors, parts.source)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from saekit import SAE, SAEConfig
 from saekit.cli import main as cli_main
@@ -135,6 +136,24 @@ def test_truncated_cache_offline_says_how_to_fix(tmp_path, hub_cache, offline) -
     blob.write_bytes(blob.read_bytes()[:64])
     with pytest.raises(ValueError, match="corrupt.*force_download=True"):
         SAE.from_pretrained("gpt2-small-res-jb", HOOK, cache_dir=hub_cache.dir)
+
+
+def test_a_hub_folder_at_odds_with_its_cfg_fails_from_the_headers(
+    tmp_path, hub_cache, offline
+) -> None:
+    """The Hub path reads a native folder as SAE.load does: each file is fetched, then its
+    header checked against cfg.json, and errors name the file in the repo."""
+    folder = saved_folder(tmp_path, small_sae(), "s", torch.zeros(32))
+    raw = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**raw, "d_sae": 10**12}))
+    hub_cache.add_folder("me/huge", folder, "l")
+    with pytest.raises(ValueError, match=r"'W_enc' in me/huge/l/sae_weights\.safetensors has"):
+        SAE.from_pretrained("me/huge", "l", cache_dir=hub_cache.dir)
+    (folder / "cfg.json").write_text(json.dumps(raw))
+    save_file({"sparsity": torch.zeros(31)}, str(folder / "sparsity.safetensors"))
+    hub_cache.add_folder("me/short", folder, "l")
+    with pytest.raises(ValueError, match=r"me/short/l/sparsity\.safetensors: 'sparsity' has sh"):
+        SAE.from_pretrained("me/short", "l", cache_dir=hub_cache.dir)
 
 
 def test_push_to_hub_round_trip_and_model_card(tmp_path, fake_hub) -> None:

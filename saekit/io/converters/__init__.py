@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from saekit.io.converters.base import ConvertContext, Converted, read_json
+from saekit.io.converters.base import ConvertContext, Converted
 from saekit.io.converters.dictionary_learning import convert_dictionary_learning
 from saekit.io.converters.gemma_scope import (
     convert_gemma_scope,
@@ -20,6 +20,7 @@ from saekit.io.converters.gemma_scope import (
 from saekit.io.converters.llama_scope import convert_llama_scope, convert_llama_scope_r1_distill
 from saekit.io.converters.native import convert_native
 from saekit.io.converters.sparsify import convert_sparsify, is_sparsify_cfg
+from saekit.io.native import read_json
 from saekit.io.sources import FileSource, join
 
 Converter = Callable[[FileSource, ConvertContext], Converted]

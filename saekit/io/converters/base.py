@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from saekit.config import dtype_name
+from saekit.io.native import ShapeCheck
 
 
 class ConvertContext(NamedTuple):
@@ -21,6 +20,12 @@ class ConvertContext(NamedTuple):
     """Hub repo id, when loading from the Hub (some layouts encode the hook site in it)."""
     model: str | None = None
     """Model the release reads, from the registry."""
+    config_overrides: dict[str, Any] | None = None
+    """The registry's cfg.json overrides. `fetch_pretrained` applies them to every converter's
+    result; a converter that checks files against a cfg.json applies them first too."""
+    check_shapes: ShapeCheck | None = None
+    """Checks tensor shapes against a config (`SAE.check_tensor_shapes`), for converters that
+    compare a weights file's header with a cfg.json before reading any tensor."""
 
 
 class Converted(NamedTuple):
@@ -53,17 +58,6 @@ def current_cfg(
     cfg.update(fields)
     cfg["metadata"] = {k: v for k, v in metadata.items() if v is not None}
     return cfg
-
-
-def read_json(file: Path) -> dict[str, Any]:
-    """A JSON object from `file`; errors name the file (a ValueError lets sources re-fetch)."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the file may be corrupt") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} must hold a JSON object, found {type(raw).__name__}")
-    return raw
 
 
 def require(mapping: dict[str, Any], keys: tuple[str, ...], where: str) -> None:

@@ -22,9 +22,9 @@ from saekit.io.converters.base import (
     Converted,
     check_types,
     current_cfg,
-    read_json,
     require,
 )
+from saekit.io.native import read_json
 from saekit.io.sources import FileSource, join
 
 _SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}

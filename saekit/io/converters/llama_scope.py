@@ -18,10 +18,9 @@ from saekit.io.converters.base import (
     Converted,
     check_types,
     current_cfg,
-    read_json,
     require,
 )
-from saekit.io.native import read_safetensors
+from saekit.io.native import read_json, read_safetensors
 from saekit.io.sources import FileSource, join
 
 #: The hyperparameters read, and what each must be.

@@ -1,30 +1,15 @@
-"""saekit's own layout (the sae-lens one): cfg.json + sae_weights.safetensors (+ sparsity)."""
+"""saekit's own layout (the sae-lens one): cfg.json + sae_weights.safetensors (+ sparsity),
+read by the same code as `SAE.load` (`saekit.io.native.read_native`)."""
 
 from __future__ import annotations
 
-from saekit.io.converters.base import ConvertContext, Converted, read_json
-from saekit.io.native import (
-    CFG_FILE,
-    SPARSITY_FILE,
-    WEIGHTS_FILE,
-    fold_decoder_scales,
-    read_safetensors,
-)
-from saekit.io.sources import FileSource, join
+from saekit.io.converters.base import ConvertContext, Converted
+from saekit.io.native import read_native
+from saekit.io.sources import FileSource
 
 
 def convert_native(source: FileSource, ctx: ConvertContext) -> Converted:
-    cfg = source.read(join(ctx.folder, CFG_FILE), read_json)
-    weights = join(ctx.folder, WEIGHTS_FILE)
-    tensors = fold_decoder_scales(
-        source.read(weights, read_safetensors), source.describe(weights)
+    folder = read_native(
+        source, ctx.folder, check_shapes=ctx.check_shapes, overrides=ctx.config_overrides
     )
-    sparsity = None
-    sparsity_path = join(ctx.folder, SPARSITY_FILE)
-    if source.fetch(sparsity_path, required=False) is not None:
-        stored = source.read(sparsity_path, read_safetensors)
-        if "sparsity" not in stored:
-            where = source.describe(sparsity_path)
-            raise ValueError(f"{where} has no 'sparsity' tensor (found {sorted(stored)})")
-        sparsity = stored["sparsity"]
-    return Converted(cfg, tensors, sparsity)
+    return Converted(folder.cfg_dict, folder.tensors, folder.sparsity)

@@ -15,10 +15,9 @@ from saekit.io.converters.base import (
     Converted,
     check_types,
     current_cfg,
-    read_json,
     require,
 )
-from saekit.io.native import read_safetensors
+from saekit.io.native import read_json, read_safetensors
 from saekit.io.sources import FileSource, join
 
 CFG_FILE = "cfg.json"
