@@ -48,8 +48,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 #: Batches both libraries read to estimate the activation norm factor (saekit's run default).
 NORM_BATCHES = 20
-#: Shuffle-buffer rows saekit's run uses for a batch size (saekit.training.run._store); SAELens
-#: gets the same number of rows, as n_batches_in_buffer * context_size.
+#: Shuffle-buffer rows saekit's run uses for a batch size
+#: (saekit.training.activations.model_or_cache_store); SAELens gets the same number of rows,
+#: as n_batches_in_buffer * context_size.
 def buffer_rows(batch_size: int) -> int:
     return max(batch_size * 8, 16_384)
 

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,14 +29,15 @@ from saekit.models.positions import check_context_size
 from saekit.preflight import check_train_dtype
 from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
+from saekit.training.activations import (
+    ActivationSource,
+    activation_source,
+    cache_metadata,
+)
 from saekit.training.cache_source import (
     PREFETCH_DEPTH,
-    batch_ring,
-    buffer_rows,
-    cached_store,
     prefetches,
     refuse_cache_under_torchrun,
-    run_cache_metadata,
 )
 from saekit.training.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from saekit.training.config import (
@@ -62,8 +62,6 @@ METRICS_FILE = "metrics.json"
 RUN_STATE_FILE = "run_state.json"
 #: Batches read to estimate the activation norm scaling factor.
 NORM_ESTIMATE_BATCHES = 5
-#: Sequences per forward pass of the final evaluation.
-EVAL_BATCH_SEQUENCES = 8
 #: How far (relative) the final held-out L0 may be from target_l0 before the run warns.
 L0_TOLERANCE = 0.10
 
@@ -128,7 +126,7 @@ def _train(
     refuse_cache_under_torchrun(cfg, env)
     # A missing, unfinished or too small cache fails before any folder or model is touched
     # (on resume, once the saved config has said which cache the run reads).
-    cache_meta = _cache_metadata(cfg) if cfg.run.resume is None else None
+    cache_meta = cache_metadata(cfg) if cfg.run.resume is None else None
     # Under torchrun every rank trains on its share of each global batch; rank 0 alone
     # checks and writes the run folder, and the others wait until it is ready.
     if env.distributed:
@@ -143,7 +141,7 @@ def _train(
     parallel.barrier()
     if resume:
         cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
-        cache_meta = _cache_metadata(cfg)
+        cache_meta = cache_metadata(cfg)
         if env.is_main:
             remove_partial_writes(run_dir)  # left by a kill mid-save
             remove_partial_checkpoints(run_dir)
@@ -174,7 +172,7 @@ def _train(
     check_train_dtype(cfg.run.dtype, device)
     check_context_size(backend, cfg.data.context_size)
     saved_state = _read_run_state(run_dir) if resume else None
-    activations, heldout = _activation_source(
+    activations, heldout = activation_source(
         cfg, backend, dataset, cache_meta, saved_state, device, env, model is not None
     )
     hook, hook_out = activations.hook, activations.hook_out
@@ -362,123 +360,6 @@ def _device(name: str | None) -> str:
     return "cpu"
 
 
-def _hooks(
-    cfg: TrainConfig, backend: ModelBackend, cache_meta: dict[str, Any] | None = None
-) -> tuple[str, str | None]:
-    names = backend.hook_names()
-    hook = cfg.data.hook_name
-    if hook is None and cache_meta is not None and len(cache_meta["hooks"]) == 1:
-        # The cache holds one hook: that is the one the user means to train on.
-        hook = cache_meta["hooks"][0]
-    layers = sorted(
-        {int(m.group(1)) for n in names if (m := re.match(r"^blocks\.(\d+)\.hook_resid_pre$", n))}
-    )
-    if hook is None:
-        if not layers:
-            raise ValueError(
-                "no default hook for this model (it has no blocks.N.hook_resid_pre hooks); "
-                f"pass --hook, e.g. one of {', '.join(names[:5])}"
-            )
-        hook = f"blocks.{layers[len(layers) // 2]}.hook_resid_pre"
-    hook_out = cfg.data.hook_name_out
-    if architecture_class(cfg.sae.architecture).is_transcoder and hook_out is None:
-        match = re.match(r"^blocks\.(\d+)\.", hook)
-        if match is None:
-            raise ValueError(f"no default hook_out for hook {hook!r}; pass --hook-out")
-        hook_out = f"blocks.{match.group(1)}.hook_mlp_out"
-    return hook, hook_out
-
-
-@dataclass
-class ActivationSource:
-    """Where a run's training activations come from, chosen once: the model over the
-    training text, or an activation cache (`cache`, its metadata)."""
-
-    store: Any
-    """The stream of batches the trainer reads (an ActivationStore or a cache reader)."""
-    hook: str
-    hook_out: str | None
-    widths: dict[str, int]
-    """Width of each hook's rows."""
-    cache: dict[str, Any] | None = None
-
-
-def _cache_metadata(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The activation cache's metadata when the run reads one (checked: a missing,
-    unfinished or too small cache fails here, before any work), else None."""
-    return run_cache_metadata(cfg) if cfg.data.activations is not None else None
-
-
-def _activation_source(
-    cfg: TrainConfig,
-    backend: ModelBackend,
-    dataset: Any,
-    cache_meta: dict[str, Any] | None,
-    saved_state: dict[str, Any] | None,
-    device: str,
-    env: DistEnv,
-    model_given: bool,
-) -> tuple[ActivationSource, HeldoutText | None]:
-    """The run's activations (hooks, widths and the stream) and its held-out text: the two
-    are chosen together, since the text a run holds out is text it must not train on."""
-    hook, hook_out = _hooks(cfg, backend, cache_meta)
-    heldout, training_data = _heldout_text(cfg, backend, dataset, cache_meta, saved_state)
-    store = _store(
-        cfg, backend, hook, hook_out, training_data, device, env,
-        cache_meta=cache_meta, model_given=model_given,
-    )
-    found = store.d_in
-    widths = dict(found) if isinstance(found, dict) else {hook: int(found)}
-    return ActivationSource(store, hook, hook_out, widths, cache_meta), heldout
-
-
-def _store(
-    cfg: TrainConfig,
-    backend: ModelBackend,
-    hook: str,
-    hook_out: str | None,
-    dataset: Any,
-    device: str,
-    env: DistEnv,
-    *,
-    cache_meta: dict[str, Any] | None = None,
-    model_given: bool = False,
-) -> Any:
-    from saekit.data import ActivationStore
-    from saekit.data.rank_store import RankActivationStore
-
-    if cache_meta is not None:
-        return cached_store(cfg, backend, hook, hook_out, cache_meta, device, model_given)
-    if dataset is None:
-        dataset = cfg.data.dataset  # a name ("bundled" included) the store resolves
-    transcoder = architecture_class(cfg.sae.architecture).is_transcoder
-    hooks: str | list[str] = [hook, hook_out] if transcoder and hook_out else hook
-    batch = cfg.training.batch_size
-    if batch % env.world_size:
-        raise ValueError(
-            f"batch_size={batch} (the global batch) does not split evenly over "
-            f"{env.world_size} ranks; make it a multiple of the number of processes"
-        )
-    batch //= env.world_size
-    options: dict[str, Any] = dict(
-        context_size=cfg.data.context_size,
-        batch_size=batch,
-        buffer_size=buffer_rows(batch),
-        # Sequences per model forward: small batches leave a CPU mostly idle (8 -> 32 ran
-        # the bundled model 2.8x faster here).
-        model_batch_size=32,
-        prepend_bos=cfg.data.prepend_bos,
-        seed=cfg.run.seed + env.rank,
-        device=device,
-        reuse_batches=batch_ring(cfg, device),
-    )
-    if env.distributed:
-        return RankActivationStore(
-            backend, hooks, dataset, rank=env.rank, world_size=env.world_size, **options
-        )
-    return ActivationStore(backend, hooks, dataset, **options)
-
-
 def _build_sae(
     cfg: TrainConfig,
     activations: ActivationSource,
@@ -554,59 +435,6 @@ def _new_run_state(
         factor = parallel.broadcast_object(factor)
     documents = heldout.heldout_documents if heldout is not None else 0
     return {"norm_scaling_factor": factor, "heldout_documents": documents}
-
-
-def _heldout_text(
-    cfg: TrainConfig,
-    backend: ModelBackend,
-    dataset: Any,
-    cache_meta: dict[str, Any] | None,
-    saved_state: dict[str, Any] | None,
-) -> tuple[HeldoutText | None, Any]:
-    """The run's held-out text, and the training data without it (see saekit.data.heldout).
-
-    Every rank computes the same choice; only rank 0 evaluates."""
-    from saekit.data.heldout import (
-        choose_eval_text,
-        describe_source,
-        heldout_documents_batches,
-        training_rows,
-    )
-    from saekit.data.heldout import same_source as same
-    from saekit.data.text import load_text_dataset
-    from saekit.data.tokens import TokenWindows, window_batches
-
-    source = dataset if dataset is not None else cfg.data.dataset
-    if cfg.data.eval_tokens <= 0:
-        return None, source
-    choice = choose_eval_text(source, cfg.data.eval_dataset, cfg.data.eval_split)
-    options = dict(context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos)
-    tokenizer = backend.tokenizer
-    if not choice.from_training_data:
-        windows = TokenWindows(choice.source, tokenizer, split=choice.split, **options)
-        batches = window_batches(windows, cfg.data.eval_tokens, EVAL_BATCH_SEQUENCES)
-        return HeldoutText(batches, describe_source(choice.source), choice.split), source
-    limit = None
-    if saved_state is not None:
-        # A run started before documents were held out trained on all of them.
-        limit = saved_state.get("heldout_documents", 0)
-    if cache_meta is not None and same(cache_meta.get("dataset"), source):
-        limit = cache_meta.get("heldout_documents", 0)
-    if limit == 0:
-        raise ValueError(
-            f"the dataset {describe_source(source)} has no test or validation split and the "
-            "run's training data holds every one of its documents, so no held-out text is "
-            "left for the final evaluation; name held-out text with --eval-dataset, or pass "
-            "--eval-tokens 0 to skip the evaluation"
-        )
-    loaded = load_text_dataset(source, split="train")
-    batches, n_heldout = heldout_documents_batches(
-        loaded, tokenizer, cfg.data.eval_tokens, limit=limit,
-        batch_size=EVAL_BATCH_SEQUENCES, **options,
-    )
-    heldout = HeldoutText(batches, describe_source(source), None, n_heldout)
-    training = loaded if cache_meta is not None else training_rows(loaded, n_heldout)
-    return heldout, training
 
 
 def _evaluator(
