@@ -127,7 +127,7 @@ def run_one(
         torch.manual_seed(0)
         sae = SAE.create(architecture, d_in, args.expansion * d_in, **fields)
         cfg = TrainingSection(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
-                             l1_coefficient=args.l1_coefficient)
+                             sparsity_coefficient=args.l1_coefficient)
         trainer = Trainer(SAEJob(sae, cfg, hook=hook, norm_scale=norm_scale),
                           TimedStream(store, stream))
         start = time.perf_counter()

@@ -161,7 +161,7 @@ def child_saekit(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["architecture"] == "topk":
         sae["k"] = spec["k"]
     else:
-        training["l1_coefficient"] = spec["l1_coefficient"]
+        training["sparsity_coefficient"] = spec["l1_coefficient"]
     cfg = TrainConfig.from_dict({
         "sae": sae,
         "data": {"model": spec["model_name"], "hook_name": spec["hook"], "context_size":

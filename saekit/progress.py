@@ -313,6 +313,44 @@ def _library_bars_restore() -> None:
         _restore.pop()()
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes each record to `sys.stderr` as it is at that moment, not to the stream of the
+    moment the handler was made, so a replaced stderr (a redirect, a test's capture) never
+    leaves it writing to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+#: Libraries that give their loggers a stderr handler of their own on first use.
+_LIBRARY_LOGGERS = ("datasets", "transformers", "huggingface_hub")
+
+
+def _log_to_current_stderr() -> None:
+    """The root logger, and the libraries' own loggers, write to the current stderr."""
+    if not logging.getLogger().handlers:
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if type(old) is logging.StreamHandler:
+                new = _CurrentStderr()
+                new.setFormatter(old.formatter)
+                new.setLevel(old.level)
+                logger.removeHandler(old)
+                logger.addHandler(new)
+
+
 @contextmanager
 def terminal(
     *, progress: bool = True, quiet: bool = False, verbose: bool = False
@@ -324,7 +362,7 @@ def terminal(
     WARNING, as bare messages on stderr. Progress: on unless `progress` is False or `quiet`.
     Library noise is silenced (`silence_library_noise`, `quiet_dataset_bars`).
     """
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _log_to_current_stderr()
     saekit_log = logging.getLogger("saekit")
     level = saekit_log.level
     saekit_log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)

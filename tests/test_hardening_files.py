@@ -45,7 +45,7 @@ OUT_OF_RANGE: dict[str, object] = {
     "training.lr": 0.0,
     "training.lr_warmup_tokens": -1,
     "training.lr_decay_fraction": 1.5,
-    "training.l1_coefficient": -1.0,
+    "training.sparsity_coefficient": -1.0,
     "training.sparsity_warmup_tokens": -1,
     "training.target_l0": 0.0,
     "training.l0_controller_gain": -0.1,
@@ -128,7 +128,7 @@ def test_the_cli_reports_every_bad_number_together(
     for expected in (
         "training.grad_clip must be a finite number, got nan",
         "training.aux_k_coefficient must be >= 0, got -1.0",
-        "training.l1_coefficient must be a finite number, got nan",
+        "training.sparsity_coefficient must be a finite number, got nan",
         "training.threshold_bandwidth must be a finite number, got nan",
         "training.l0_controller_gain must be a finite number, got nan",
         "run.seed must be in [0, 4294967296), got -3",

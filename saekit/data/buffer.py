@@ -51,7 +51,7 @@ def robust_mean_norm(norms: Tensor, hook: str = "the hook") -> float:
     if nonzero.numel() == 0:
         raise ValueError(
             f"every activation row read at {hook} is zero, so there is no norm to scale by; "
-            "check the hook, or turn normalize_activations off"
+            "check the hook, or turn norm_scaling off (--no-norm-scaling)"
         )
     limit = OUTLIER_NORM_RATIO * float(nonzero.median())
     kept = norms <= limit

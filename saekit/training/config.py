@@ -62,9 +62,10 @@ class SAESection:
     apply_b_dec_to_input: bool = True
     """Subtract b_dec from the input before encoding (forced off for transcoders whose
     output width differs from their input width)."""
-    normalize_activations: bool = True
+    norm_scaling: bool = True
     """Scale activations by sqrt(d_in) / E||x|| during training (estimated from the data);
-    the factor is folded into the weights at the end, so the saved SAE takes raw activations."""
+    the factor is folded into the weights at the end, so the saved SAE takes raw activations
+    (unlike an SAE config's normalize_activations, a mode the SAE applies at inference)."""
 
     def problems(self) -> list[str]:
         # Every field is checked for its type (NaN and infinity are no setting's value);
@@ -83,8 +84,9 @@ class SAESection:
             )
         if self.k is not None and self.known and not self.sets_k:
             out.append(
-                f"k applies to architectures whose sparsity is k ({', '.join(k_architectures())}), "
-                f"not {self.architecture!r}; use target_l0 or l1_coefficient to set its sparsity"
+                "k applies to architectures whose sparsity is k "
+                f"({', '.join(k_architectures())}), not {self.architecture!r}; use target_l0 "
+                "or sparsity_coefficient to set its sparsity"
             )
         return out
 
@@ -192,7 +194,7 @@ class TrainingSection:
     """Tokens of linear learning-rate warm-up from zero."""
     lr_decay_fraction: float = 0.2
     """linear schedule: fraction of training, at the end, over which lr decays to zero."""
-    l1_coefficient: float = 5.0
+    sparsity_coefficient: float = 5.0
     """Sparsity coefficient lambda, the weight of the architecture's sparsity penalty (an L1
     of latents, or an L0 count for learned-threshold SAEs); the starting value when
     target_l0 is set (a penalty that counts latents then starts after one step where it
@@ -266,7 +268,7 @@ class TrainingSection:
         bounds = {
             "tokens": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
             "lr_warmup_tokens": NON_NEGATIVE, "lr_decay_fraction": Bounds(0, False, 1, True),
-            "l1_coefficient": NON_NEGATIVE, "sparsity_warmup_tokens": NON_NEGATIVE,
+            "sparsity_coefficient": NON_NEGATIVE, "sparsity_warmup_tokens": NON_NEGATIVE,
             "target_l0": POSITIVE, "l0_controller_gain": POSITIVE,
             "aux_k_coefficient": NON_NEGATIVE, "dead_after_tokens": NON_NEGATIVE,
             "dead_pre_act_coefficient": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
@@ -364,6 +366,8 @@ def k_architectures() -> list[str]:
 #: spellings, and SAELens's (LanguageModelSAERunnerConfig) where they mean the same thing.
 SETTING_ALIASES: dict[str, tuple[str, ...]] = {
     "data.hook_name": ("hook",),
+    "training.sparsity_coefficient": ("l1_coefficient",),
+    "sae.norm_scaling": ("normalize_activations",),
     "data.hook_name_out": ("hook_out",),
     "training.threshold_bandwidth": ("jumprelu_bandwidth",),
     "training.threshold_penalty": ("jumprelu_sparsity",),

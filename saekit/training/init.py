@@ -58,3 +58,22 @@ def remove_parallel_gradient(sae: SAE) -> None:
         return
     rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [d_sae, d_out]
     grad -= (grad * rows).sum(dim=1, keepdim=True) * rows
+
+
+class UnitNormDecoder:
+    """The unit-norm rule for decoder rows, whole: rows start at unit norm, each gradient
+    loses its component along its row (a step turns a row, it does not stretch it), and
+    rows are put back to unit norm after every step."""
+
+    @staticmethod
+    def applies(decoder_norm: str, sae: SAE) -> bool:
+        """Whether the rule holds for `sae` under the `decoder_norm` setting: always for
+        "unit", never for "free", and for "auto" as the architecture declares (not when
+        latents are ranked by activation times row norm, which unit rows would void)."""
+        if decoder_norm != "auto":
+            return decoder_norm == "unit"
+        return sae.unit_norm_decoder and not sae.cfg.rescale_acts_by_decoder_norm
+
+    start = staticmethod(normalize_decoder_rows)
+    project_gradient = staticmethod(remove_parallel_gradient)
+    after_step = staticmethod(normalize_decoder_rows)

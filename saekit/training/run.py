@@ -254,7 +254,7 @@ def _check_target_l0(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
             "held-out L0 is %.1f, not within %d%% of target_l0=%g after %d steps: the "
             "controller needs enough optimiser steps for the SAE to follow it (Adam moves each "
             "weight by about lr per step); give it more steps (a smaller batch_size or more "
-            "tokens) or a higher lr, or start l1_coefficient near the last "
+            "tokens) or a higher lr, or start sparsity_coefficient near the last "
             "sparsity_coefficient in log.jsonl",
             l0, round(100 * L0_TOLERANCE), target, steps,
         )
@@ -421,7 +421,7 @@ def _new_run_state(
     """What a resumed run must reuse: the norm scaling factor and the documents held out."""
     factor = None
     hook = activations.hook
-    if cfg.sae.normalize_activations:
+    if cfg.sae.norm_scaling:
         estimate = activations.store.estimate_norm_scaling_factor(NORM_ESTIMATE_BATCHES)
         # Transcoders: one factor (the input's) for input and target, so that folding it
         # into the weights at the end is exact.
@@ -429,7 +429,7 @@ def _new_run_state(
         if not (math.isfinite(factor) and factor > 0):
             raise ValueError(
                 f"the norm scaling factor estimated at {hook} is {factor}, which cannot scale "
-                "activations; check the data at that hook, or turn normalize_activations off"
+                "activations; check the data at that hook, or turn norm_scaling off"
             )
         # Every rank estimated on its own shard; all use rank 0's, which is the one saved.
         factor = parallel.broadcast_object(factor)

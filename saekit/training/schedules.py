@@ -67,7 +67,8 @@ class L0Controller:
     ) -> None:
         if initial <= 0:
             raise ValueError(
-                f"the target-L0 controller needs a positive starting l1_coefficient, got {initial}"
+                "the target-L0 controller needs a positive starting sparsity_coefficient, "
+                f"got {initial}"
             )
         self.target = target
         self.gain = gain
@@ -104,7 +105,7 @@ class L0Controller:
             self.smoothed_l0 = previous = self.start_l0 = l0
             if self.balance_start and sparsity_share:
                 # A penalty that counts latents (an L0 count) has no natural scale next to
-                # the default l1_coefficient, which is for L1 sizes: 5 was 70x the balance
+                # the default sparsity_coefficient, which is for L1 sizes: 5 was 70x the balance
                 # point on the bundled model and silenced most latents before the controller
                 # could take it back. Starting balanced, the controller only has to fine-tune.
                 self.log_coefficient -= math.log(sparsity_share)

@@ -34,9 +34,8 @@ from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainingSection
 from saekit.training.distributed import Parallelism
 from saekit.training.init import (
+    UnitNormDecoder,
     initialize_b_dec,
-    normalize_decoder_rows,
-    remove_parallel_gradient,
 )
 from saekit.training.runlog import RunLog
 from saekit.training.schedules import L0Controller, lr_at, sparsity_warmup_factor
@@ -111,10 +110,8 @@ class _JobState:
     def __init__(self, job: SAEJob) -> None:
         cfg, sae = job.cfg, job.sae
         self.job = job
-        self.unit_norm = cfg.decoder_norm == "unit" or (
-            cfg.decoder_norm == "auto"
-            and sae.unit_norm_decoder
-            and not sae.cfg.rescale_acts_by_decoder_norm
+        self.unit_norm = (
+            UnitNormDecoder() if UnitNormDecoder.applies(cfg.decoder_norm, sae) else None
         )
         self.uses_coefficient = sae.sparsity_control != "k"
         if cfg.target_l0 is not None and not self.uses_coefficient:
@@ -130,7 +127,7 @@ class _JobState:
             total_steps = max(cfg.tokens // cfg.batch_size, 1)
             self.controller = L0Controller(
                 cfg.target_l0,
-                cfg.l1_coefficient,
+                cfg.sparsity_coefficient,
                 cfg.l0_controller_gain,
                 ramp_steps=int(L0_RAMP_FRACTION * total_steps),
                 balance_start=sae.penalty_counts_latents,
@@ -151,7 +148,7 @@ class _JobState:
     def coefficient(self, tokens_seen: int) -> float:
         if self.controller is not None:
             return self.controller.coefficient
-        return self.job.cfg.l1_coefficient * sparsity_warmup_factor(self.job.cfg, tokens_seen)
+        return self.job.cfg.sparsity_coefficient * sparsity_warmup_factor(self.job.cfg, tokens_seen)
 
     def settings(self, tokens_seen: int) -> LossSettings:
         cfg = self.job.cfg
@@ -333,7 +330,7 @@ class Trainer:
             out.loss.backward()
             self.parallel.reduce_gradients(list(sae.parameters()))
             if st.unit_norm:
-                remove_parallel_gradient(sae)
+                st.unit_norm.project_gradient(sae)
             if job.cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), job.cfg.grad_clip)
                 if not torch.isfinite(grad_norm):
@@ -353,7 +350,7 @@ class Trainer:
                 group["lr"] = lr_at(st.job.cfg, self.tokens_seen)
             st.optimizer.step()
             if st.unit_norm:
-                normalize_decoder_rows(st.job.sae)
+                st.unit_norm.after_step(st.job.sae)
             st.job.sae.post_optimizer_step()
             if st.controller is not None:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
@@ -395,7 +392,7 @@ class Trainer:
         # Data-parallel ranks start from rank 0's weights and one b_dec from the global batch.
         self.parallel.sync_parameters(sae)
         if st.unit_norm:
-            normalize_decoder_rows(sae)
+            st.unit_norm.start(sae)
         target = self.parallel.gather_rows(target)
         initialize_b_dec(sae, st.job.cfg.b_dec_init, target.to(sae.dtype))
 
@@ -483,8 +480,8 @@ class Trainer:
         raise TrainingDiverged(
             f"training of SAE {job.name!r} diverged at step {self.step + 1} (after "
             f"{self.tokens_seen} tokens): {what}{where}. Try a lower lr (now {job.cfg.lr}), "
-            "a learning-rate warm-up (lr_warmup_tokens), normalize_activations, or a smaller "
-            "l1_coefficient"
+            "a learning-rate warm-up (lr_warmup_tokens), norm_scaling, or a smaller "
+            "sparsity_coefficient"
         )
 
     # ----- logging -------------------------------------------------------------------------
@@ -573,7 +570,7 @@ class Trainer:
                 f"the weights of SAE {name!r} became non-finite by step {self.step} (after "
                 f"{self.tokens_seen} tokens): {problem}. No checkpoint was written, so "
                 f"{self._last_good()}. Try a lower lr (now {self.jobs[0].cfg.lr}), a "
-                "learning-rate warm-up (lr_warmup_tokens) or normalize_activations"
+                "learning-rate warm-up (lr_warmup_tokens) or norm_scaling"
             )
         state = self.state_dict()
         path = ckpt.checkpoint_dir(self.run_dir) / f"tokens_{self.tokens_seen:015d}"

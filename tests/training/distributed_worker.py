@@ -39,7 +39,7 @@ def data_jobs() -> list[SAEJob]:
     """Two SAEs side by side; topk with a short dead window exercises the AuxK dead mask."""
     return [
         SAEJob(make_sae("standard", seed=3, dtype="float64"), small_config(
-            STEPS, BATCH, l1_coefficient=0.1, lr_schedule="cosine"), name="standard"),
+            STEPS, BATCH, sparsity_coefficient=0.1, lr_schedule="cosine"), name="standard"),
         SAEJob(make_sae("topk", seed=4, dtype="float64"), small_config(
             STEPS, BATCH, dead_after_tokens=BATCH * 3), name="topk"),
     ]
@@ -53,11 +53,11 @@ def sae_jobs() -> list[SAEJob]:
     """Three SAEs on two hooks: an SAE on "a", one on "b" and a transcoder a -> b."""
     return [
         SAEJob(make_sae("standard", seed=5, dtype="float64"), small_config(
-            STEPS, BATCH, l1_coefficient=0.1), name="on_a", hook="a"),
+            STEPS, BATCH, sparsity_coefficient=0.1), name="on_a", hook="a"),
         SAEJob(make_sae("topk", d_in=D_OUT, seed=6, dtype="float64"), small_config(
             STEPS, BATCH), name="on_b", hook="b"),
         SAEJob(make_sae("transcoder", d_out=D_OUT, seed=7, dtype="float64"), small_config(
-            STEPS, BATCH, l1_coefficient=0.1), name="a_to_b", hook="a", hook_out="b"),
+            STEPS, BATCH, sparsity_coefficient=0.1), name="a_to_b", hook="a", hook_out="b"),
     ]
 
 

@@ -25,7 +25,7 @@ STEPS = 40
 
 def job() -> SAEJob:
     # A controller and a schedule, so their states must survive the resume too.
-    cfg = small_config(STEPS, target_l0=6, lr_schedule="cosine", l1_coefficient=0.1)
+    cfg = small_config(STEPS, target_l0=6, lr_schedule="cosine", sparsity_coefficient=0.1)
     return SAEJob(make_sae("standard", seed=3), cfg)
 
 

@@ -12,7 +12,7 @@ from saekit.training.synthetic import SparseFeatureStream
 
 def held_out_l0(architecture: str, target: float, steps: int = 1000) -> float:
     stream = SparseFeatureStream(16, 32, 256, p_min=0.05, p_max=0.3, offset=1.0)
-    cfg = small_config(steps, target_l0=target, l1_coefficient=0.1, lr_schedule="linear")
+    cfg = small_config(steps, target_l0=target, sparsity_coefficient=0.1, lr_schedule="linear")
     trained = Trainer(SAEJob(make_sae(architecture), cfg), stream).fit().saes["sae"]
     with torch.no_grad():
         latents = trained.encode(stream.held_out(4096))

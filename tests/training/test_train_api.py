@@ -116,7 +116,7 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
     cfg = config_from_args(args)
     assert cfg.training.lr == 0.002 and cfg.training.tokens == 5000
     assert cfg.training.target_l0 == 64 and cfg.sae.architecture == "jumprelu"
-    assert cfg.sae.normalize_activations is False
+    assert cfg.sae.norm_scaling is False  # its old name still reads
 
 
 def test_cli_reports_config_problems_without_a_traceback(
@@ -154,7 +154,8 @@ def test_settings_answer_to_their_old_and_saelens_names(tmp_path: Path) -> None:
     cfg = config_from_args(args)
     assert cfg.data.hook_name == "blocks.0.hook_resid_pre"
     assert (cfg.training.tokens, cfg.training.batch_size) == (2048, 512)
-    assert (cfg.sae.d_sae, cfg.training.l1_coefficient, cfg.data.context_size) == (96, 3.0, 64)
+    training = cfg.training
+    assert (cfg.sae.d_sae, training.sparsity_coefficient, cfg.data.context_size) == (96, 3.0, 64)
     assert {"training.tokens", "data.hook_name"} <= given_settings(args)
     # The same in a config file, as saekit wrote it before and as SAELens names it.
     old = TrainConfig.from_dict({"data": {"hook": "x", "hook_out": "y"},

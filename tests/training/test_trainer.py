@@ -26,7 +26,7 @@ def test_every_architecture_learns(architecture: str, tmp_path: Path) -> None:
     stream = SparseFeatureStream(16, 32, 256, offset=1.0, d_out=16 if transcoder else None)
     sae = make_sae(architecture)
     records: list[dict] = []
-    cfg = small_config(150, l1_coefficient=0.3)
+    cfg = small_config(150, sparsity_coefficient=0.3)
     result = Trainer(SAEJob(sae, cfg), stream, log_every=10, log_sinks=[records.append]).fit()
     assert result.tokens == 150 * 256
     assert records[-1]["mse_loss"] < 0.7 * records[0]["mse_loss"]
@@ -46,7 +46,7 @@ def test_every_architecture_learns(architecture: str, tmp_path: Path) -> None:
 def test_ground_truth_features_are_recovered(architecture: str) -> None:
     stream = SparseFeatureStream(16, 24, 256, p_min=0.02, p_max=0.08, offset=1.0)
     sae = make_sae(architecture, d_sae=48, k=3 if architecture == "topk" else None)
-    cfg = small_config(300, l1_coefficient=0.3)
+    cfg = small_config(300, sparsity_coefficient=0.3)
     trained = Trainer(SAEJob(sae, cfg), stream).fit().saes["sae"]
     rows = trained.W_dec / trained.W_dec.norm(dim=1, keepdim=True)
     best_cosine = (stream.features @ rows.T).max(dim=1).values  # [n_features]
@@ -57,8 +57,8 @@ def test_saes_side_by_side_train_exactly_as_alone() -> None:
     def jobs() -> list[SAEJob]:
         return [
             SAEJob(make_sae("topk", seed=1), small_config(30), name="a"),
-            SAEJob(make_sae("standard", d_sae=32, seed=2), small_config(30, l1_coefficient=0.1),
-                   name="b"),
+            SAEJob(make_sae("standard", d_sae=32, seed=2),
+                   small_config(30, sparsity_coefficient=0.1), name="b"),
         ]
 
     together = Trainer(jobs(), SparseFeatureStream(16, 32, 256)).fit()
@@ -98,7 +98,7 @@ def test_norm_scale_is_folded_so_raw_activations_work() -> None:
     raw = (100 * x for x in stream)
     scale = 1 / 100
     sae = make_sae("jumprelu")
-    job = SAEJob(sae, small_config(150, l1_coefficient=0.3), norm_scale=scale)
+    job = SAEJob(sae, small_config(150, sparsity_coefficient=0.3), norm_scale=scale)
     trained = Trainer(job, raw).fit().saes["sae"]
     held = 100 * stream.held_out(2048)
     assert trained.cfg.normalize_activations == "none"
@@ -132,7 +132,7 @@ def test_standard_sae_dead_latents_are_revived_by_the_pre_act_term() -> None:
     finals = {}
     for coefficient in (0.0, 0.01):
         records: list[dict] = []
-        cfg = small_config(80, dead_after_tokens=256 * 5, l1_coefficient=0.3,
+        cfg = small_config(80, dead_after_tokens=256 * 5, sparsity_coefficient=0.3,
                            dead_pre_act_coefficient=coefficient)
         stream = SparseFeatureStream(16, 8, 256, p_min=0.05, p_max=0.1)
         Trainer(SAEJob(make_sae("standard", d_sae=128), cfg), stream, log_every=8,
