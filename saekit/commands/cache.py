@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "TransformerLens model name")
     parser.add_argument("--backend", default="auto", choices=("auto", "hf", "transformer_lens"),
                         help="model backend (default: auto)")
-    parser.add_argument("--hook", action="append", required=True, dest="hooks",
+    parser.add_argument("--hook-name", "--hook", action="append", required=True, dest="hooks",
                         help="hook name; repeat for several hooks from one forward pass")
     parser.add_argument("--hook-head-index", type=non_negative_int, default=None,
                         help="keep one attention head of a per-head hook such as hook_z")
