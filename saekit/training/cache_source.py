@@ -37,7 +37,7 @@ BATCH_RING = 4
 
 def prefetches(cfg: TrainConfig, device: str) -> bool:
     """Whether batches are made ahead in a background thread: on accelerators only (on CPU
-    cores the overlap measured level with taking turns, docs/scaling.md)."""
+    cores the overlap measured level with taking turns: benchmarks/README.md)."""
     return cfg.run.prefetch and torch.device(device).type != "cpu"
 
 
