@@ -15,3 +15,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_tl_model() -> object:
+    """A tiny random TransformerLens model with its tokenizer (saekit.models.tiny)."""
+    from saekit.models.tiny import tiny_hooked_transformer, tiny_tokenizer
+
+    return tiny_hooked_transformer(tokenizer=tiny_tokenizer())

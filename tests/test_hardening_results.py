@@ -41,13 +41,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> object:
-    return tiny_tokenizer()
+def model(tiny_tl_model: object) -> object:
+    return tiny_tl_model
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer: object) -> object:
-    return tiny_hooked_transformer(tokenizer=tokenizer)
+def tokenizer(model: object) -> object:
+    return model.tokenizer  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")

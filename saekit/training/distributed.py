@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -98,9 +99,23 @@ def init_process_group(device: str | torch.device, env: DistEnv | None = None) -
     return env
 
 
+#: How long a rank waits at the end for the others before tearing the group down anyway.
+TEARDOWN_WAIT = timedelta(seconds=60)
+
+
 def destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the process group down once every rank is done with it: on gloo a rank that
+    closes its connections while another is still in a collective (rank 0 writing the last
+    checkpoint) can abort the process (SIGABRT) after a finished run. A rank that died is
+    waited for TEARDOWN_WAIT at most."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=TEARDOWN_WAIT)
+        except RuntimeError:
+            pass  # another rank failed or left: nothing left to wait for
+    dist.destroy_process_group()
 
 
 class Parallelism:

@@ -36,13 +36,13 @@ def config(out: Path, cache: Path, **data: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> object:
-    return tiny_tokenizer()
+def model(tiny_tl_model: object) -> object:
+    return tiny_tl_model
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer: object) -> object:
-    return tiny_hooked_transformer(tokenizer=tokenizer)
+def tokenizer(model: object) -> object:
+    return model.tokenizer  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
