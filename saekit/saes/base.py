@@ -7,6 +7,7 @@ community publishes it in another form, how it is published.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -112,13 +113,40 @@ class TrainingOutput:
 
 
 class PretrainedSAE(NamedTuple):
-    """What `SAE.from_pretrained` returns; unpacks as `sae, cfg_dict, sparsity`."""
+    """What `SAE.from_pretrained_with_cfg_and_sparsity` returns: `sae, cfg_dict, sparsity`."""
 
     sae: SAE
     cfg_dict: dict[str, Any]
     """The loaded SAE's config in the current cfg.json layout (after any folding)."""
     sparsity: Tensor | None
     """log10 firing frequency per latent [d_sae], or None when the release has none."""
+
+
+class _Unpacks:
+    """Mixed into a loaded pretrained SAE's class: the SAE unpacks as the classic
+    `sae, cfg_dict, sparsity` and answers `.sae` with itself."""
+
+    cfg_dict: dict[str, Any]
+    sparsity: Tensor | None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self, self.cfg_dict, self.sparsity))
+
+    @property
+    def sae(self) -> Any:
+        return self
+
+
+@functools.cache
+def _unpacking_class(cls: type) -> type:
+    """`cls` with `_Unpacks` mixed in, under the same name (isinstance holds for both)."""
+    return type(cls.__name__, (cls, _Unpacks), {"__module__": cls.__module__})
+
+
+def _unpackable(sae: SAE, cfg_dict: dict[str, Any], sparsity: Tensor | None) -> SAE:
+    sae.__class__ = _unpacking_class(type(sae))
+    sae.cfg_dict, sae.sparsity = cfg_dict, sparsity
+    return sae
 
 
 class NormState(NamedTuple):
@@ -525,9 +553,15 @@ class SAE(nn.Module):
         *,
         fold_norm_scaling: bool = True,
         **fetch_options: Any,
-    ) -> PretrainedSAE:
+    ) -> SAE:
         """Load a published SAE: a registry release name (`saekit pretrained list`), a Hub
         repo id `owner/name` (with `sae_id` the folder inside it) or a local folder.
+
+        Returns the SAE (as SAELens 6 does), which also unpacks as the classic
+        `sae, cfg_dict, sparsity` (cfg_dict: its config in the current cfg.json layout;
+        sparsity: log10 firing frequency per latent, or None) and has `.cfg_dict`,
+        `.sparsity` and `.sae` (itself) for code written for either;
+        `from_pretrained_with_cfg_and_sparsity` returns that triple as a named tuple.
 
         `fetch_options` go to `saekit.io.pretrained.fetch_pretrained`: revision,
         force_download, token, cache_dir, endpoint, layout. A release's norm scaling factor
@@ -558,7 +592,16 @@ class SAE(nn.Module):
 
             check_sparsity(parts.sparsity, sae.cfg.d_sae, parts.source)
             sparsity = parts.sparsity.to(sae.device)
-        return PretrainedSAE(sae, sae.cfg.to_dict(), sparsity)
+        return _unpackable(sae, sae.cfg.to_dict(), sparsity)
+
+    @staticmethod
+    def from_pretrained_with_cfg_and_sparsity(
+        release: str, sae_id: str | None = None, device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None, **options: Any,
+    ) -> PretrainedSAE:
+        """`SAE.from_pretrained` as the triple `sae, cfg_dict, sparsity` (SAELens 6's name)."""
+        sae = SAE.from_pretrained(release, sae_id, device, dtype, **options)
+        return PretrainedSAE(sae, sae.cfg_dict, sae.sparsity)
 
     def push_to_hub(
         self,

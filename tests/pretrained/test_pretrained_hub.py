@@ -47,6 +47,28 @@ def test_registry_release_loads_offline_from_the_hub_cache(tmp_path, hub_cache, 
     assert loaded.sae is sae_out
 
 
+def test_from_pretrained_is_an_sae_that_also_unpacks(tmp_path, hub_cache, offline) -> None:
+    """SAELens 6 returns the SAE; earlier code unpacks three values: both spellings work."""
+    sae = small_sae()
+    sparsity = torch.linspace(-5, -1, 32)
+    hub_cache.add_folder(GPT2_REPO, saved_folder(tmp_path, sae, "s", sparsity), HOOK)
+    loaded = SAE.from_pretrained("gpt2-small-res-jb", HOOK, cache_dir=hub_cache.dir)
+    assert isinstance(loaded, SAE) and isinstance(loaded, type(sae))
+    assert type(loaded).__name__ == type(sae).__name__
+    x = torch.randn(4, 768)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae(x))
+    torch.testing.assert_close(loaded.sparsity, sparsity)
+    triple = SAE.from_pretrained_with_cfg_and_sparsity(
+        "gpt2-small-res-jb", HOOK, cache_dir=hub_cache.dir
+    )
+    again, cfg_dict, sparsity_again = triple
+    assert isinstance(again, SAE) and triple.cfg_dict == cfg_dict == loaded.cfg_dict
+    torch.testing.assert_close(sparsity_again, sparsity)
+    # It saves and loads as any SAE.
+    back = SAE.load(loaded.save(tmp_path / "again"))
+    torch.testing.assert_close(back(x), sae(x))
+
+
 def test_dtype_and_short_name(tmp_path, hub_cache, offline) -> None:
     sae = small_sae()
     hub_cache.add_folder(
