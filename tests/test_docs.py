@@ -22,3 +22,12 @@ def test_readme_first_two_blocks_are_the_setup_commands() -> None:
     assert "\n" not in install_and_run and "\n" not in install_and_test
     assert install_and_run.endswith("saekit train")
     assert "pytest" in install_and_test
+
+
+def test_readme_lists_every_registered_architecture() -> None:
+    import saekit
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architectures"):text.index("## The folder format")]
+    named = set(re.findall(r"`(\w+)`", section.split("Add your own")[0]))
+    assert set(saekit.list_architectures()) <= named
