@@ -33,8 +33,9 @@ def check_device(name: str | torch.device | None, flag: str = "--device") -> Non
     available = getattr(module, "is_available", None)
     if available is None or not available():
         built = ""
-        if device.type == "cuda" and not torch.backends.cuda.is_built():
-            built = " (this torch build has no CUDA support)"
+        is_built = getattr(getattr(torch.backends, device.type, None), "is_built", None)
+        if callable(is_built) and not is_built():
+            built = f" (this torch build has no {device.type} support)"
         raise SaekitError(
             f"{flag} {name}: no such device is available on this machine; torch finds no "
             f"{device.type} device{built}. Use {flag} cpu, or run where a {device.type} "
