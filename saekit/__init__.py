@@ -1,7 +1,9 @@
 """saekit: train, evaluate, load, share and analyse sparse autoencoders."""
 
+from saekit.analysis.splice import HookedSAETransformer, SplicedModel
 from saekit.config import SAEConfig, SAEMetadata
 from saekit.evals import EvalMetrics, evaluate, make_evaluator
+from saekit.io.hub import upload_saes_to_huggingface
 from saekit.saes import (
     SAE,
     LossSettings,
@@ -18,9 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "SAE",
     "EvalMetrics",
+    "HookedSAETransformer",
     "LossSettings",
     "SAEConfig",
     "SAEMetadata",
+    "SplicedModel",
     "TrainConfig",
     "TrainingOutput",
     "__version__",
@@ -30,4 +34,5 @@ __all__ = [
     "make_evaluator",
     "register_architecture",
     "train",
+    "upload_saes_to_huggingface",
 ]

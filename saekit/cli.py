@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -66,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from saekit.progress import terminal
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"saekit: error: {unknown_arguments_message(parser, argv, unknown)}",
+              file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -87,6 +92,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"saekit: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def unknown_arguments_message(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, unknown: Sequence[str]
+) -> str:
+    """`unknown flag --trainng-tokens; did you mean --training-tokens?`: the first unknown
+    flag, with the closest flag of the command it was given to."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command, options = _command_options(parser, words)
+    flags = [word for word in unknown if word.startswith("--")]
+    if not flags:
+        return f"unexpected arguments {' '.join(unknown)}; {command} --help says what it takes"
+    flag = flags[0].split("=", 1)[0]
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"{command} --help lists them"
+    return f"unknown flag {flag}; {hint}"
+
+
+def _command_options(
+    parser: argparse.ArgumentParser, words: Sequence[str]
+) -> tuple[str, list[str]]:
+    """The (sub)command the words name (`saekit pretrained list`) and every long flag it
+    takes, the top-level ones included."""
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    command, current = parser.prog, parser
+    for word in words:
+        subparsers = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if subparsers and word in subparsers[0].choices:
+            current = subparsers[0].choices[word]
+            command = current.prog
+            options += [o for o in current._option_string_actions if o.startswith("--")]
+    return command, sorted(set(options))
 
 
 #: Exceptions that are a user's mistake or the machine's state, not a bug: a `SaekitError`,

@@ -107,6 +107,22 @@ class SAEMetadata:
         if not isinstance(self.extra, dict):
             raise ValueError(f"metadata.extra must be a mapping, got {self.extra!r}")
 
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names that are not fields: the other keys (SAELens's seqpos_slice,
+        # model_from_pretrained_kwargs, ...) read as attributes, and a key that is absent
+        # reads as None, as SAELens's SAEMetadata answers.
+        if name.startswith("_") or name == "extra":
+            raise AttributeError(name)
+        return self.__dict__.get("extra", {}).get(name)
+
+    def __getitem__(self, key: str) -> Any:
+        """`metadata["hook_name"]`, as SAELens allows; None for a key that is absent."""
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key)
+        return default if value is None else value
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEMetadata:
         if not isinstance(data, dict):

@@ -10,7 +10,13 @@ from saekit.analysis.interventions import (
     clamp_latents,
     scale_latents,
 )
-from saekit.analysis.splice import SAE_POINTS, CacheResult, SplicedModel
+from saekit.analysis.splice import (
+    SAE_POINTS,
+    CacheResult,
+    HookedSAETransformer,
+    LogitsAndLoss,
+    SplicedModel,
+)
 from saekit.analysis.stats import FeatureStats, logit_effects
 from saekit.analysis.steering import Generation, generate, steering_hooks, steering_vector
 
@@ -20,7 +26,9 @@ __all__ = [
     "CacheResult",
     "FeatureStats",
     "Generation",
+    "HookedSAETransformer",
     "LatentEdit",
+    "LogitsAndLoss",
     "SplicedModel",
     "ablate_latents",
     "attribute",

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.analysis.splice import HookSpec, SplicedModel, _hook_lists
+from saekit.analysis.splice import HookSpec, SplicedModel
+from saekit.analysis.splice_step import hook_lists
 
 #: A target: logits [batch, pos, vocab] -> a scalar tensor.
 Metric = Callable[[Tensor], Tensor]
@@ -60,7 +61,7 @@ def attribute(
     if not model.attached:
         raise ValueError("attach at least one SAE to the model before attributing to latents")
     latents: dict[str, Tensor] = {}
-    hooks = _hook_lists(fwd_hooks)
+    hooks = hook_lists(fwd_hooks, model.hook_names())
 
     def grab(name: str):  # noqa: ANN202 - a hook function
         def fn(acts: Tensor) -> Tensor:

@@ -19,37 +19,57 @@ hook and write at their output hook.
 
 A hook on a model hook name (`blocks.1.hook_resid_pre`) sees the model's own activation
 before any SAE there reads it; the cache holds that activation too.
+
+It is also SAELens's `HookedSAETransformer` (saekit exports it under that name): text or
+token inputs, `run_with_saes`, `run_with_cache_with_saes`, `run_with_hooks_with_saes`,
+`add_sae`, `reset_saes`, `saes(saes=[...])`, `hooks(fwd_hooks=[...])`, `to_tokens`,
+`to_string`, `generate`, and hook functions written as `fn(activation, hook)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from saekit.analysis import text as text_io
+from saekit.analysis.generation import sample
+from saekit.analysis.splice_step import (
+    SAE_POINTS,
+    AttachedSAE,
+    CacheSpec,
+    HookFn,
+    HookSpec,
+    SpliceStep,
+    compose,
+    hook_lists,
+    model_hook,
+)
 from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import unknown_hook_error
 from saekit.saes.base import SAE
-from saekit.sites import SAESite, sae_region, sae_site
+from saekit.sites import sae_site
 
-#: The points each attached SAE exposes, in the order they run.
-SAE_POINTS = (
-    "hook_sae_input",
-    "hook_sae_acts_pre",
-    "hook_sae_acts_post",
-    "hook_sae_recons",
-    "hook_sae_error",
-    "hook_sae_output",
-)
+__all__ = [
+    "SAE_POINTS",
+    "ActivationCache",
+    "AttachedSAE",
+    "CacheResult",
+    "HookFn",
+    "HookSpec",
+    "HookedSAETransformer",
+    "LogitsAndLoss",
+    "SplicedModel",
+]
 
-#: A hook function: receives the activation, returns a replacement of the same shape or None
-#: to keep it.
-HookFn = Callable[[Tensor], "Tensor | None"]
-HookSpec = Mapping[str, HookFn] | Sequence[tuple[str, HookFn]]
+#: What the forward methods take: text, a list of texts, or token ids [batch, pos] / [pos].
+ModelInput = str | Sequence[str] | Tensor
+#: SAEs given to `saes`, `run_with_saes` and the like: one SAE or several.
+SAEsArg = SAE | Iterable[SAE] | None
+RETURN_TYPES = ("logits", "loss", "both", None)
 
 
 class CacheResult(NamedTuple):
@@ -61,17 +81,47 @@ class CacheResult(NamedTuple):
     """{hook name: activation}, detached; model hooks and SAE points."""
 
 
-@dataclass
-class AttachedSAE:
-    """An SAE attached to a model: where it reads and writes and how it writes."""
+class LogitsAndLoss(NamedTuple):
+    """What the forward methods return with `return_type="both"`."""
 
-    name: str
-    sae: SAE
-    site: SAESite
-    use_error_term: bool
+    logits: Tensor
+    loss: Tensor
 
-    def point(self, point: str) -> str:
-        return f"{self.name}.{point}"
+
+class ActivationCache(dict):
+    """{hook name: activation}; asking for a name that was not cached says how to cache it
+    (only the attached SAEs' points and the hooks they sit at are cached unless asked)."""
+
+    def __missing__(self, key: str) -> Tensor:
+        raise KeyError(
+            f"{key!r} was not cached; run_with_cache caches the attached SAEs' points and the "
+            f"hooks they sit at unless names_filter names more (names_filter=[{key!r}, ...] "
+            "or a predicate)"
+        )
+
+
+def _sae_list(positional: tuple[Any, ...], saes: SAEsArg) -> list[SAE]:
+    """SAEs given positionally (one by one, or as one list) and as `saes=`."""
+    out: list[SAE] = []
+    for item in (*positional, saes):
+        if item is None:
+            continue
+        if isinstance(item, SAE):
+            out.append(item)
+        else:
+            out.extend(item)
+    bad = [type(s).__name__ for s in out if not isinstance(s, SAE)]
+    if bad:
+        raise TypeError(f"expected SAEs, got {', '.join(bad)}")
+    return out
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, per_token: bool = False) -> Tensor:
+    """Cross-entropy of each next token: [batch, pos - 1] with `per_token`, else the mean."""
+    logprobs = logits[:, :-1].float().log_softmax(dim=-1)
+    target = tokens[:, 1:].to(logits.device)[..., None]
+    loss = -logprobs.gather(-1, target).squeeze(-1)  # [batch, pos - 1]
+    return loss if per_token else loss.mean()
 
 
 class SplicedModel:
@@ -101,8 +151,61 @@ class SplicedModel:
         )
         self.use_error_term = use_error_term
         self._attached: dict[str, AttachedSAE] = {}
+        #: Hooks applied on every forward pass (`add_hook`, `hooks`), as (name, fn) pairs.
+        self._hooks: list[tuple[Any, HookFn]] = []
         for sae in saes:
             self.attach(sae)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        backend: str = "auto",
+        use_error_term: bool = False,
+        **load_options: Any,
+    ) -> SplicedModel:
+        """Load a model by name, as `HookedSAETransformer.from_pretrained` does: "bundled",
+        a TransformerLens model name, a Hugging Face folder or Hub id (`load_model` decides
+        the backend unless `backend` says; `load_options` go to it)."""
+        from saekit.models import load_model
+
+        loaded = load_model(model_name, backend, device, dtype, **load_options)
+        return cls(loaded, use_error_term=use_error_term)
+
+    @classmethod
+    def from_pretrained_no_processing(
+        cls,
+        model_name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        backend: str = "auto",
+        **load_options: Any,
+    ) -> SplicedModel:
+        """`from_pretrained` with TransformerLens's weight processing (LayerNorm folding,
+        centring) turned off, so activations are the original model's. Hugging Face and the
+        bundled model are never processed, so for them this is `from_pretrained`."""
+        from saekit.models.loading import _is_tl_official_name
+
+        tl = backend == "transformer_lens" or (
+            backend == "auto" and model_name != "bundled" and _is_tl_official_name(model_name)
+        )
+        if not tl:
+            return cls.from_pretrained(model_name, device, dtype, backend=backend,
+                                       **load_options)
+        from transformer_lens import HookedTransformer
+
+        from saekit.models import load_model
+        from saekit.models.loading import _torch_dtype
+
+        kwargs: dict[str, Any] = {"device": device, **load_options}
+        if dtype is not None:
+            kwargs["dtype"] = _torch_dtype(dtype)
+        model = HookedTransformer.from_pretrained_no_processing(model_name, **kwargs)
+        return cls(load_model(model))
 
     # ----- attaching -------------------------------------------------------------------------
 
@@ -114,6 +217,27 @@ class SplicedModel:
     def attached(self) -> dict[str, AttachedSAE]:
         """The attached SAEs by name, in the order they were attached."""
         return dict(self._attached)
+
+    @property
+    def acts_to_saes(self) -> dict[str, SAE]:
+        """{name (the input hook unless named otherwise): SAE} of the attached SAEs."""
+        return {name: att.sae for name, att in self._attached.items()}
+
+    def _attachment(
+        self,
+        sae: SAE,
+        hook: str | None,
+        hook_out: str | None,
+        use_error_term: bool | None,
+        name: str | None,
+    ) -> AttachedSAE:
+        site = sae_site(sae, hook, hook_out)
+        valid = set(self.backend.hook_names())
+        for h in {site.hook_in, site.hook_out}:
+            if h not in valid:
+                raise unknown_hook_error(h, sorted(valid), f"the model {self.backend!r}")
+        error_term = self.use_error_term if use_error_term is None else use_error_term
+        return AttachedSAE(name or site.hook_in, sae, site, error_term)
 
     def attach(
         self,
@@ -127,21 +251,23 @@ class SplicedModel:
         """Attach `sae` and return its name (the prefix of its hook points).
 
         `hook` / `hook_out` override the hooks in the SAE's metadata; `name` defaults to the
-        input hook.
+        input hook. An SAE already attached under that name is an error (`add_sae` replaces
+        it instead).
         """
-        site = sae_site(sae, hook, hook_out)
-        valid = set(self.backend.hook_names())
-        for h in {site.hook_in, site.hook_out}:
-            if h not in valid:
-                raise unknown_hook_error(h, sorted(valid), f"the model {self.backend!r}")
-        name = name or site.hook_in
-        if name in self._attached:
+        att = self._attachment(sae, hook, hook_out, use_error_term, name)
+        if att.name in self._attached:
             raise ValueError(
-                f"an SAE is already attached as {name!r}; detach it first or pass name=..."
+                f"an SAE is already attached as {att.name!r}; detach it first or pass name=..."
             )
-        error_term = self.use_error_term if use_error_term is None else use_error_term
-        self._attached[name] = AttachedSAE(name, sae, site, error_term)
-        return name
+        self._attached[att.name] = att
+        return att.name
+
+    def add_sae(self, sae: SAE, use_error_term: bool | None = None) -> str:
+        """Attach `sae` at the hook its metadata names, replacing any SAE attached there
+        (SAELens's `add_sae`); returns its name. It stays until `reset_saes`."""
+        att = self._attachment(sae, None, None, use_error_term, None)
+        self._attached[att.name] = att
+        return att.name
 
     def detach(self, which: str | SAE | None = None) -> None:
         """Detach one SAE (by name or object), or all of them when `which` is None."""
@@ -157,48 +283,171 @@ class SplicedModel:
         for name in names:
             del self._attached[name]
 
+    def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
+        """Detach the SAEs attached at `act_names` (one name or several), or all of them
+        (SAELens's `reset_saes`)."""
+        if act_names is None:
+            self._attached.clear()
+            return
+        for name in [act_names] if isinstance(act_names, str) else act_names:
+            self.detach(name)
+
     @contextmanager
     def saes(
-        self, *saes: SAE, use_error_term: bool | None = None
+        self,
+        *sae_args: SAE | Iterable[SAE],
+        saes: SAEsArg = None,
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
     ) -> Iterator[SplicedModel]:
-        """Attach `saes` for the duration of a `with` block, then detach them."""
-        names: list[str] = []
+        """Attach SAEs for the duration of a `with` block: `model.saes(sae1, sae2)` or, as in
+        SAELens, `model.saes(saes=[sae1, sae2])`. An SAE already attached at the same hook is
+        replaced for the block. On leaving the block (an exception included) the model is as
+        it was, unless `reset_saes_end=False` leaves these SAEs attached."""
+        previous: list[tuple[str, AttachedSAE | None]] = []
         try:
-            for sae in saes:
-                names.append(self.attach(sae, use_error_term=use_error_term))
+            for sae in _sae_list(sae_args, saes):
+                att = self._attachment(sae, None, None, use_error_term, None)
+                previous.append((att.name, self._attached.get(att.name)))
+                self._attached[att.name] = att
             yield self
         finally:
-            for name in names:
-                self._attached.pop(name, None)
+            if reset_saes_end:
+                for name, before in reversed(previous):
+                    if before is None:
+                        self._attached.pop(name, None)
+                    else:
+                        self._attached[name] = before
+
+    def add_hook(self, name: str | Callable[[str], bool], hook: HookFn) -> None:
+        """Apply `hook` at `name` (or at every name the predicate accepts) on every forward
+        pass until `reset_hooks` (TransformerLens's `add_hook`)."""
+        self._hooks.append((name, hook))
+
+    def reset_hooks(self) -> None:
+        """Remove the hooks `add_hook` added."""
+        self._hooks.clear()
+
+    @contextmanager
+    def hooks(
+        self, fwd_hooks: HookSpec = (), reset_hooks_end: bool = True
+    ) -> Iterator[SplicedModel]:
+        """Apply `fwd_hooks` on every forward pass inside a `with` block, `generate`
+        included (TransformerLens's `hooks`)."""
+        added = list(fwd_hooks.items() if isinstance(fwd_hooks, Mapping) else fwd_hooks)
+        self._hooks.extend(added)
+        try:
+            yield self
+        finally:
+            if reset_hooks_end:
+                for pair in added:
+                    self._hooks.remove(pair)
 
     def hook_names(self) -> list[str]:
         """Model hook names and the attached SAEs' points."""
         points = [a.point(p) for a in self._attached.values() for p in SAE_POINTS]
         return self.backend.hook_names() + points
 
+    # ----- text ------------------------------------------------------------------------------
+
+    def _prepend_bos(self, prepend_bos: bool | None) -> bool | None:
+        recorded = (a.sae.cfg.metadata.window_prepend_bos for a in self._attached.values())
+        return text_io.framing_for(prepend_bos, recorded)
+
+    def to_tokens(
+        self,
+        text: str | Sequence[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = "right",
+        move_to_device: bool = True,
+    ) -> Tensor:
+        """Token ids [batch, pos] of a text or a list of texts (shorter rows padded).
+
+        `prepend_bos` None frames text as the attached SAEs were trained (their metadata),
+        else as the tokenizer does: BOS first where it has one (`sequence_framing`)."""
+        tokens = text_io.to_tokens(
+            self.tokenizer, text, self._prepend_bos(prepend_bos), padding_side
+        )
+        return tokens.to(self.backend.device) if move_to_device else tokens
+
+    def to_string(self, tokens: Tensor | Sequence[int] | Sequence[Sequence[int]]) -> Any:
+        """Decoded text: a string for ids [pos], a list of strings for [batch, pos]."""
+        return text_io.to_string(self.tokenizer, tokens)
+
+    def to_str_tokens(self, input: ModelInput, prepend_bos: bool | None = None) -> Any:
+        """Each token of a text (framed as `to_tokens` does) or of ids, decoded alone."""
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos, move_to_device=False)[0]
+        return text_io.to_str_tokens(self.tokenizer, input)
+
+    def _tokens(self, input: ModelInput, prepend_bos: bool | None = None) -> Tensor:
+        if isinstance(input, Tensor):
+            return input if input.ndim == 2 else input.reshape(1, -1)
+        return self.to_tokens(input, prepend_bos, move_to_device=False)
+
     # ----- running ---------------------------------------------------------------------------
 
-    def __call__(self, tokens: Tensor) -> Tensor:
-        return self.run_with_hooks(tokens)
+    def __call__(
+        self,
+        input: ModelInput,
+        return_type: str | None = "logits",
+        *,
+        prepend_bos: bool | None = None,
+        loss_per_token: bool = False,
+        fwd_hooks: HookSpec = (),
+    ) -> Any:
+        """Logits [batch, pos, vocab] of text or tokens with the SAEs spliced in, or, as
+        `return_type` says: "loss" (mean next-token cross-entropy; [batch, pos - 1] with
+        `loss_per_token`), "both" (`LogitsAndLoss`) or None (run for the hooks' sake)."""
+        return self.run_with_hooks(
+            input, fwd_hooks, return_type=return_type, prepend_bos=prepend_bos,
+            loss_per_token=loss_per_token,
+        )
 
-    def run_with_hooks(self, tokens: Tensor, fwd_hooks: HookSpec = ()) -> Tensor:
-        """Logits [batch, pos, vocab] with the SAEs spliced in and `fwd_hooks` applied.
+    forward = __call__
+
+    def run_with_hooks(
+        self,
+        input: ModelInput,
+        fwd_hooks: HookSpec = (),
+        *,
+        return_type: str | None = "logits",
+        prepend_bos: bool | None = None,
+        loss_per_token: bool = False,
+    ) -> Any:
+        """Logits [batch, pos, vocab] with the SAEs spliced in and `fwd_hooks` applied
+        (`return_type` as for calling the model).
 
         `fwd_hooks` maps hook names (model hooks or SAE points) to functions that return a
-        replacement or None. Gradients flow unless the caller disables them.
+        replacement or None; a list of (name, fn) pairs works too, as do TransformerLens
+        hook functions `fn(activation, hook)` and names given as predicates. Gradients flow
+        unless the caller disables them.
         """
-        return self._forward(tokens, _hook_lists(fwd_hooks), None)
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        tokens = self._tokens(input, prepend_bos)
+        logits = self._forward(tokens, hook_lists(fwd_hooks, self.hook_names()), None)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = next_token_loss(logits, tokens, loss_per_token)
+        return loss if return_type == "loss" else LogitsAndLoss(logits, loss)
 
     def run_with_cache(
         self,
-        tokens: Tensor,
-        names_filter: Iterable[str] | Callable[[str], bool] | None = None,
+        input: ModelInput,
+        names_filter: Iterable[str] | Callable[[str], bool] | str | None = None,
         fwd_hooks: HookSpec = (),
+        *,
+        prepend_bos: bool | None = None,
+        remove_batch_dim: bool = False,
     ) -> CacheResult:
         """Logits and a cache of every SAE point (and the model hooks in `names_filter`).
 
-        `names_filter` is a list of names or a predicate; None caches every SAE point and
-        the hooks the SAEs sit at.
+        `names_filter` is a name, a list of names or a predicate; None caches every SAE
+        point and the hooks the SAEs sit at. `remove_batch_dim` drops the batch dimension
+        of a one-row batch from the cached tensors.
         """
         if names_filter is None:
             wanted = {a.point(p) for a in self._attached.values() for p in SAE_POINTS}
@@ -208,13 +457,134 @@ class SplicedModel:
         elif callable(names_filter):
             keep = names_filter
         else:
-            names = list(names_filter)
+            names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
             self._check_names(names)
             keep = set(names).__contains__
-        cache: dict[str, Tensor] = {}
+        tokens = self._tokens(input, prepend_bos)
+        cache: dict[str, Tensor] = ActivationCache()
         with torch.no_grad():
-            logits = self._forward(tokens, _hook_lists(fwd_hooks), (cache, keep))
+            hooks = hook_lists(fwd_hooks, self.hook_names())
+            logits = self._forward(tokens, hooks, (cache, keep))
+        if remove_batch_dim:
+            if tokens.shape[0] != 1:
+                raise ValueError(
+                    f"remove_batch_dim needs a batch of one, got {tokens.shape[0]} rows"
+                )
+            for name in list(cache):
+                cache[name] = cache[name][0]
         return CacheResult(logits, cache)
+
+    # ----- SAELens's spellings: run with SAEs attached for one call --------------------------
+
+    def run_with_saes(
+        self,
+        input: ModelInput,
+        *,
+        saes: SAEsArg = None,
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
+        **forward_options: Any,
+    ) -> Any:
+        """The forward pass with `saes` attached for this call (and the SAEs already
+        attached); `forward_options` as for calling the model (return_type, prepend_bos,
+        loss_per_token, fwd_hooks)."""
+        with self.saes(saes=saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+            return self(input, **forward_options)
+
+    def run_with_cache_with_saes(
+        self,
+        input: ModelInput,
+        *,
+        saes: SAEsArg = None,
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
+        return_cache_object: bool = True,
+        **cache_options: Any,
+    ) -> CacheResult:
+        """`run_with_cache` with `saes` attached for this call: logits and a cache holding
+        each SAE's points (`<hook>.hook_sae_acts_post`, ...). `return_cache_object` is
+        accepted for SAELens code: the cache is a dict either way."""
+        with self.saes(saes=saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+            return self.run_with_cache(input, **cache_options)
+
+    def run_with_hooks_with_saes(
+        self,
+        input: ModelInput,
+        *,
+        saes: SAEsArg = None,
+        fwd_hooks: HookSpec = (),
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
+        **forward_options: Any,
+    ) -> Any:
+        """`run_with_hooks` with `saes` attached for this call."""
+        with self.saes(saes=saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+            return self.run_with_hooks(input, fwd_hooks, **forward_options)
+
+    def generate(
+        self,
+        input: ModelInput,
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        prepend_bos: bool | None = None,
+        return_type: str = "input",
+        *,
+        seed: int | None = None,
+        fwd_hooks: HookSpec = (),
+        verbose: bool = False,
+        use_past_kv_cache: bool = True,
+    ) -> Any:
+        """Continue text or tokens with the attached SAEs spliced in and `fwd_hooks` applied,
+        with TransformerLens's arguments and defaults: sampling at temperature 1 unless
+        `do_sample=False` (greedy), stopping once every row has produced EOS.
+
+        `return_type` "input" gives what the input was (a string for a string: prompt and
+        continuation, without the special tokens framing it), "str" or "tokens" [batch, pos]
+        (prompt included); a list of prompts gives a list, one result per prompt. `seed`
+        makes sampling repeatable; `verbose` and `use_past_kv_cache` are accepted for
+        TransformerLens code (each step re-runs the whole sequence, which is exact with any
+        hooks)."""
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be input, str or tokens, got {return_type!r}")
+        options = dict(
+            max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+            do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
+            prepend_bos=prepend_bos, return_type=return_type, seed=seed, fwd_hooks=fwd_hooks,
+        )
+        if not isinstance(input, (str, Tensor)):
+            # Prompts of different lengths, one at a time: no padding inside a prompt.
+            return [self.generate(prompt, **options) for prompt in input]
+        tokens = self._tokens(input, prepend_bos)
+        eos = eos_token_id if eos_token_id is not None else getattr(
+            self.tokenizer, "eos_token_id", None
+        )
+        hooks = hook_lists(fwd_hooks, self.hook_names())
+        out = sample(
+            lambda t: self._forward(t, hooks, None), tokens, max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos if stop_at_eos else None, seed=seed,
+        )
+        wants_text = return_type == "str" or (return_type == "input" and not isinstance(
+            input, Tensor
+        ))
+        if not wants_text:
+            return out
+        prefix = 0 if isinstance(input, Tensor) else self._framing_length(prepend_bos)
+        texts = [self.to_string(row[prefix:]) for row in out]
+        return texts[0] if isinstance(input, str) else texts
+
+    def _framing_length(self, prepend_bos: bool | None) -> int:
+        from saekit.data.tokens import sequence_framing
+
+        _, prefix, _ = sequence_framing(self.tokenizer, self._prepend_bos(prepend_bos))
+        return len(prefix)
+
+    # ----- the forward pass ------------------------------------------------------------------
 
     def _check_names(self, names: Iterable[str]) -> None:
         valid = set(self.hook_names())
@@ -225,9 +595,12 @@ class SplicedModel:
     def _forward(
         self,
         tokens: Tensor,
-        hooks: dict[str, list[HookFn]],
-        cache: tuple[dict[str, Tensor], Callable[[str], bool]] | None,
+        hooks: dict[str, list[Callable[[Tensor], Any]]],
+        cache: CacheSpec | None,
     ) -> Tensor:
+        if self._hooks:  # the lasting hooks run before the call's own
+            lasting = hook_lists(self._hooks, self.hook_names())
+            hooks = {n: [*lasting.get(n, []), *hooks.get(n, [])] for n in {*lasting, *hooks}}
         self._check_names(hooks)
         for att in self._attached.values():
             if hooks.get(att.point("hook_sae_acts_pre")):
@@ -239,143 +612,14 @@ class SplicedModel:
         steps: dict[str, list[Replacement]] = {}
         wanted_model = [h for h in model_hooks if cache is not None and cache[1](h)]
         for name in {*(h for h in hooks if h in model_hooks), *wanted_model}:
-            steps.setdefault(name, []).append(_model_hook(name, hooks.get(name, []), cache))
+            steps.setdefault(name, []).append(model_hook(name, hooks.get(name, []), cache))
         for att in self._attached.values():
-            run = _SpliceStep(att, hooks, cache)
+            run = SpliceStep(att, hooks, cache)
             if att.site.hook_in != att.site.hook_out:
                 steps.setdefault(att.site.hook_in, []).append(run.read)
             steps.setdefault(att.site.hook_out, []).append(run.write)
-        return self.backend.logits(tokens, {h: _compose(fns) for h, fns in steps.items()})
+        return self.backend.logits(tokens, {h: compose(fns) for h, fns in steps.items()})
 
 
-def _hook_lists(fwd_hooks: HookSpec) -> dict[str, list[HookFn]]:
-    pairs = fwd_hooks.items() if isinstance(fwd_hooks, Mapping) else fwd_hooks
-    out: dict[str, list[HookFn]] = {}
-    for name, fn in pairs:
-        if not callable(fn):
-            raise TypeError(f"the hook for {name!r} is a {type(fn).__name__}, not a function")
-        out.setdefault(name, []).append(fn)
-    return out
-
-
-def _apply_hooks(name: str, value: Tensor, fns: Sequence[HookFn]) -> Tensor:
-    for fn in fns:
-        new = fn(value)
-        if new is None:
-            continue
-        if new.shape != value.shape:
-            raise ValueError(
-                f"the hook on {name} returned shape {tuple(new.shape)} for an activation of "
-                f"shape {tuple(value.shape)}; it must keep the shape"
-            )
-        value = new
-    return value
-
-
-def _model_hook(
-    name: str,
-    fns: Sequence[HookFn],
-    cache: tuple[dict[str, Tensor], Callable[[str], bool]] | None,
-) -> Replacement:
-    def fn(act: Tensor) -> Tensor:
-        act = _apply_hooks(name, act, fns)
-        if cache is not None and cache[1](name):
-            cache[0][name] = act.detach()
-        return act
-
-    return fn
-
-
-def _compose(fns: Sequence[Replacement]) -> Replacement:
-    def fn(act: Tensor) -> Tensor:
-        for f in fns:
-            act = f(act)
-        return act
-
-    return fn
-
-
-class _SpliceStep:
-    """One SAE on one forward pass: reads its input, writes its output, runs its points."""
-
-    def __init__(
-        self,
-        att: AttachedSAE,
-        hooks: Mapping[str, Sequence[HookFn]],
-        cache: tuple[dict[str, Tensor], Callable[[str], bool]] | None,
-    ) -> None:
-        self.att = att
-        self.hooks = hooks
-        self.cache = cache
-        self.x_in: Tensor | None = None
-
-    def point(self, point: str, value: Tensor) -> Tensor:
-        name = self.att.point(point)
-        value = _apply_hooks(name, value, self.hooks.get(name, ()))
-        if self.cache is not None and self.cache[1](name):
-            self.cache[0][name] = value.detach()
-        return value
-
-    def region(self, act: Tensor) -> Tensor:
-        """The part of the hook's activation the SAE sees."""
-        return sae_region(self.att.sae, act, self.att.site.head_index)
-
-    def put(self, act: Tensor, new: Tensor) -> Tensor:
-        """`act` with the SAE's region replaced by `new`."""
-        head = self.att.site.head_index
-        target = act if head is None else act[:, :, head]
-        new = new.reshape(target.shape).to(device=act.device, dtype=act.dtype)
-        if head is None:
-            return new
-        out = act.clone()
-        out[:, :, head] = new
-        return out
-
-    def read(self, act: Tensor) -> Tensor:
-        self.x_in = self.point("hook_sae_input", self.region(act))
-        return act
-
-    def write(self, act: Tensor) -> Tensor:
-        if self.att.site.hook_in == self.att.site.hook_out:
-            self.read(act)
-        if self.x_in is None:
-            raise RuntimeError(
-                f"the transcoder {self.att.name!r} reached its output hook "
-                f"{self.att.site.hook_out} before its input hook {self.att.site.hook_in}"
-            )
-        sae, x_in = self.att.sae, self.x_in
-        target = self.region(act)
-        x_sae = x_in.to(sae.device)
-        hidden_pre, acts_clean = sae.encode_parts(sae.center(sae.prepare_input(x_sae)))
-        self.point("hook_sae_acts_pre", hidden_pre)
-        acts = self.point("hook_sae_acts_post", acts_clean)
-        recon_raw = _decode(sae, acts, x_sae)
-        recon = self.point("hook_sae_recons", recon_raw)
-        if self.att.use_error_term:
-            with torch.no_grad():
-                # The reconstruction the untouched latents give, for the error term.
-                recon_clean = (
-                    recon_raw.detach() if acts is acts_clean else _decode(sae, acts_clean, x_sae)
-                )
-            target_d = target.detach().to(recon).reshape(recon.shape)
-            clean_error = target_d - recon_clean
-            error = self.point("hook_sae_error", clean_error)
-            if error is clean_error:
-                # activation + (edited - clean reconstruction): exactly the activation when
-                # nothing was edited; gradients reach the latents through `recon`.
-                out = target_d + (recon - recon_clean)
-            else:
-                out = recon + error
-        else:
-            out = recon
-        out = self.point("hook_sae_output", out)
-        return self.put(act, out)
-
-
-def _decode(sae: SAE, acts: Tensor, x_in: Tensor) -> Tensor:
-    """The SAE's reconstruction from latents, with the skip path of skip transcoders."""
-    recon = sae.decode(acts)
-    skip = getattr(sae, "skip", None)
-    if callable(skip):
-        recon = recon + skip(x_in)
-    return recon
+#: SAELens's name for a model with SAEs spliced in: the same class.
+HookedSAETransformer = SplicedModel

@@ -13,8 +13,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from saekit.analysis.generation import check_generation, sample
 from saekit.analysis.interventions import Positions, position_mask
-from saekit.analysis.splice import HookFn, HookSpec, SplicedModel, _hook_lists
+from saekit.analysis.splice import HookFn, HookSpec, SplicedModel
+from saekit.analysis.splice_step import hook_lists
 from saekit.saes.base import SAE
 from saekit.sites import sae_site
 
@@ -99,10 +101,7 @@ def generate(
     """
     if not isinstance(model, SplicedModel):
         model = SplicedModel(model)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_generation(max_new_tokens, temperature)
     tokenizer = model.tokenizer
     if isinstance(prompt, str):
         if tokenizer is None:
@@ -115,17 +114,11 @@ def generate(
     else:
         tokens = prompt if prompt.ndim == 2 else prompt.unsqueeze(0)
     n_prompt = tokens.shape[1]
-    hooks = _hook_lists(fwd_hooks)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model._forward(tokens, hooks, None)[:, -1].float().cpu()  # [batch, vocab]
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            tokens = torch.cat([tokens.cpu(), nxt[:, None]], dim=1)
+    hooks = hook_lists(fwd_hooks, model.hook_names())
+    tokens = sample(
+        lambda t: model._forward(t, hooks, None), tokens, max_new_tokens,
+        do_sample=temperature > 0, temperature=temperature, seed=seed,
+    )
     text = (
         [tokenizer.decode(row[n_prompt:].tolist()) for row in tokens]
         if tokenizer is not None else ["" for _ in range(tokens.shape[0])]

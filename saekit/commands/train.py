@@ -44,7 +44,11 @@ def register(subparsers: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON training config")
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="YAML or JSON training config: saekit's sections, or a SAELens runner config "
+        "(LanguageModelSAERunnerConfig), translated field by field",
+    )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__})")
         docs = field_docs(cls)
@@ -77,11 +81,20 @@ def _is_list(hint: Any) -> bool:
     return typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in args)
 
 
+def read_train_file(path: str | Path) -> dict[str, Any]:
+    """A --config file's sections; a SAELens runner config (LanguageModelSAERunnerConfig as
+    JSON or YAML) is translated to them first."""
+    from saekit.io.saelens_config import from_saelens_config, is_saelens_config
+
+    data = read_config_file(path)
+    return from_saelens_config(data) if is_saelens_config(data) else data
+
+
 def given_settings(args: argparse.Namespace) -> set[str]:
     """The settings ("training.lr") named by a flag or in the --config file."""
     given = {key for key in vars(args) if "." in key}
     if getattr(args, "config", None):
-        for section, values in read_config_file(args.config).items():
+        for section, values in read_train_file(args.config).items():
             given.update(f"{section}.{name}" for name in dict(values or {}))
     return given
 
@@ -95,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # them (and applied where they may change) by `train`.
         data = TrainConfig.load(Path(resume) / RUN_CONFIG_FILE).to_dict()
     if getattr(args, "config", None):
-        for section, values in read_config_file(args.config).items():
+        for section, values in read_train_file(args.config).items():
             data.setdefault(section, {}).update(dict(values or {}))
     problems: list[str] = []
     for key, value in vars(args).items():

@@ -128,3 +128,30 @@ def push_to_hub(
             + (f" {sae_id}" if sae_id else ""),
         )
     return str(info.commit_url) if hasattr(info, "commit_url") else str(info)
+
+
+def upload_saes_to_huggingface(
+    saes_dict: dict[str, Any],
+    hf_repo_id: str,
+    hf_revision: str = "main",
+    show_progress: bool = True,
+    add_default_readme: bool = True,
+    **upload_options: Any,
+) -> list[str]:
+    """SAELens's bulk upload: each {sae_id: SAE or saved folder} into its folder of
+    `hf_repo_id`, with a model card; returns the commit URLs. `show_progress` and
+    `add_default_readme` are accepted for SAELens code (saekit always writes the cards);
+    `upload_options` as for `push_to_hub`."""
+    from saekit.saes.base import SAE
+
+    if not saes_dict:
+        raise ValueError("no SAEs to upload: pass {sae_id: SAE or folder}")
+    urls = []
+    for sae_id, sae in saes_dict.items():
+        if isinstance(sae, SAE):
+            urls.append(sae.push_to_hub(hf_repo_id, sae_id, revision=hf_revision,
+                                        **upload_options))
+        else:
+            urls.append(push_to_hub(sae, hf_repo_id, sae_id, revision=hf_revision,
+                                    **upload_options))
+    return urls

@@ -122,6 +122,13 @@ class PretrainedSAE(NamedTuple):
     """log10 firing frequency per latent [d_sae], or None when the release has none."""
 
 
+class SavedSAE(NamedTuple):
+    """What `SAE.save_model` returns (SAELens's order)."""
+
+    weights_path: Path
+    cfg_path: Path
+
+
 class _Unpacks:
     """Mixed into a loaded pretrained SAE's class: the SAE unpacks as the classic
     `sae, cfg_dict, sparsity` and answers `.sae` with itself."""
@@ -543,6 +550,37 @@ class SAE(nn.Module):
         folder = read_sae_folder(path, check_shapes=check_tensor_shapes)
         sae = SAE.from_tensors(folder.cfg, folder.tensors, source=str(folder.weights_path))
         return sae.to(device=device or "cpu", dtype=resolve_dtype(dtype))
+
+    # SAELens's spellings (docs/coming-from-saelens.md).
+
+    @classmethod
+    def load_from_disk(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+        fold_W_dec_norm: bool = False,
+    ) -> SAE:
+        """`SAE.load`, then `fold_W_dec_norm()` when asked."""
+        sae = SAE.load(path, device=device, dtype=dtype)
+        if fold_W_dec_norm:
+            sae.fold_W_dec_norm()
+        return sae
+
+    def save_model(self, path: str | Path) -> SavedSAE:
+        """`save`, returning the weights and cfg.json paths."""
+        from saekit.io.native import CFG_FILE, WEIGHTS_FILE
+
+        folder = self.save(path)
+        return SavedSAE(folder / WEIGHTS_FILE, folder / CFG_FILE)
+
+    def turn_on_forward_pass_hook_z_reshaping(self) -> None:
+        """Take per-head input [..., n_heads, d_head] (cfg.reshape_activations "hook_z")."""
+        hook = self.cfg.metadata.hook_name
+        if hook is not None and not hook.endswith("_z"):
+            raise ValueError(f"hook_z reshaping is for SAEs on hook_z hooks; this one reads {hook}")
+        self.cfg.reshape_activations = "hook_z"
+
+    def turn_off_forward_pass_hook_z_reshaping(self) -> None:
+        """Take flat input [..., d_in] (cfg.reshape_activations "none")."""
+        self.cfg.reshape_activations = "none"
 
     @staticmethod
     def from_pretrained(
