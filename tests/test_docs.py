@@ -30,4 +30,9 @@ def test_readme_lists_every_registered_architecture() -> None:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Architectures"):text.index("## The folder format")]
     named = set(re.findall(r"`(\w+)`", section.split("Add your own")[0]))
-    assert set(saekit.list_architectures()) <= named
+    # saekit's own (other tests register their own architectures in the same process)
+    built_in = {
+        name for name in saekit.list_architectures()
+        if saekit.architecture_class(name).__module__.startswith("saekit.")
+    }
+    assert built_in <= named

@@ -77,6 +77,23 @@ class LossSettings:
             raise ValueError(f"threshold_bandwidth must be > 0, got {self.threshold_bandwidth}")
 
 
+@dataclass(frozen=True)
+class DeadLatentRemedy:
+    """What an architecture does for latents that stopped firing; the trainer applies it
+    without knowing the architecture's name."""
+
+    loss: str | None = None
+    """A loss term of `dead_latent_losses` (a key of `loss_coefficients`) that gives dead
+    latents gradient again, or None."""
+    loss_on_quiet: bool = False
+    """The loss acts on quiet latents (silent for TrainingSection.quiet_after_tokens, a
+    short window) rather than dead ones: a penalty's equilibrium leaves many latents firing
+    once in a long while, which a term that stops at their first firing leaves there."""
+    resample: bool = False
+    """Dead latents are started afresh on poorly reconstructed examples (`resample_latents`)
+    while training's first part lasts (see TrainingSection.resample_dead_latents)."""
+
+
 class TrainingOutput:
     """What one training forward pass produces: `recon` [batch, d_out], `latents` [batch,
     d_sae], `loss` (the sum of `losses`) and `losses` (each term by name, e.g. {"mse": ...,
@@ -192,9 +209,11 @@ class SAE(nn.Module):
     #: The loss terms beyond "mse" (the keys `sparsity_losses` and `dead_latent_losses`
     #: return), each with the `LossSettings` field that weighs it (None: unweighted).
     loss_coefficients: ClassVar[dict[str, str | None]] = {}
-    #: What revives latents that stopped firing: a loss term named in `loss_coefficients`,
-    #: or "none".
-    dead_latent_remedy: ClassVar[str] = "none"
+    #: What revives latents that stopped firing (a loss term, resampling, both or neither).
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy()
+    #: Norm of a resampled latent's encoder column, as a share of the live columns' mean
+    #: (Anthropic's 2023 recipe): small, so the new latent starts as a weak detector.
+    resample_encoder_share: ClassVar[float] = 0.2
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -490,6 +509,49 @@ class SAE(nn.Module):
         """Per-latent encoder tensors that scale with W_enc's columns when folding norms."""
         return ("b_enc",)
 
+    def latent_axes(self) -> dict[str, int]:
+        """The parameters that hold one slice per latent, each with the axis it lies on:
+        what resampling a latent starts afresh (weights and optimiser state)."""
+        named = {"W_enc": 1, "W_dec": 0, **dict.fromkeys(self.per_latent_encoder_scales(), 0)}
+        parameters = dict(self.named_parameters())
+        return {name: axis for name, axis in named.items() if name in parameters}
+
+    @torch.no_grad()
+    def resample_latents(
+        self, latents: Tensor, centred: Tensor, residual: Tensor, rows: Tensor,
+        firing_rate: float,
+    ) -> None:
+        """Start `latents` [n] afresh, latent i on the poorly reconstructed example `rows[i]`
+        of a training batch (`centred` [batch, d_in], the encoder's input; `residual`
+        [batch, d_out], what the reconstruction missed).
+
+        The decoder row points along the example's residual, at the live rows' mean norm; the
+        encoder column along the same direction (along the example's input for a transcoder,
+        whose input and output spaces differ), at `resample_encoder_share` of the live
+        columns' mean norm; and the latent's bias or threshold is set so that it fires on
+        `firing_rate` of the batch, the share a latent fires on at the run's L0 (a new latent
+        firing on half the tokens would throw the L0 far off its target).
+        """
+        live = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=latents.device)
+        live[latents] = False
+        if not bool(live.any()):
+            live[:] = True
+        decoder_dirs = _unit_rows(residual.index_select(0, rows))  # [n, d_out]
+        same_space = not self.is_transcoder and decoder_dirs.shape[1] == centred.shape[1]
+        encoder_dirs = decoder_dirs if same_space else _unit_rows(centred.index_select(0, rows))
+        decoder_norm = self.decoder_norms()[live].mean()
+        encoder_norm = self.W_enc.norm(dim=0)[live].mean() * self.resample_encoder_share
+        self.W_dec[latents] = (decoder_dirs * decoder_norm).to(self.dtype)
+        self.W_enc[:, latents] = (encoder_dirs * encoder_norm).T.to(self.dtype)
+        products = centred.to(self.dtype) @ self.W_enc[:, latents]  # [batch, n]
+        self.set_firing_point(latents, firing_points(products, firing_rate))
+
+    @torch.no_grad()
+    def set_firing_point(self, latents: Tensor, points: Tensor) -> None:
+        """Make each of `latents` fire exactly where its encoder product x~ . W_enc[:, i]
+        exceeds `points[i]` (biases and thresholds)."""
+        self.b_enc[latents] = -points.to(self.dtype)
+
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scale: float) -> None:
         """Fold an input scaling x -> s*x into the weights, so raw activations can be fed.
@@ -590,6 +652,7 @@ class SAE(nn.Module):
         dtype: str | torch.dtype | None = None,
         *,
         fold_norm_scaling: bool = True,
+        fold_W_dec_norm: bool = False,
         **fetch_options: Any,
     ) -> SAE:
         """Load a published SAE: a registry release name (`saekit pretrained list`), a Hub
@@ -603,7 +666,8 @@ class SAE(nn.Module):
 
         `fetch_options` go to `saekit.io.pretrained.fetch_pretrained`: revision,
         force_download, token, cache_dir, endpoint, layout. A release's norm scaling factor
-        is folded into the weights unless `fold_norm_scaling=False`.
+        is folded into the weights unless `fold_norm_scaling=False`; `fold_W_dec_norm=True`
+        also rescales the decoder rows to unit norm (SAELens's argument).
         """
         from saekit.io.pretrained import fetch_pretrained
 
@@ -623,6 +687,8 @@ class SAE(nn.Module):
                 "known; scale activations yourself before encoding",
                 parts.source,
             )
+        if fold_W_dec_norm:
+            sae.fold_W_dec_norm()
         sae.to(device=device, dtype=target_dtype)
         sparsity = None
         if parts.sparsity is not None:
@@ -693,6 +759,20 @@ class SAE(nn.Module):
             for name, target in sae.state_dict().items():
                 target.copy_(tensors[name].to(target.dtype))
         return sae
+
+
+def firing_points(products: Tensor, rate: float) -> Tensor:
+    """Per column of `products` [batch, n], the value exceeded by `rate` of its rows (at
+    least one row fires, and at most all)."""
+    rows = products.shape[0]
+    fire = min(max(round(rate * rows), 1), rows)
+    if fire == rows:  # every row fires: just below the smallest
+        return products.min(dim=0).values - 1e-6
+    return products.kthvalue(rows - fire, dim=0).values
+
+
+def _unit_rows(rows: Tensor) -> Tensor:
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def squared_error(recon: Tensor, target: Tensor) -> Tensor:

@@ -11,11 +11,13 @@ from torch import Tensor
 from saekit.kernels.gated import GatedEncoder
 from saekit.saes.base import (
     SAE,
+    DeadLatentRemedy,
     LossSettings,
     squared_error,
     weighted_sum_mean,
 )
 from saekit.saes.registry import register_architecture
+from saekit.saes.standard import dead_pre_activation_loss
 
 
 @register_architecture("gated")
@@ -25,7 +27,11 @@ class GatedSAE(SAE):
     unit_norm_decoder: ClassVar[bool] = True
     loss_coefficients: ClassVar[dict[str, str | None]] = {
         "l1": "sparsity_coefficient", "aux_reconstruction": None,
+        "dead_pre_act": "dead_pre_act_coefficient",
     }
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
+        loss="dead_pre_act", loss_on_quiet=True
+    )
     #: The gate activations of the last training pass, until `sparsity_losses` uses them.
     _pending_gate_acts: ClassVar[Tensor | None] = None
 
@@ -72,5 +78,34 @@ class GatedSAE(SAE):
             "aux_reconstruction": squared_error(aux_recon, x),
         }
 
+    def dead_latent_losses(
+        self,
+        centred: Tensor,
+        hidden_pre: Tensor,
+        residual: Tensor,
+        dead_mask: Tensor,
+        settings: LossSettings,
+    ) -> dict[str, Tensor]:
+        # As for standard SAEs, on the gate: a closed gate passes no gradient at all.
+        if settings.dead_pre_act_coefficient == 0:
+            return {}
+        dead = dead_mask.nonzero().squeeze(1)
+        weights = self.decoder_norms().detach().index_select(0, dead)
+        with torch.no_grad():  # the gate's pre-activations, for the dead latents only
+            dead_pre = centred @ self.W_enc.index_select(1, dead) + self.b_gate[dead]
+        loss = dead_pre_activation_loss(centred, self.W_enc, self.b_gate, dead_pre, dead, weights)
+        return {"dead_pre_act": settings.dead_pre_act_coefficient * loss}
+
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_gate", "b_mag")
+
+    def latent_axes(self) -> dict[str, int]:
+        return {**super().latent_axes(), "r_mag": 0}
+
+    @torch.no_grad()
+    def set_firing_point(self, latents: Tensor, points: Tensor) -> None:
+        # The gate opens where x~ . W_enc > point, and the magnitude path starts as the gate's
+        # pre-activation, so it is positive wherever the gate is open.
+        self.b_gate[latents] = -points.to(self.dtype)
+        self.b_mag[latents] = -points.to(self.dtype)
+        self.r_mag[latents] = 0.0

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from saekit.kernels.jumprelu import JumpReLUFunction, JumpReLUWithL0, StepFunction, TanhPenalty
-from saekit.saes.base import SAE, LossSettings
+from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings
 from saekit.saes.registry import register_architecture
 
 
@@ -26,7 +26,9 @@ class JumpReLUSAE(SAE):
     loss_coefficients: ClassVar[dict[str, str | None]] = {
         "l0": "sparsity_coefficient", "pre_act": "threshold_pre_act_coefficient",
     }
-    dead_latent_remedy: ClassVar[str] = "pre_act"
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
+        loss="pre_act", resample=True
+    )
     #: Starting threshold for every latent (the value sae-lens also uses).
     initial_threshold = 0.001
     #: (latents, L0, pre-activation loss) of the last training pass, until
@@ -100,6 +102,14 @@ class JumpReLUSAE(SAE):
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_enc", "threshold")
+
+    @torch.no_grad()
+    def set_firing_point(self, latents: Tensor, points: Tensor) -> None:
+        # Fires where h = x~ . w + b_enc exceeds theta, i.e. x~ . w > theta - b_enc; theta
+        # may not be negative, so a negative point moves into the bias.
+        threshold = points.clamp_min(0).to(self.dtype)
+        self.threshold[latents] = threshold
+        self.b_enc[latents] = threshold - points.to(self.dtype)
 
     @torch.no_grad()
     def post_optimizer_step(self) -> None:

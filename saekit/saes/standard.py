@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from saekit.kernels.sparse_topk import SelectedLatents
-from saekit.saes.base import SAE, LossSettings, weighted_sum_mean
+from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, weighted_sum_mean
 from saekit.saes.registry import register_architecture
 
 #: The sparse training path is taken while at most this share of the latents fired in the
@@ -22,7 +22,9 @@ class StandardSAE(SAE):
     loss_coefficients: ClassVar[dict[str, str | None]] = {
         "l1": "sparsity_coefficient", "dead_pre_act": "dead_pre_act_coefficient",
     }
-    dead_latent_remedy: ClassVar[str] = "dead_pre_act"
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
+        loss="dead_pre_act", loss_on_quiet=True
+    )
     #: Whether f = ReLU(h), so the training pass can keep only the positive pre-activations
     #: (the sparse top-k kernel's decode and backward, with every positive pair selected).
     relu_activation: ClassVar[bool] = True
@@ -73,23 +75,24 @@ class StandardSAE(SAE):
             return {}
         dead = dead_mask.nonzero().squeeze(1)
         weights = self.decoder_norms().detach().index_select(0, dead)
-        loss = dead_pre_activation_loss(centred, self.W_enc, self.b_enc, hidden_pre, dead, weights)
+        dead_pre = hidden_pre.detach().index_select(1, dead)
+        loss = dead_pre_activation_loss(centred, self.W_enc, self.b_enc, dead_pre, dead, weights)
         return {"dead_pre_act": settings.dead_pre_act_coefficient * loss}
 
 
 def dead_pre_activation_loss(
-    centred: Tensor, W_enc: Tensor, b_enc: Tensor, hidden_pre: Tensor, dead: Tensor,
+    centred: Tensor, W_enc: Tensor, b_enc: Tensor, dead_pre: Tensor, dead: Tensor,
     weights: Tensor,
 ) -> Tensor:
     """Mean over tokens of sum_i weights_i * ReLU(-h_i) over the latents `dead`, where
-    h = centred @ W_enc + b_enc and `hidden_pre` holds its values.
+    h = centred @ W_enc + b_enc and `dead_pre` [batch, n_dead] holds its values for them.
 
     The term is linear in W_enc and b_enc once the tokens below zero are fixed, so it is built
     from their per-latent sums of inputs ([n_dead, d_in]) rather than from h's graph: the
     sparse training pass keeps none, and the matmul costs n_dead / d_sae of the encoder's.
     The centred input is held constant, so the term moves only the encoder.
     """
-    below = (hidden_pre.detach().index_select(1, dead) < 0).to(centred.dtype)  # [batch, n_dead]
+    below = (dead_pre < 0).to(centred.dtype)  # [batch, n_dead]
     input_sums = below.T @ centred.detach()  # [n_dead, d_in]
     h_sums = (input_sums * W_enc.index_select(1, dead).T).sum(1)
     h_sums = h_sums + below.sum(0) * b_enc.index_select(0, dead)  # sum of h_i where h_i < 0

@@ -16,7 +16,7 @@ from saekit.kernels.sparse_topk import (
     sparse_decode,
     topk_pairs,
 )
-from saekit.saes.base import SAE, LossSettings, squared_error
+from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, squared_error
 from saekit.saes.registry import register_architecture
 
 #: Weight of the newest batch's smallest kept activation in the batchtopk threshold average.
@@ -41,7 +41,7 @@ class TopKFamily(SAE):
     sparsity_control: ClassVar[str] = "k"
     unit_norm_decoder: ClassVar[bool] = True
     loss_coefficients: ClassVar[dict[str, str | None]] = {"aux_k": "aux_k_coefficient"}
-    dead_latent_remedy: ClassVar[str] = "aux_k"
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(loss="aux_k")
     #: Latents per token when neither k nor a target L0 is given.
     default_k: ClassVar[int] = 64
 

@@ -204,6 +204,10 @@ class TrainingSection:
     target_l0: float | None = None
     """Wanted latents per token: sets k where the architecture's sparsity is k; for the
     others a controller adjusts lambda during training so the final L0 lands near it."""
+    start_at_target: bool = True
+    """With target_l0 and a sparsity coefficient: every latent's bias (or threshold) starts
+    where it fires on target_l0 / d_sae of the first batch, so training starts at the
+    target L0 rather than far above it (figures: benchmarks/README.md)."""
     l0_controller_gain: float = 0.03
     """How fast the target-L0 controller moves log(lambda) per step, per unit of log-L0 error."""
     aux_k_coefficient: float = 1 / 32
@@ -215,6 +219,19 @@ class TrainingSection:
     """ReLU SAEs with an L1 penalty: weight of c * sum over dead latents of ||W_dec[i]||
     ReLU(-h_i) (mean over tokens), which pushes dead latents back up until they fire;
     0 turns it off (figures: benchmarks/README.md)."""
+    quiet_after_tokens: int = 10_240
+    """Architectures whose dead-latent term acts on quiet latents (standard, gated,
+    transcoder): a latent that has not fired for this many tokens gets the term, until it
+    fires again (figures: benchmarks/README.md)."""
+    resample_dead_latents: bool | None = None
+    """Start latents that stopped firing afresh, each on a poorly reconstructed example of
+    the batch, with their optimiser state reset (Anthropic 2023), every resample_every_tokens
+    until resample_until of training. None: as the architecture declares
+    (SAE.dead_latent_remedy; figures: benchmarks/README.md)."""
+    resample_every_tokens: int | None = None
+    """Tokens between resampling events; None: a quarter of the dead-latent window."""
+    resample_until: float = 0.5
+    """Fraction of training after which no latent is resampled, so the last ones settle."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0 disables clipping)."""
     b_dec_init: str = "geometric_median"
@@ -249,6 +266,20 @@ class TrainingSection:
         return self.dead_after_tokens
 
     @property
+    def resample_every(self) -> int:
+        """`resample_every_tokens` with its default resolved."""
+        if self.resample_every_tokens is None:
+            return max(self.dead_window // 4, self.batch_size)
+        return self.resample_every_tokens
+
+    def resamples(self, remedy_resamples: bool) -> bool:
+        """Whether dead latents are resampled, for an architecture that declares
+        `remedy_resamples`."""
+        if self.resample_dead_latents is None:
+            return remedy_resamples
+        return self.resample_dead_latents
+
+    @property
     def threshold_pre_act(self) -> float:
         """`threshold_pre_act_coefficient` with its default resolved."""
         if self.threshold_pre_act_coefficient is None:
@@ -272,6 +303,8 @@ class TrainingSection:
             "target_l0": POSITIVE, "l0_controller_gain": POSITIVE,
             "aux_k_coefficient": NON_NEGATIVE, "dead_after_tokens": NON_NEGATIVE,
             "dead_pre_act_coefficient": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+            "resample_every_tokens": NON_NEGATIVE, "quiet_after_tokens": POSITIVE,
+            "resample_until": Bounds(0, True, 1, True),
             "threshold_bandwidth": POSITIVE, "threshold_pre_act_coefficient": NON_NEGATIVE,
         }
         out = field_problems(self, bounds)
@@ -370,7 +403,7 @@ SETTING_ALIASES: dict[str, tuple[str, ...]] = {
     "sae.norm_scaling": ("normalize_activations",),
     "data.hook_name_out": ("hook_out",),
     "training.threshold_bandwidth": ("jumprelu_bandwidth",),
-    "training.threshold_penalty": ("jumprelu_sparsity",),
+    "training.threshold_penalty": ("jumprelu_sparsity_loss_mode", "jumprelu_sparsity"),
     "training.ste_to_input": ("jumprelu_ste_to_input",),
     "training.threshold_pre_act_coefficient": ("jumprelu_pre_act_coefficient",),
     "training.tokens": ("training_tokens",),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saekit.saes.base import SAE
+from saekit.saes.base import SAE, firing_points
 
 
 @torch.no_grad()
@@ -41,6 +41,17 @@ def initialize_b_dec(sae: SAE, mode: str, target: Tensor) -> None:
     else:
         raise ValueError(f"b_dec_init {mode!r} is not one of zeros, mean, geometric_median")
     sae.b_dec.copy_(value.to(sae.b_dec.dtype))
+
+
+@torch.no_grad()
+def start_firing_at(sae: SAE, centred: Tensor, l0: float) -> None:
+    """Set every latent's bias (or threshold) so that it fires on l0 / d_sae of a batch of
+    encoder inputs (`centred` [batch, d_in]): the SAE starts at the wanted L0 instead of at
+    the thousand-odd latents per token of a fresh one, which the sparsity penalty would
+    otherwise have to silence first (silencing many of them for good)."""
+    latents = torch.arange(sae.cfg.d_sae, device=sae.device)
+    products = centred.to(sae.dtype) @ sae.W_enc  # [batch, d_sae]
+    sae.set_firing_point(latents, firing_points(products, l0 / sae.cfg.d_sae))
 
 
 @torch.no_grad()

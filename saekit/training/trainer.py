@@ -36,7 +36,9 @@ from saekit.training.distributed import Parallelism
 from saekit.training.init import (
     UnitNormDecoder,
     initialize_b_dec,
+    start_firing_at,
 )
+from saekit.training.resample import DeadLatentResampler
 from saekit.training.runlog import RunLog
 from saekit.training.schedules import L0Controller, lr_at, sparsity_warmup_factor
 
@@ -132,6 +134,11 @@ class _JobState:
                 ramp_steps=int(L0_RAMP_FRACTION * total_steps),
                 balance_start=sae.penalty_counts_latents,
             )
+        self.resampler = (
+            DeadLatentResampler(cfg) if cfg.resamples(sae.dead_latent_remedy.resample) else None
+        )
+        #: Latents resampled since the last log line.
+        self.interval_resampled = 0
         d_sae = sae.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)
@@ -164,6 +171,12 @@ class _JobState:
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.job.cfg.dead_window
+
+    def remedy_mask(self) -> Tensor:
+        """The latents the architecture's dead-latent term acts on this step."""
+        if self.job.sae.dead_latent_remedy.loss_on_quiet:
+            return self.tokens_since_fired >= self.job.cfg.quiet_after_tokens
+        return self.dead_mask()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -313,12 +326,13 @@ class Trainer:
         # With several ranks, a rank whose SAE diverged must still join every collective of
         # the step; the failure is shared once all are done, and then every rank stops.
         failure: tuple[SAEJob, str, str | None] | None = None
+        recons: list[Tensor] = []
         for st, (x, target) in zip(self.states, inputs, strict=True):
             job, sae = st.job, st.job.sae
             sae.train()
             settings = st.settings(self.tokens_seen)
             out = sae.training_forward(
-                x, target if sae.is_transcoder else None, settings, st.dead_mask(), st.last_l0
+                x, target if sae.is_transcoder else None, settings, st.remedy_mask(), st.last_l0
             )
             if not torch.isfinite(out.loss):
                 failure = failure or (
@@ -341,6 +355,7 @@ class Trainer:
                     if not self.parallel.distributed:
                         break
             self._track(st, out.fire_counts(), out.losses, out.loss, n_tokens, settings)
+            recons.append(out.recon.detach())
         device = self.jobs[0].sae.device
         if self.parallel.any(failure is not None, device):
             job, what, problem = failure or (self.jobs[0], "another rank's SAE diverged", None)
@@ -354,7 +369,27 @@ class Trainer:
             st.job.sae.post_optimizer_step()
             if st.controller is not None:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
+        for st, (x, target), recon in zip(self.states, inputs, recons, strict=True):
+            if st.resampler and st.resampler.due(self.tokens_seen, self.tokens_seen + n_tokens):
+                self._resample(st, x, target, recon)
         return n_tokens
+
+    @torch.no_grad()
+    def _resample(self, st: _JobState, x: Tensor, target: Tensor, recon: Tensor) -> None:
+        """Start the job's dead latents afresh on this batch's poorly reconstructed rows
+        (every data-parallel rank on the whole global batch, making the same choices)."""
+        assert st.resampler is not None
+        sae = st.job.sae
+        prepared = sae.prepare_input(x)
+        wanted = target.to(recon.dtype) if sae.is_transcoder else prepared
+        centred = self.parallel.gather_rows(sae.center(prepared))
+        residual = self.parallel.gather_rows(wanted - recon)
+        firing_rate = (st.last_l0 or 0.0) / sae.cfg.d_sae
+        started = st.resampler.resample(
+            sae, st.optimizer, st.dead_mask(), centred, residual, firing_rate, self.step
+        )
+        st.tokens_since_fired[started] = 0
+        st.interval_resampled += started.numel()
 
     def _select(self, batch: Batch, job: SAEJob, scale: bool = True) -> tuple[Tensor, Tensor]:
         """(input, target) for one job, on its device, scaled by its norm factor (unless
@@ -395,6 +430,10 @@ class Trainer:
             st.unit_norm.start(sae)
         target = self.parallel.gather_rows(target)
         initialize_b_dec(sae, st.job.cfg.b_dec_init, target.to(sae.dtype))
+        cfg = st.job.cfg
+        if cfg.target_l0 is not None and st.uses_coefficient and cfg.start_at_target:
+            rows = self.parallel.gather_rows(x)
+            start_firing_at(sae, sae.center(sae.prepare_input(rows)), cfg.target_l0)
 
     @torch.no_grad()
     def _track(
@@ -510,6 +549,9 @@ class Trainer:
             values["dead_fraction"] = float(st.dead_mask().float().mean())
             if st.uses_coefficient:
                 values["sparsity_coefficient"] = st.interval_coefficient
+            if st.resampler is not None:
+                values["resampled"] = st.interval_resampled
+                st.interval_resampled = 0
             record.update({prefix + k: v for k, v in values.items()})
             st.interval, st.interval_steps = {}, 0
         return record

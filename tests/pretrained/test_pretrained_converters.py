@@ -158,6 +158,12 @@ def test_llama_scope_with_norm_scaling_factor_folded(
     ).sae
     assert unfolded.cfg.normalize_activations == "expected_average_only_in"
     torch.testing.assert_close(unfolded(x * scale), expected * scale)
+    # SAELens's fold_W_dec_norm argument: unit decoder rows, the same function.
+    unit_rows = SAE.from_pretrained(
+        "llama-scope-test", "l5r_8x", cache_dir=hub_cache.dir, fold_W_dec_norm=True
+    )
+    torch.testing.assert_close(unit_rows.W_dec.norm(dim=1), torch.ones(D_SAE))
+    torch.testing.assert_close(unit_rows(x), expected)
 
 
 def _write_dictionary_learning(folder: Path, dict_class: str, state: dict, **trainer) -> None:
