@@ -89,6 +89,9 @@ class DeadLatentRemedy:
     """The loss acts on quiet latents (silent for TrainingSection.quiet_after_tokens, a
     short window) rather than dead ones: a penalty's equilibrium leaves many latents firing
     once in a long while, which a term that stops at their first firing leaves there."""
+    lift_quiet: bool = False
+    """Quiet latents keep their directions but have their firing points lowered (biases
+    raised) until they fire on a share of the batch (see TrainingSection.lift_share)."""
     resample: bool = False
     """Dead latents are started afresh on poorly reconstructed examples (`resample_latents`)
     while training's first part lasts (see TrainingSection.resample_dead_latents)."""
@@ -211,6 +214,8 @@ class SAE(nn.Module):
     loss_coefficients: ClassVar[dict[str, str | None]] = {}
     #: What revives latents that stopped firing (a loss term, resampling, both or neither).
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy()
+    #: Adam's peak learning rate when the training config leaves it unset.
+    default_lr: ClassVar[float] = 1e-3
     #: Norm of a resampled latent's encoder column, as a share of the live columns' mean
     #: (Anthropic's 2023 recipe): small, so the new latent starts as a weak detector.
     resample_encoder_share: ClassVar[float] = 0.2
@@ -551,6 +556,28 @@ class SAE(nn.Module):
         """Make each of `latents` fire exactly where its encoder product x~ . W_enc[:, i]
         exceeds `points[i]` (biases and thresholds)."""
         self.b_enc[latents] = -points.to(self.dtype)
+
+    def firing_point(self, latents: Tensor) -> Tensor:
+        """The encoder product above which each of `latents` fires now."""
+        return -self.b_enc[latents]
+
+    @torch.no_grad()
+    def lift_latents(self, latents: Tensor, centred: Tensor, rate: float) -> None:
+        """Lower the firing points of `latents` (never raise them) so that each fires on at
+        least `rate` of the batch `centred` [batch, d_in]; directions stay as they are."""
+        centred = centred.to(self.dtype)
+        products = centred @ self.W_enc.index_select(1, latents)  # [batch, n]
+        bar = self.competition_bar(centred)
+        if bar is not None:  # firing also takes beating the token's bar
+            products = products - bar
+        lowered = torch.minimum(self.firing_point(latents), firing_points(products, rate))
+        self.set_firing_point(latents, lowered)
+
+    def competition_bar(self, centred: Tensor) -> Tensor | None:
+        """For architectures where latents compete (top-k), what a latent's pre-activation
+        must beat on each token of `centred` to fire ([batch, 1]); None where a latent fires
+        on its own pre-activation alone."""
+        return None
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scale: float) -> None:

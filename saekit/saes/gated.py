@@ -104,8 +104,19 @@ class GatedSAE(SAE):
 
     @torch.no_grad()
     def set_firing_point(self, latents: Tensor, points: Tensor) -> None:
-        # The gate opens where x~ . W_enc > point, and the magnitude path starts as the gate's
-        # pre-activation, so it is positive wherever the gate is open.
-        self.b_gate[latents] = -points.to(self.dtype)
-        self.b_mag[latents] = -points.to(self.dtype)
-        self.r_mag[latents] = 0.0
+        # The gate opens where x~ . W_enc > point; the magnitude exp(r_mag) (x~ . W_enc -
+        # point) is then positive wherever the gate is open.
+        points = points.to(self.dtype)
+        self.b_gate[latents] = -points
+        self.b_mag[latents] = -torch.exp(self.r_mag[latents]) * points
+
+    def firing_point(self, latents: Tensor) -> Tensor:
+        return -self.b_gate[latents]
+
+    @torch.no_grad()
+    def resample_latents(
+        self, latents: Tensor, centred: Tensor, residual: Tensor, rows: Tensor,
+        firing_rate: float,
+    ) -> None:
+        self.r_mag[latents] = 0.0  # the magnitude path starts at the gate's scale
+        super().resample_latents(latents, centred, residual, rows, firing_rate)

@@ -111,6 +111,9 @@ class JumpReLUSAE(SAE):
         self.threshold[latents] = threshold
         self.b_enc[latents] = threshold - points.to(self.dtype)
 
+    def firing_point(self, latents: Tensor) -> Tensor:
+        return self.threshold[latents] - self.b_enc[latents]
+
     @torch.no_grad()
     def post_optimizer_step(self) -> None:
         self.threshold.clamp_(min=0.0)

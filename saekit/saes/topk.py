@@ -79,6 +79,18 @@ class TopKFamily(SAE):
         # ReLU(h) = 0, as a zero picked after the ReLU would.
         return self.sparse_training_pass(centred, self.select)
 
+    @torch.no_grad()
+    def competition_bar(self, centred: Tensor) -> Tensor:
+        # The smallest kept score of each token (ReLU'd: a latent must also be positive).
+        assert self.cfg.k is not None
+        scores = torch.relu(self.pre_activations(centred))  # [batch, d_sae]
+        return self.kept_bar(scores, self.cfg.k)
+
+    @staticmethod
+    def kept_bar(scores: Tensor, k: int) -> Tensor:
+        """[batch, 1]: the k-th largest score of each row."""
+        return scores.topk(min(k, scores.shape[1]), dim=1).values[:, -1:]
+
     def dead_latent_losses(
         self,
         centred: Tensor,
@@ -185,6 +197,13 @@ class BatchTopKSAE(TopKFamily):
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_enc", "threshold")
+
+    @staticmethod
+    def kept_bar(scores: Tensor, k: int) -> Tensor:
+        # One bar for the whole batch: its (k * batch)-th largest score.
+        keep = min(k * scores.shape[0], scores.numel())
+        bar = scores.flatten().topk(keep, sorted=False).values.min()
+        return bar.expand(scores.shape[0], 1)
 
     def published(self) -> SAE:
         from saekit.saes.jumprelu import JumpReLUSAE

@@ -15,7 +15,7 @@ from typing import Any
 
 from saekit.config import DTYPES
 from saekit.saes import DEFAULT_ARCHITECTURE
-from saekit.saes.base import DEAD_PRE_ACT_DEFAULT
+from saekit.saes.base import DEAD_PRE_ACT_DEFAULT, DeadLatentRemedy
 from saekit.training.fields import (
     NON_NEGATIVE,
     POSITIVE,
@@ -185,8 +185,10 @@ class TrainingSection:
     on a laptop CPU)."""
     batch_size: int = 4096
     """Tokens per optimisation step."""
-    lr: float = 1e-3
-    """Peak learning rate of Adam (beta1 0.9, beta2 0.999)."""
+    lr: float | None = None
+    """Peak learning rate of Adam (beta1 0.9, beta2 0.999); None: the architecture's
+    (SAE.default_lr: 3e-3 for standard SAEs and transcoders, 1e-3 for the others; figures:
+    benchmarks/README.md)."""
     lr_schedule: str = "constant"
     """constant | cosine (to zero at the end) | linear (decays to zero over the last
     lr_decay_fraction of training)."""
@@ -223,6 +225,12 @@ class TrainingSection:
     """Architectures whose dead-latent term acts on quiet latents (standard, gated,
     transcoder): a latent that has not fired for this many tokens gets the term, until it
     fires again (figures: benchmarks/README.md)."""
+    lift_quiet_latents: bool | None = None
+    """Lower the firing points (raise the biases) of quiet latents, keeping their directions,
+    until each fires on lift_share of an average latent's share of the batch. None: as the
+    architecture declares (SAE.dead_latent_remedy; figures: benchmarks/README.md)."""
+    lift_share: float = 0.125
+    """Quiet latents are lifted to fire on this share of the average latent's rate."""
     resample_dead_latents: bool | None = None
     """Start latents that stopped firing afresh, each on a poorly reconstructed example of
     the batch, with their optimiser state reset (Anthropic 2023), every resample_every_tokens
@@ -272,12 +280,14 @@ class TrainingSection:
             return max(self.dead_window // 4, self.batch_size)
         return self.resample_every_tokens
 
-    def resamples(self, remedy_resamples: bool) -> bool:
-        """Whether dead latents are resampled, for an architecture that declares
-        `remedy_resamples`."""
-        if self.resample_dead_latents is None:
-            return remedy_resamples
-        return self.resample_dead_latents
+    def remedies(self, remedy: DeadLatentRemedy) -> tuple[bool, bool]:
+        """(lift quiet latents, resample dead ones) for an architecture declaring `remedy`:
+        the settings where given, else the declaration."""
+        lift, resample = self.lift_quiet_latents, self.resample_dead_latents
+        return (
+            remedy.lift_quiet if lift is None else lift,
+            remedy.resample if resample is None else resample,
+        )
 
     @property
     def threshold_pre_act(self) -> float:
@@ -304,7 +314,7 @@ class TrainingSection:
             "aux_k_coefficient": NON_NEGATIVE, "dead_after_tokens": NON_NEGATIVE,
             "dead_pre_act_coefficient": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
             "resample_every_tokens": NON_NEGATIVE, "quiet_after_tokens": POSITIVE,
-            "resample_until": Bounds(0, True, 1, True),
+            "resample_until": Bounds(0, True, 1, True), "lift_share": Bounds(0, False, 1, True),
             "threshold_bandwidth": POSITIVE, "threshold_pre_act_coefficient": NON_NEGATIVE,
         }
         out = field_problems(self, bounds)

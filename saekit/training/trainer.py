@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class SAEJob:
     """Final held-out evaluation of the finished SAE."""
 
     def __post_init__(self) -> None:
+        if self.cfg.lr is None:
+            self.cfg = replace(self.cfg, lr=self.sae.default_lr)
         scale = self.norm_scale
         if scale is not None and (
             isinstance(scale, bool) or not isinstance(scale, numbers.Real)
@@ -134,9 +136,8 @@ class _JobState:
                 ramp_steps=int(L0_RAMP_FRACTION * total_steps),
                 balance_start=sae.penalty_counts_latents,
             )
-        self.resampler = (
-            DeadLatentResampler(cfg) if cfg.resamples(sae.dead_latent_remedy.resample) else None
-        )
+        self.lifts, resamples = cfg.remedies(sae.dead_latent_remedy)
+        self.resampler = DeadLatentResampler(cfg) if resamples else None
         #: Latents resampled since the last log line.
         self.interval_resampled = 0
         d_sae = sae.cfg.d_sae
@@ -172,10 +173,13 @@ class _JobState:
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.job.cfg.dead_window
 
+    def quiet_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.job.cfg.quiet_after_tokens
+
     def remedy_mask(self) -> Tensor:
         """The latents the architecture's dead-latent term acts on this step."""
         if self.job.sae.dead_latent_remedy.loss_on_quiet:
-            return self.tokens_since_fired >= self.job.cfg.quiet_after_tokens
+            return self.quiet_mask()
         return self.dead_mask()
 
     def state_dict(self) -> dict[str, Any]:
@@ -370,9 +374,22 @@ class Trainer:
             if st.controller is not None:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         for st, (x, target), recon in zip(self.states, inputs, recons, strict=True):
+            if st.lifts:
+                self._lift(st, x)
             if st.resampler and st.resampler.due(self.tokens_seen, self.tokens_seen + n_tokens):
                 self._resample(st, x, target, recon)
         return n_tokens
+
+    @torch.no_grad()
+    def _lift(self, st: _JobState, x: Tensor) -> None:
+        """Lower the firing points of the job's quiet latents until they fire on this batch."""
+        quiet = st.quiet_mask().nonzero().squeeze(1)
+        if quiet.numel() == 0 or not st.last_l0:
+            return
+        sae = st.job.sae
+        centred = self.parallel.gather_rows(sae.center(sae.prepare_input(x)))
+        rate = st.job.cfg.lift_share * st.last_l0 / sae.cfg.d_sae
+        sae.lift_latents(quiet, centred, rate)
 
     @torch.no_grad()
     def _resample(self, st: _JobState, x: Tensor, target: Tensor, recon: Tensor) -> None:

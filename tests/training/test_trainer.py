@@ -133,7 +133,8 @@ def test_standard_sae_dead_latents_are_revived_by_the_pre_act_term() -> None:
     for coefficient in (0.0, 0.01):
         records: list[dict] = []
         cfg = small_config(80, dead_after_tokens=256 * 5, quiet_after_tokens=256 * 5,
-                           sparsity_coefficient=0.3, dead_pre_act_coefficient=coefficient)
+                           sparsity_coefficient=0.3, dead_pre_act_coefficient=coefficient,
+                           lift_quiet_latents=False)  # the term alone
         stream = SparseFeatureStream(16, 8, 256, p_min=0.05, p_max=0.1)
         Trainer(SAEJob(make_sae("standard", d_sae=128), cfg), stream, log_every=8,
                 log_sinks=[records.append]).fit()
