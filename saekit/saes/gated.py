@@ -17,7 +17,7 @@ from saekit.saes.base import (
     weighted_sum_mean,
 )
 from saekit.saes.registry import register_architecture
-from saekit.saes.standard import dead_pre_activation_loss
+from saekit.saes.standard import silent_latent_term
 
 
 @register_architecture("gated")
@@ -30,7 +30,7 @@ class GatedSAE(SAE):
         "dead_pre_act": "dead_pre_act_coefficient",
     }
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
-        loss="dead_pre_act", loss_on_quiet=True
+        loss="dead_pre_act", loss_on_quiet=True, lift_quiet=True
     )
     #: The gate activations of the last training pass, until `sparsity_losses` uses them.
     _pending_gate_acts: ClassVar[Tensor | None] = None
@@ -86,15 +86,15 @@ class GatedSAE(SAE):
         dead_mask: Tensor,
         settings: LossSettings,
     ) -> dict[str, Tensor]:
-        # As for standard SAEs, on the gate: a closed gate passes no gradient at all.
-        if settings.dead_pre_act_coefficient == 0:
-            return {}
-        dead = dead_mask.nonzero().squeeze(1)
-        weights = self.decoder_norms().detach().index_select(0, dead)
-        with torch.no_grad():  # the gate's pre-activations, for the dead latents only
-            dead_pre = centred @ self.W_enc.index_select(1, dead) + self.b_gate[dead]
-        loss = dead_pre_activation_loss(centred, self.W_enc, self.b_gate, dead_pre, dead, weights)
-        return {"dead_pre_act": settings.dead_pre_act_coefficient * loss}
+        # As for standard SAEs, on the gate: a closed gate passes no gradient at all. Only the
+        # silent latents' gate pre-activations are formed.
+        def gate_pre_activations(latents: Tensor) -> Tensor:
+            with torch.no_grad():
+                return centred @ self.W_enc.index_select(1, latents) + self.b_gate[latents]
+
+        return silent_latent_term(
+            self, centred, dead_mask, settings, self.b_gate, gate_pre_activations
+        )
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_gate", "b_mag")

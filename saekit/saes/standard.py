@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -74,13 +75,26 @@ class StandardSAE(SAE):
     ) -> dict[str, Tensor]:
         # A dead ReLU latent gets no gradient from the reconstruction or the penalty; this term
         # gives it one, towards the inputs it is least negative on.
-        if settings.dead_pre_act_coefficient == 0:
-            return {}
-        dead = dead_mask.nonzero().squeeze(1)
-        weights = self.decoder_norms().detach().index_select(0, dead)
-        dead_pre = hidden_pre.detach().index_select(1, dead)
-        loss = dead_pre_activation_loss(centred, self.W_enc, self.b_enc, dead_pre, dead, weights)
-        return {"dead_pre_act": settings.dead_pre_act_coefficient * loss}
+        return silent_latent_term(
+            self, centred, dead_mask, settings, self.b_enc,
+            lambda dead: hidden_pre.detach().index_select(1, dead),
+        )
+
+
+def silent_latent_term(
+    sae: SAE, centred: Tensor, silent: Tensor, settings: LossSettings, bias: Tensor,
+    pre_activations_of: Callable[[Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """{"dead_pre_act": the term below} for the latents marked in `silent` [d_sae], whose
+    pre-activations are centred @ W_enc + bias (`pre_activations_of(latents)` gives them,
+    [batch, n]); empty when the term's coefficient is 0."""
+    if settings.dead_pre_act_coefficient == 0:
+        return {}
+    latents = silent.nonzero().squeeze(1)
+    weights = sae.decoder_norms().detach().index_select(0, latents)
+    pre = pre_activations_of(latents)
+    loss = dead_pre_activation_loss(centred, sae.W_enc, bias, pre, latents, weights)
+    return {"dead_pre_act": settings.dead_pre_act_coefficient * loss}
 
 
 def dead_pre_activation_loss(

@@ -374,7 +374,8 @@ class Trainer:
             if st.controller is not None:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         for st, (x, target), recon in zip(self.states, inputs, recons, strict=True):
-            if st.lifts:
+            every = max(st.job.cfg.quiet_after_tokens // 2, 1)
+            if st.lifts and self.tokens_seen // every != (self.tokens_seen + n_tokens) // every:
                 self._lift(st, x)
             if st.resampler and st.resampler.due(self.tokens_seen, self.tokens_seen + n_tokens):
                 self._resample(st, x, target, recon)
@@ -382,7 +383,8 @@ class Trainer:
 
     @torch.no_grad()
     def _lift(self, st: _JobState, x: Tensor) -> None:
-        """Lower the firing points of the job's quiet latents until they fire on this batch."""
+        """Lower the firing points of the job's quiet latents until they fire on this batch
+        (every half quiet window: a top-k SAE's lift costs an encoder pass)."""
         quiet = st.quiet_mask().nonzero().squeeze(1)
         if quiet.numel() == 0 or not st.last_l0:
             return

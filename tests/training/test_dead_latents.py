@@ -193,3 +193,16 @@ def test_lifting_lowers_firing_points_only_until_the_latents_fire(architecture: 
     # 2% of 1,000 rows (give or take a tie of rounding between two matmul orders)
     assert ((fires[silent] - 20).abs() <= 1).all(), fires[silent]
     torch.testing.assert_close(sae.firing_point(busy), busy_points)  # already above 2%
+
+
+def test_an_unset_learning_rate_is_the_architectures() -> None:
+    from saekit.training import TrainingSection
+
+    unset = TrainingSection(tokens=1024, batch_size=256)
+    assert unset.lr is None
+    standard = SAEJob(make_sae("standard"), unset)
+    topk = SAEJob(make_sae("topk"), unset)
+    assert standard.cfg.lr == 3e-3 and topk.cfg.lr == 1e-3
+    assert SAEJob(make_sae("standard"), small_config(4, lr=5e-4)).cfg.lr == 5e-4
+    trainer = Trainer(standard, stream())
+    assert trainer.states[0].optimizer.param_groups[0]["lr"] == 3e-3
