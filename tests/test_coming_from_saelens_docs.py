@@ -14,7 +14,7 @@ from pathlib import Path
 from doc_pages import ROOT, python_blocks
 from pretrained.fake_hub_server import FakeHub
 
-from saekit.io.saelens_config import FIXED, IGNORED, RULES, STEP_COUNTS, TRANSLATED
+from saekit.training.saelens_config import FIXED, IGNORED, RULES, STEP_COUNTS, TRANSLATED
 
 PAGE = "docs/coming-from-saelens.md"
 

@@ -17,15 +17,15 @@ from cli_world import write_corpus
 from saekit import SAE, TrainConfig
 from saekit.cli import build_parser, main
 from saekit.commands.train import read_train_file
-from saekit.io.saelens_config import (
+from saekit.models.tiny import tiny_gpt2, tiny_tokenizer
+from saekit.training.config import TrainingSection
+from saekit.training.saelens_config import (
     FIXED,
     IGNORED,
     SAELensConfigError,
     from_saelens_config,
     is_saelens_config,
 )
-from saekit.models.tiny import tiny_gpt2, tiny_tokenizer
-from saekit.training.config import TrainingSection
 from saekit.training.schedules import lr_at
 
 HOOK = "blocks.0.hook_resid_pre"

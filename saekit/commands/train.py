@@ -84,7 +84,7 @@ def _is_list(hint: Any) -> bool:
 def read_train_file(path: str | Path) -> dict[str, Any]:
     """A --config file's sections; a SAELens runner config (LanguageModelSAERunnerConfig as
     JSON or YAML) is translated to them first."""
-    from saekit.io.saelens_config import from_saelens_config, is_saelens_config
+    from saekit.training.saelens_config import from_saelens_config, is_saelens_config
 
     data = read_config_file(path)
     return from_saelens_config(data) if is_saelens_config(data) else data

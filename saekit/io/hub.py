@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -142,16 +143,15 @@ def upload_saes_to_huggingface(
     `hf_repo_id`, with a model card; returns the commit URLs. `show_progress` and
     `add_default_readme` are accepted for SAELens code (saekit always writes the cards);
     `upload_options` as for `push_to_hub`."""
-    from saekit.saes.base import SAE
-
     if not saes_dict:
         raise ValueError("no SAEs to upload: pass {sae_id: SAE or folder}")
     urls = []
     for sae_id, sae in saes_dict.items():
-        if isinstance(sae, SAE):
-            urls.append(sae.push_to_hub(hf_repo_id, sae_id, revision=hf_revision,
-                                        **upload_options))
-        else:
+        # A folder is uploaded as it is; an SAE saves itself first (SAE.push_to_hub).
+        if isinstance(sae, (str, os.PathLike)):
             urls.append(push_to_hub(sae, hf_repo_id, sae_id, revision=hf_revision,
                                     **upload_options))
+        else:
+            urls.append(sae.push_to_hub(hf_repo_id, sae_id, revision=hf_revision,
+                                        **upload_options))
     return urls
