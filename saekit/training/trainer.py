@@ -173,6 +173,18 @@ class _JobState:
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.job.cfg.dead_window
 
+    def lift_due(self, before: int, after: int) -> bool:
+        """Whether quiet latents are lifted after a step from `before` to `after` tokens.
+
+        With a coefficient, every step: lifting every few steps made the L0 jump and sag,
+        and the target-L0 controller, acting on the L0's trend, let lambda sink (a gated
+        SAE ended at L0 43 for a target of 32). Top-k SAEs have no controller and their
+        lift costs an encoder pass: every half quiet window."""
+        if self.uses_coefficient:
+            return True
+        every = max(self.job.cfg.quiet_after_tokens // 2, 1)
+        return before // every != after // every
+
     def quiet_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.job.cfg.quiet_after_tokens
 
@@ -374,8 +386,7 @@ class Trainer:
             if st.controller is not None:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         for st, (x, target), recon in zip(self.states, inputs, recons, strict=True):
-            every = max(st.job.cfg.quiet_after_tokens // 2, 1)
-            if st.lifts and self.tokens_seen // every != (self.tokens_seen + n_tokens) // every:
+            if st.lifts and st.lift_due(self.tokens_seen, self.tokens_seen + n_tokens):
                 self._lift(st, x)
             if st.resampler and st.resampler.due(self.tokens_seen, self.tokens_seen + n_tokens):
                 self._resample(st, x, target, recon)
@@ -383,8 +394,7 @@ class Trainer:
 
     @torch.no_grad()
     def _lift(self, st: _JobState, x: Tensor) -> None:
-        """Lower the firing points of the job's quiet latents until they fire on this batch
-        (every half quiet window: a top-k SAE's lift costs an encoder pass)."""
+        """Lower the firing points of the job's quiet latents until they fire on this batch."""
         quiet = st.quiet_mask().nonzero().squeeze(1)
         if quiet.numel() == 0 or not st.last_l0:
             return
