@@ -55,6 +55,7 @@ OUT_OF_RANGE: dict[str, object] = {
     "training.quiet_after_tokens": 0,
     "training.resample_every_tokens": -1,
     "training.resample_until": 1.5,
+    "training.lift_share": 0.0,
     "training.grad_clip": -1.0,
     "training.threshold_bandwidth": 0.0,
     "training.threshold_pre_act_coefficient": -1.0,
