@@ -95,3 +95,37 @@ def test_cache_train_eval_splice(family: str, tmp_path: Path) -> None:
     assert not torch.allclose(spliced(tokens), plain, atol=1e-4)
     exact = SplicedModel(backend, [sae], use_error_term=True)
     torch.testing.assert_close(exact(tokens), plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu"])
+def test_dead_latent_remedies_on_a_model_without_bos(
+    architecture: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Qwen-style model (no BOS) trained to a target L0: the start at the target, the term
+    # on quiet latents, lifting and (jumprelu) resampling all run through `saekit train`,
+    # and the trainer logs how many latents it resampled.
+    folder = build_family("qwen2", tmp_path / "qwen2")
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "run"
+    args = [
+        "train", "--model", str(folder), "--dataset", str(text), "--architecture", architecture,
+        "--hook-name", hook_for("qwen2"), "--context-size", str(CONTEXT), "--expansion-factor",
+        "4", "--tokens", "8192", "--batch-size", "256", "--target-l0", "6", "--eval-tokens",
+        "256", "--dead-after-tokens", "1024", "--out", str(out), "--no-progress", "--no-report",
+    ]
+    assert main(args) == 0
+    sae = saekit.SAE.load(out)
+    assert sae.cfg.metadata.prepend_bos is False
+    import json
+
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert ("resampled" in records[-1]) is (architecture == "jumprelu")
+    assert all(record["lr"] == sae.default_lr for record in records)
+
+    # A setting out of range is one line naming it, not a traceback.
+    bad = [*args[:-4], "--out", str(tmp_path / "bad"), "--no-progress", "--lift-share", "2"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("saekit: error:") and "lift_share" in err[-1]
+    assert "Traceback" not in "\n".join(err)
