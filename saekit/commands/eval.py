@@ -154,11 +154,17 @@ def add_model_batch_size(parser: argparse.ArgumentParser, default: int) -> None:
     )
 
 
+#: Folders `saekit eval` writes beside the SAEs' own: one per evaluation type.
+_RESULT_FOLDERS = {"core", "sparse_probing", "scr", "tpp", "absorption", "absorption_first_letter"}
+
+
 def result_names(targets: list[str]) -> list[str]:
     """A distinct, file-system-safe folder name per target."""
     names: list[str] = []
     for target in targets:
         base = re.sub(r"[^\w.-]+", "__", target.strip("/")).strip("_") or "sae"
+        if base in _RESULT_FOLDERS:  # the evaluations' own folders sit beside the SAEs'
+            base = f"{base}_sae"
         name, n = base, 2
         while name in names:
             name, n = f"{base}_{n}", n + 1
@@ -196,11 +202,14 @@ def write_results(out: Path, results: dict[str, EvalMetrics], targets: dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    from saekit.evals.suite import parse_suite, save_suite_results, suite_table
     from saekit.preflight import check_device, check_local_dataset, check_out_folder
 
+    suite = parse_suite(args.suite)
     check_device(args.device)
     check_local_dataset(args.dataset)
     check_out_folder(args.out)
+    configs = downstream_configs(args, suite)
     targets: list[str] = args.targets
     saes = [load_target(t, args.device) for t in targets]
     names = result_names(targets)
@@ -208,12 +217,12 @@ def run(args: argparse.Namespace) -> int:
     groups: dict[str | None, list[int]] = {}
     for i, sae in enumerate(saes):
         groups.setdefault(args.model or sae.cfg.metadata.model_name, []).append(i)
-    results: dict[str, EvalMetrics] = {}
+    found: list[Any] = [None] * len(saes)
     for model_name, members in groups.items():
         group = [saes[i] for i in members]
         backend = resolve_model(group, args.model, args.backend)
-        logger.info("evaluating %d SAE(s) on %s", len(group), model_name)
-        metrics = evaluate_many(
+        logger.info("evaluating %d SAE(s) on %s: %s", len(group), model_name, ", ".join(suite))
+        per_sae = evaluate_many(
             group,
             backend,
             args.dataset,
@@ -222,16 +231,30 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.model_batch_size,
             downstream=not args.no_downstream,
             split=args.split,
+            suite=suite,
+            configs=configs,
         )
-        for i, m in zip(members, metrics, strict=True):
-            results[names[i]] = m
-    ordered = {name: results[name] for name in names}
-    csv_path = write_results(Path(args.out), ordered, dict(zip(names, targets, strict=True)))
-    for (name, m), target in zip(ordered.items(), targets, strict=True):
-        print(f"\n{target}: held-out metrics on {m.n_tokens:,} tokens ({Path(args.out) / name})")
-        print(format_metrics(m.to_dict()))
-    print(f"\nwrote {csv_path} and one folder per SAE under {args.out}")
+        for i, result in zip(members, per_sae, strict=True):
+            found[i] = result
+    out = Path(args.out)
+    if "core" in suite:
+        ordered = {name: result.metrics for name, result in zip(names, found, strict=True)}
+        csv_path = write_results(out, ordered, dict(zip(names, targets, strict=True)))
+        for (name, m), target in zip(ordered.items(), targets, strict=True):
+            print(f"\n{target}: held-out metrics on {m.n_tokens:,} tokens ({out / name})")
+            print(format_metrics(m.to_dict()))
+        print(f"\nwrote {csv_path} and one folder per SAE under {out}")
+    per_eval = [result.results for result in found]
+    save_suite_results(out, saes, names, per_eval)
+    print(f"\n{suite_table(names, per_eval)}")
+    print(f"\nwrote SAEBench result files (<evaluation>/<sae>_eval_results.json) and one PNG "
+          f"per evaluation under {out}")
     return 0
+
+
+def downstream_configs(args: argparse.Namespace, suite: list[str]) -> dict[str, Any]:
+    """The downstream evaluations' configs, from the probing-dataset flags."""
+    return {}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -281,5 +304,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-downstream",
         action="store_true",
         help="skip the CE/KL figures (no model runs with the SAE spliced in)",
+    )
+    parser.add_argument(
+        "--suite", default="core",
+        help="evaluations to run, comma-separated: core (today's metrics and SAEBench's core "
+        "statistics), sparse_probing, scr, tpp, absorption, or all (default %(default)s)",
     )
     parser.set_defaults(func=run)

@@ -40,6 +40,10 @@ class ReconstructionStats:
     cos_sim: float
     l2_ratio: float
     relative_reconstruction_bias: float
+    l2_norm_in: float
+    """Mean ||x|| over tokens."""
+    l2_norm_out: float
+    """Mean ||x^|| over tokens."""
 
 
 class ReconstructionAccumulator:
@@ -59,6 +63,8 @@ class ReconstructionAccumulator:
         self._ratio = 0.0
         self._recon_sq = 0.0  # sum ||x^||^2
         self._dot = 0.0  # sum <x, x^>
+        self._norm_in = 0.0  # sum ||x||
+        self._norm_out = 0.0  # sum ||x^||
 
     def update(self, x: Tensor, recon: Tensor) -> None:
         """Add tokens: x and recon are [tokens, d] (the original and its reconstruction)."""
@@ -75,6 +81,8 @@ class ReconstructionAccumulator:
         self._ratio += float((r_norm / x_norm.clamp_min(_NORM_EPS)).sum())
         self._recon_sq += float(r_norm.pow(2).sum())
         self._dot += float(dot.sum())
+        self._norm_in += float(x_norm.sum())
+        self._norm_out += float(r_norm.sum())
 
         mean_b = x.mean(dim=0)  # [d]
         m2_b = float((x - mean_b).pow(2).sum())
@@ -108,6 +116,8 @@ class ReconstructionAccumulator:
             relative_reconstruction_bias=(
                 self._recon_sq / self._dot if self._dot != 0 else float("nan")
             ),
+            l2_norm_in=self._norm_in / n,
+            l2_norm_out=self._norm_out / n,
         )
 
 
@@ -126,6 +136,8 @@ class SparsityStats:
     """[d_sae] mean of each latent's value over the tokens where it fires (0 if it never does)."""
     max_activation: Tensor
     """[d_sae] largest value each latent takes (0 if it never fires)."""
+    sequences_fired: Tensor | None = None
+    """[d_sae] how many sequences each latent fires in (when sequences were counted)."""
 
 
 class SparsityAccumulator:
@@ -141,6 +153,14 @@ class SparsityAccumulator:
         self._act_sum = torch.zeros(d_sae, dtype=torch.float64)
         self._max = torch.zeros(d_sae, dtype=torch.float64)
         self._l1 = 0.0
+        self._sequences: Tensor | None = None
+
+    def count_sequences(self, latents: Tensor, mask: Tensor) -> None:
+        """Count, per latent, the sequences it fires in: latents [batch, pos, d_sae] and the
+        [batch, pos] mask of evaluated positions (call alongside `update`)."""
+        keep = mask.to(latents.device).unsqueeze(-1)
+        fired = ((latents.detach() != 0) & keep).any(dim=1).sum(dim=0).cpu()
+        self._sequences = fired if self._sequences is None else self._sequences + fired
 
     def update(self, latents: Tensor) -> None:
         """Add tokens: latents is [tokens, d_sae]."""
@@ -178,6 +198,7 @@ class SparsityAccumulator:
             firing_frequency=freq,
             mean_activation_when_firing=mean_when_firing,
             max_activation=self._max.clone(),
+            sequences_fired=None if self._sequences is None else self._sequences.clone(),
         )
 
 

@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.evals.core import CoreConfig, core_result
 from saekit.evals.metrics import EvalMetrics
+from saekit.evals.results import SuiteResult
 from saekit.evals.runner import evaluate_saes
+from saekit.evals.suite import parse_suite, run_downstream
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
 from saekit.saes.base import SAE
@@ -133,11 +136,20 @@ def evaluate_many(
     downstream: bool = True,
     prepend_bos: bool | None = None,
     split: str | None = None,
-) -> list[EvalMetrics]:
+    suite: str | Sequence[str] | None = None,
+    configs: Mapping[str, Any] | None = None,
+) -> list[Any]:
     """Evaluate SAEs of one model in a single pass over the held-out tokens.
 
-    Arguments as for `evaluate`; returns one `EvalMetrics` per SAE, in order.
+    Arguments as for `evaluate`; returns one `EvalMetrics` per SAE, in order (one
+    `SuiteResult` per SAE when `suite` is given).
     """
+    if suite is not None:
+        return _evaluate_suite(
+            list(saes), parse_suite(suite), model, dataset, tokens, configs,
+            context_size=context_size, batch_size=batch_size, downstream=downstream,
+            prepend_bos=prepend_bos, split=split,
+        )
     saes = list(saes)
     if not saes:
         raise ValueError("no SAEs to evaluate")
@@ -170,8 +182,11 @@ def evaluate(
     downstream: bool = True,
     prepend_bos: bool | None = None,
     split: str | None = None,
-) -> EvalMetrics:
-    """Every standard metric of `sae` on held-out text.
+    suite: str | Sequence[str] | None = None,
+    configs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Every standard metric of `sae` on held-out text; with `suite`, also the downstream
+    evaluations.
 
     Args:
         sae: the SAE; its metadata names the hook it reads (and, for transcoders, writes).
@@ -189,9 +204,16 @@ def evaluate(
             one, the documents a saekit run held out when the dataset is the SAE's training
             data (its metadata says how many), else the whole dataset (with a warning when
             that is the SAE's training data).
+        suite: the evaluations to run ("core", "sparse_probing", "scr", "tpp",
+            "absorption", a comma-separated string of them, or "all"); None: the standard
+            metrics only, as an `EvalMetrics`.
+        configs: per-evaluation config objects by name (e.g. {"sparse_probing":
+            SparseProbingConfig(k_values=[1, 5])}); missing ones take their defaults.
 
     Returns:
-        `EvalMetrics`; `.to_dict()` gives the metrics by their standard names.
+        `EvalMetrics` (`.to_dict()` gives the metrics by their standard names); with
+        `suite`, a `SuiteResult`: `result["sparse_probing"]` is that evaluation's
+        `EvalResult`, and `result.metrics` the `EvalMetrics` when core ran.
     """
     return evaluate_many(
         [sae],
@@ -203,7 +225,51 @@ def evaluate(
         downstream=downstream,
         prepend_bos=prepend_bos,
         split=split,
+        suite=suite,
+        configs=configs,
     )[0]
+
+
+def _evaluate_suite(
+    saes: list[SAE],
+    names: list[str],
+    model: Any,
+    dataset: Any,
+    tokens: int,
+    configs: Mapping[str, Any] | None,
+    **options: Any,
+) -> list[SuiteResult]:
+    if not saes:
+        raise ValueError("no SAEs to evaluate")
+    backend = resolve_model(saes, model)
+    out = [SuiteResult() for _ in saes]
+    meta = saes[0].cfg.metadata
+    if "core" in names:
+        metrics = evaluate_many(saes, backend, dataset, tokens, **options)
+        core_config = CoreConfig(
+            model_name=str(meta.model_name or getattr(backend, "name", "")),
+            dataset=str(dataset) if dataset is not None else CoreConfig.dataset,
+            context_size=options["context_size"] or meta.context_size or DEFAULT_CONTEXT_SIZE,
+            batch_size_prompts=options["batch_size"],
+            n_eval_tokens=tokens,
+            compute_kl=options["downstream"],
+            compute_ce_loss=options["downstream"],
+        )
+        for result, sae, m in zip(out, saes, metrics, strict=True):
+            result.metrics = m
+            result.results["core"] = core_result(sae, m, core_config)
+    others = [name for name in names if name != "core"]
+    if others:
+        prepend_bos = options["prepend_bos"]
+        found = run_downstream(
+            saes, others, backend,
+            context_size=options["context_size"] or meta.context_size or DEFAULT_CONTEXT_SIZE,
+            prepend_bos=meta.window_prepend_bos if prepend_bos is None else prepend_bos,
+            configs=configs,
+        )
+        for result, per_sae in zip(out, found, strict=True):
+            result.results.update(per_sae)
+    return out
 
 
 class Evaluator:

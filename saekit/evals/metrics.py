@@ -65,6 +65,12 @@ class EvalMetrics:
     kl_div_score: float | None = None
     n_prediction_tokens: int | None = None
     """Next-token predictions the CE/KL figures average over."""
+    l2_norm_in: float | None = None
+    """Mean ||x|| of the SAE's input over the evaluation tokens."""
+    l2_norm_out: float | None = None
+    """Mean ||x^|| of its reconstruction."""
+    sequences_fired: Tensor | None = None
+    """[d_sae] sequences each latent fires in."""
 
     @classmethod
     def from_stats(

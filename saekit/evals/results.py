@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from saekit.evals.metrics import EvalMetrics
     from saekit.saes.base import SAE
 
 #: Every top-level field of SAEBench's eval output schema, in its order.
@@ -65,6 +66,24 @@ class EvalResult:
         """A metric by `category.name`."""
         category, name = dotted.split(".", 1)
         return self.metrics[category][name]
+
+
+@dataclass
+class SuiteResult:
+    """One SAE's results from a suite run: evaluation name -> `EvalResult`, and, when core
+    ran, its full `EvalMetrics` (with the per-latent arrays)."""
+
+    results: dict[str, EvalResult] = field(default_factory=dict)
+    metrics: EvalMetrics | None = None
+
+    def __getitem__(self, name: str) -> EvalResult:
+        return self.results[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.results
+
+    def names(self) -> list[str]:
+        return list(self.results)
 
 
 def saebench_record(result: EvalResult, sae: SAE, sae_id: str | None = None) -> dict[str, Any]:

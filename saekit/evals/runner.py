@@ -187,6 +187,8 @@ def _evaluate_batch(
         )
         latents, recon = _encode_decode(run.sae, x)
         run.sparsity.update(_per_token(latents, mask))
+        if latents.ndim == 3:  # [batch, pos, d_sae]: count the sequences each latent fires in
+            run.sparsity.count_sequences(latents, mask)
         run.recon.update(_per_token(target, mask), _per_token(recon, mask).to(target.device))
         recons.append(recon)
     if not downstream:

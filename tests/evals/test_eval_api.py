@@ -107,8 +107,14 @@ def test_cli_writes_metrics_csv_and_plot(model_dir, tmp_path) -> None:
     assert rc == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 2 and set(METRIC_NAMES) <= set(rows[0])
-    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    folders = sorted(p for p in out.iterdir() if (p / "metrics.json").is_file())
     assert len(folders) == 2
+    # The same figures in SAEBench's layout, one file per SAE under core/.
+    core = json.loads((out / "core" / f"{folders[0].name}_eval_results.json").read_text())
+    assert core["eval_type_id"] == "core"
+    assert core["eval_result_metrics"]["model_performance_preservation"][
+        "ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert (out / "core.png").read_bytes()[:4] == b"\x89PNG"
     first = json.loads((folders[0] / "metrics.json").read_text())
     assert first["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
     second = json.loads((folders[1] / "metrics.json").read_text())
