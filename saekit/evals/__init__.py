@@ -1,7 +1,8 @@
 """Evaluation: every standard SAE metric on held-out tokens, streamed in float64.
 
-`evaluate` / `evaluate_many` for users, `make_evaluator` for the trainer, `evaluate_saes` for
-callers who bring their own backend and token batches.
+`evaluate` / `evaluate_many` for users (with `suite=` for the downstream evaluations),
+`make_evaluator` for the trainer, `evaluate_saes` for callers who bring their own backend and
+token batches; `run_synthetic` for recovery of known features, `compare` for two dictionaries.
 """
 
 from saekit.evals.api import (
@@ -11,12 +12,23 @@ from saekit.evals.api import (
     heldout_token_batches,
     make_evaluator,
 )
+from saekit.evals.compare import Comparison, compare
+from saekit.evals.ground_truth import SyntheticConfig, run_synthetic
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics
+from saekit.evals.results import EvalResult, SuiteResult
+from saekit.evals.synthetic import SyntheticFeatures
 from saekit.evals.runner import evaluate_saes
 from saekit.sites import SAESite, sae_site
 
 __all__ = [
     "METRIC_NAMES",
+    "Comparison",
+    "EvalResult",
+    "SuiteResult",
+    "SyntheticConfig",
+    "SyntheticFeatures",
+    "compare",
+    "run_synthetic",
     "EvalMetrics",
     "Evaluator",
     "SAESite",
