@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from saekit.io.releases import Release, find_releases, get_release
+from saekit.io.releases import (
+    Release,
+    ReleaseMatch,
+    access_note,
+    get_release,
+    match_releases,
+)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -23,9 +29,19 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def list_text(releases: Sequence[Release]) -> str:
-    rows = [(r.name, r.model, r.layout, len(r), r.repo_id) for r in releases]
-    return table(("release", "model", "layout", "saes", "hub repo"), rows)
+def list_text(matches: Sequence[ReleaseMatch | Release]) -> str:
+    """The releases as a table; a release given with its matching SAEs counts only those, and
+    the token column says which releases need a Hugging Face access token (and why)."""
+    rows = []
+    for match in matches:
+        release, saes = (
+            (match.release, len(match.saes)) if isinstance(match, ReleaseMatch)
+            else (match, len(match))
+        )
+        count = str(saes) if saes == len(release) else f"{saes}/{len(release)}"
+        rows.append((release.name, release.model, release.layout, count,
+                     access_note(release) or "", release.repo_id))
+    return table(("release", "model", "layout", "saes", "token", "hub repo"), rows)
 
 
 def show_text(release: Release) -> str:
@@ -60,11 +76,19 @@ def show_text(release: Release) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    releases = find_releases(model=args.model, search=args.search)
-    if not releases:
-        print("no release matches; try a shorter --search or --model")
+    matches = match_releases(
+        model=args.model, search=args.search, hook=args.hook,
+        architecture=args.architecture, width=args.width,
+    )
+    if not matches:
+        print("no release matches; loosen --search, --model, --hook, --architecture or --width")
         return 1
-    print(list_text(releases))
+    print(list_text(matches))
+    if any(access_note(m.release) for m in matches):
+        print(
+            "\ntoken: the SAE repo or the model it reads is gated on the Hugging Face Hub; "
+            "accept its licence there, then log in (`hf auth login`) or pass token=..."
+        )
     return 0
 
 
@@ -84,6 +108,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lister = actions.add_parser("list", help="list releases as a table")
     lister.add_argument("--model", help="only releases whose model name contains MODEL")
     lister.add_argument("--search", help="only releases whose name, repo or model contains TEXT")
+    lister.add_argument(
+        "--hook",
+        help="only SAEs whose hook contains HOOK (e.g. resid_post, blocks.12.); the saes "
+        "column then counts the matching SAEs",
+    )
+    lister.add_argument(
+        "--architecture",
+        help="only SAEs of this architecture (jumprelu, topk, transcoder, ...); releases whose "
+        "files alone say it (native, dictionary_learning) match when their name does",
+    )
+    lister.add_argument(
+        "--width", help="only SAEs with this many latents: 16384, 16k (x1024) or 2pow14"
+    )
     lister.set_defaults(func=run_list)
     shower = actions.add_parser("show", help="show one release's SAEs as a table")
     shower.add_argument("release", help="release name or alias (see `saekit pretrained list`)")

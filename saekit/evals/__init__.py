@@ -16,8 +16,8 @@ from saekit.evals.compare import Comparison, compare
 from saekit.evals.ground_truth import SyntheticConfig, run_synthetic
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics
 from saekit.evals.results import EvalResult, SuiteResult
-from saekit.evals.synthetic import SyntheticFeatures
 from saekit.evals.runner import evaluate_saes
+from saekit.evals.synthetic import SyntheticFeatures
 from saekit.sites import SAESite, sae_site
 
 __all__ = [

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 DATA_FILE = "releases.json"
 
@@ -229,9 +230,158 @@ def unknown_release_message(name: str) -> str:
     )
 
 
-def find_releases(model: str | None = None, search: str | None = None) -> list[Release]:
+class SAEFacts(NamedTuple):
+    """What a registry entry tells about one SAE without downloading it; None where the
+    registry does not say (the cfg.json would, once fetched)."""
+
+    hook: str | None
+    architecture: str | None
+    width: int | None
+
+
+#: The architecture each foreign layout loads as (native and dictionary_learning folders
+#: declare theirs in their config, so only their names hint at it).
+_LAYOUT_ARCHITECTURES = {
+    "gemma_scope": "jumprelu",
+    "gemma_scope_transcoder": "jumprelu_transcoder",
+    "gemma_scope_2": "jumprelu",
+    "llama_scope": "jumprelu",
+    "llama_scope_r1_distill": "jumprelu",
+    "qwen_scope": "topk",
+    "goodfire": "standard",
+    "deepseek_r1": "standard",
+    "connor_rob_hook_z": "standard",
+    "mwhanna_transcoder": "transcoder",
+    "mntss_clt_layer_transcoder": "transcoder",
+    "temporal": "temporal",
+}
+#: Words in release or SAE names that name an architecture, most specific first.
+_NAME_ARCHITECTURES = (
+    ("matryoshka", "matryoshka_batchtopk"),
+    ("batch_top_k", "batchtopk"), ("batchtopk", "batchtopk"),
+    ("topk", "topk"), ("top_k", "topk"), ("jumprelu", "jumprelu"), ("gated", "gated"),
+    ("vanilla", "standard"), ("standard", "standard"),
+)
+#: Site words in folder and release names, and the hook each stands for.
+_SITE_HOOKS = (
+    ("transcoder", "ln2.hook_normalized"), ("resid_post", "hook_resid_post"),
+    ("resid-post", "hook_resid_post"), ("resid_mid", "hook_resid_mid"),
+    ("resid-mid", "hook_resid_mid"), ("mlp_out", "hook_mlp_out"), ("mlp", "hook_mlp_out"),
+    ("attn_out", "hook_attn_out"), ("att", "attn.hook_z"), ("res", "hook_resid_post"),
+)
+_LAYOUT_HOOKS = {
+    "mwhanna_transcoder": "ln2.hook_normalized",
+    "mntss_clt_layer_transcoder": "hook_resid_mid",
+    "qwen_scope": "hook_resid_post",
+    "goodfire": "hook_resid_post",
+    "deepseek_r1": "hook_resid_post",
+    "temporal": "hook_resid_post",
+}
+_LLAMA_SCOPE_SITES = {"r": "hook_resid_post", "a": "hook_attn_out", "m": "hook_mlp_out",
+                      "tc": "ln2.hook_normalized"}
+
+
+def parse_width(text: str) -> int:
+    """A dictionary width as users write it: 16384, 16k (x1024), 1m (x1024^2) or 2pow14."""
+    match = re.fullmatch(r"\s*(\d+)\s*([km]?)\s*|\s*2pow(\d+)\s*", text.lower())
+    if match is None:
+        raise ValueError(f"width {text!r} is not a number; give e.g. 16384, 16k or 2pow14")
+    if match.group(3):
+        return 2 ** int(match.group(3))
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2)]
+
+
+def _width(text: str) -> int | None:
+    for pattern in (r"width[_-](\d+[km]?)\b", r"width-(2pow\d+)", r"-W(\d+)K-",
+                    r"_(\d+k)(?:_|$)", r"_(\d{4,7})(?:_|:|$)"):
+        match = re.search(pattern, text)
+        if match:
+            value = match.group(1)
+            return parse_width(value + ("k" if pattern == r"-W(\d+)K-" else ""))
+    return None
+
+
+def _hook(release: Release, entry: PretrainedEntry) -> str | None:
+    text = f"{entry.id} {entry.path}"
+    explicit = re.search(r"blocks\.(\d+)\.((?:attn\.)?hook_[a-z]+(?:_[a-z]+)*)", text)
+    if explicit:
+        return f"blocks.{explicit.group(1)}.{explicit.group(2)}"
+    llama = re.search(r"\bL(\d+)(R|A|M|TC)\b", entry.path)
+    if llama:
+        return f"blocks.{llama.group(1)}.{_LLAMA_SCOPE_SITES[llama.group(2).lower()]}"
+    layer = re.search(r"(?:layer|layers)[_.]?(\d+)|-l(\d+)\.pth?$|^(\d+)$", entry.path)
+    if layer is None:
+        return "hook_embed" if entry.path.startswith("embedding") else None
+    number = next(g for g in layer.groups() if g is not None)
+    site = _LAYOUT_HOOKS.get(release.layout)
+    if site is None:
+        names = f"{entry.path.split('/')[0]} {release.name}".lower()
+        site = next((hook for word, hook in _SITE_HOOKS if word in names), None)
+    return f"blocks.{number}.{site}" if site else None
+
+
+def _architecture(release: Release, entry: PretrainedEntry) -> str | None:
+    if release.layout == "gemma_scope_2" and entry.path.startswith("transcoder"):
+        return "jumprelu_skip_transcoder" if entry.path.endswith("_affine") else (
+            "jumprelu_transcoder")
+    if release.layout in _LAYOUT_ARCHITECTURES:
+        return _LAYOUT_ARCHITECTURES[release.layout]
+    names = f"{release.name} {entry.path}".lower()
+    return next((arch for word, arch in _NAME_ARCHITECTURES if word in names), None)
+
+
+def sae_facts(release: Release, entry: PretrainedEntry) -> SAEFacts:
+    """Hook, architecture and width of a registry entry, read off its names and layout."""
+    width = _width(f"{entry.path} {entry.id}") or _width(f"{release.name} {release.repo_id}")
+    return SAEFacts(_hook(release, entry), _architecture(release, entry), width)
+
+
+#: Model families whose Hub repos are gated (the licence must be accepted while logged in),
+#: and SAE repos gated themselves (Goodfire's carry the Llama licence).
+_GATED_MODELS = re.compile(r"^(meta-llama/|google/gemma|gemma-|llama)", re.IGNORECASE)
+_GATED_REPOS = re.compile(r"^Goodfire/")
+
+
+def access_note(release: Release) -> str | None:
+    """Why loading or using the release needs a Hugging Face access token, or None."""
+    if _GATED_REPOS.match(release.repo_id):
+        return "SAE repo gated"
+    if _GATED_MODELS.match(release.model):
+        return "model gated"
+    return None
+
+
+class ReleaseMatch(NamedTuple):
+    """A release and the SAEs of it that matched the filters."""
+
+    release: Release
+    saes: tuple[PretrainedEntry, ...]
+
+
+def find_releases(
+    model: str | None = None,
+    search: str | None = None,
+    hook: str | None = None,
+    architecture: str | None = None,
+    width: str | int | None = None,
+) -> list[Release]:
     """Releases whose model contains `model` and whose name, repo or model contains `search`
-    (both case-insensitive)."""
+    (both case-insensitive), holding at least one SAE that matches `hook`, `architecture`
+    and `width` (see `match_releases`)."""
+    return [m.release for m in match_releases(model, search, hook, architecture, width)]
+
+
+def match_releases(
+    model: str | None = None,
+    search: str | None = None,
+    hook: str | None = None,
+    architecture: str | None = None,
+    width: str | int | None = None,
+) -> list[ReleaseMatch]:
+    """Like `find_releases`, with each release's matching SAEs. `hook` is a part of the hook
+    name (`resid_post`, `blocks.12.`), `architecture` a name (`jumprelu`; a transcoder's
+    name contains its base, so `jumprelu` also finds `jumprelu_transcoder`), `width` the
+    number of latents (16384, 16k); SAEs whose registry entry does not tell are left out."""
     found: Iterable[Release] = all_releases().values()
     if model:
         needle = model.lower()
@@ -243,4 +393,28 @@ def find_releases(model: str | None = None, search: str | None = None) -> list[R
             for r in found
             if any(needle in text.lower() for text in (r.name, r.repo_id, r.model, *r.aliases))
         ]
-    return sorted(found, key=lambda r: r.name)
+    wanted_width = parse_width(str(width)) if width is not None else None
+    matches = []
+    for release in sorted(found, key=lambda r: r.name):
+        if hook is None and architecture is None and wanted_width is None:
+            matches.append(ReleaseMatch(release, release.saes))
+            continue
+        saes = tuple(
+            entry for entry in release.saes
+            if _facts_match(sae_facts(release, entry), hook, architecture, wanted_width)
+        )
+        if saes:
+            matches.append(ReleaseMatch(release, saes))
+    return matches
+
+
+def _facts_match(
+    facts: SAEFacts, hook: str | None, architecture: str | None, width: int | None
+) -> bool:
+    if hook is not None and (facts.hook is None or hook.lower() not in facts.hook.lower()):
+        return False
+    if architecture is not None and (
+        facts.architecture is None or architecture.lower() not in facts.architecture
+    ):
+        return False
+    return width is None or facts.width == width

@@ -1,6 +1,13 @@
 """SAE architectures. Importing this package registers every built-in architecture."""
 
-from saekit.saes import gated, jumprelu, standard, topk, transcoder  # noqa: F401  (registration)
+from saekit.saes import (  # noqa: F401  (registration)
+    gated,
+    groupmax,
+    jumprelu,
+    standard,
+    topk,
+    transcoder,
+)
 from saekit.saes.base import SAE, LossSettings, TrainingOutput
 from saekit.saes.registry import architecture_class, list_architectures, register_architecture
 

@@ -99,15 +99,17 @@ def test_gemma_scope_2_safetensors_lowercase_names(tmp_path: Path, x: Tensor) ->
     torch.testing.assert_close(sae(x), expected)
 
 
-def test_gemma_scope_2_affine_transcoder_is_refused_clearly(tmp_path: Path) -> None:
+def test_gemma_scope_2_affine_transcoder_loads_with_skip_path(tmp_path: Path, x: Tensor) -> None:
     folder = tmp_path / "transcoder/layer_1_width_16k_l0_big_affine"
     folder.mkdir(parents=True)
-    save_file(
-        {**gemma_params(), "affine_skip_connection": rand(D_IN, D_IN)},
-        str(folder / "params.safetensors"),
+    params, affine = gemma_params(), rand(D_IN, D_IN)
+    save_file({**params, "affine_skip_connection": affine}, str(folder / "params.safetensors"))
+    sae = SAE.from_pretrained(str(tmp_path), "transcoder/layer_1_width_16k_l0_big_affine").sae
+    assert sae.cfg.architecture == "jumprelu_skip_transcoder"
+    expected = jumprelu_reference(
+        x, *(params[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"))
     )
-    with pytest.raises(ValueError, match="affine skip connection"):
-        SAE.from_pretrained(str(tmp_path), "transcoder/layer_1_width_16k_l0_big_affine")
+    torch.testing.assert_close(sae(x), expected + x @ affine)
 
 
 def test_llama_scope_with_norm_scaling_factor_folded(
@@ -292,8 +294,8 @@ def test_sparsify(tmp_path: Path, x: Tensor) -> None:
 def test_unsupported_registry_layout_is_named(monkeypatch) -> None:
     from saekit.io.converters import converter_for
 
-    with pytest.raises(ValueError, match="'goodfire' .* not supported.*supported layouts: native"):
-        converter_for("goodfire")
+    with pytest.raises(ValueError, match="'made_up' .* not supported.*supported layouts: native"):
+        converter_for("made_up")
 
 
 def test_folder_without_any_sae_says_what_was_looked_for(tmp_path: Path) -> None:

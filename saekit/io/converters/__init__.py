@@ -11,15 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from saekit.io.converters.base import ConvertContext, Converted
+from saekit.io.converters.circuit_tracer import (
+    convert_mntss_clt_layer,
+    convert_mwhanna_transcoder,
+)
+from saekit.io.converters.connor_rob import convert_connor_rob_hook_z
 from saekit.io.converters.dictionary_learning import convert_dictionary_learning
 from saekit.io.converters.gemma_scope import (
     convert_gemma_scope,
     convert_gemma_scope_2,
     convert_gemma_scope_transcoder,
 )
+from saekit.io.converters.llama_linear import convert_deepseek_r1, convert_goodfire
 from saekit.io.converters.llama_scope import convert_llama_scope, convert_llama_scope_r1_distill
 from saekit.io.converters.native import convert_native
+from saekit.io.converters.qwen_scope import convert_qwen_scope
 from saekit.io.converters.sparsify import convert_sparsify, is_sparsify_cfg
+from saekit.io.converters.temporal import convert_temporal
 from saekit.io.native import read_json
 from saekit.io.sources import FileSource, join
 
@@ -34,6 +42,13 @@ LAYOUTS: dict[str, Converter] = {
     "llama_scope_r1_distill": convert_llama_scope_r1_distill,
     "dictionary_learning": convert_dictionary_learning,
     "sparsify": convert_sparsify,
+    "qwen_scope": convert_qwen_scope,
+    "goodfire": convert_goodfire,
+    "deepseek_r1": convert_deepseek_r1,
+    "connor_rob_hook_z": convert_connor_rob_hook_z,
+    "mwhanna_transcoder": convert_mwhanna_transcoder,
+    "mntss_clt_layer_transcoder": convert_mntss_clt_layer,
+    "temporal": convert_temporal,
 }
 
 #: The first file found decides the layout (cfg.json is shared by native and sparsify).

@@ -5,7 +5,9 @@ Gemma Scope 1 (Gemma 2): `params.npz` in folders such as `layer_12/width_16k/ave
 Gemma Scope 2 (Gemma 3): `params.safetensors` in folders such as
 `resid_post/layer_17_width_16k_l0_big`, the site named by the first folder. Both store
 W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec and a per-latent threshold (some files
-spell the matrices `w_enc`/`w_dec`), and neither subtracts b_dec from the input.
+spell the matrices `w_enc`/`w_dec`), and neither subtracts b_dec from the input. Gemma Scope
+2's `*_affine` transcoders also hold `affine_skip_connection` [d_in, d_out], added to the output
+as x @ affine_skip_connection: they load as `jumprelu_skip_transcoder`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit.io.converters.base import ConvertContext, Converted, current_cfg, pick
+from saekit.io.converters.base import (
+    ConvertContext,
+    Converted,
+    check_types,
+    current_cfg,
+    pick,
+)
 from saekit.io.headers import TensorHeader, npz_headers, safetensors_header
-from saekit.io.native import read_safetensors
+from saekit.io.native import read_json, read_safetensors
 from saekit.io.sources import FileSource, join
 
 NPZ_FILE = "params.npz"
@@ -48,7 +56,7 @@ def read_npz(file: Path) -> dict[str, Tensor]:
 
 def _checked_params(
     source: FileSource, path: str, headers: Callable[[Path], dict[str, TensorHeader]],
-    reader: Callable[[Path], dict[str, Tensor]],
+    reader: Callable[[Path], dict[str, Tensor]], keep: tuple[str, ...] = (),
 ) -> tuple[dict[str, Tensor], str]:
     """The tensors of a params file, read only after its header has shown they make one
     SAE: W_enc [d_in, d_sae], b_enc and threshold [d_sae], W_dec [d_sae, d_out], b_dec
@@ -74,7 +82,8 @@ def _checked_params(
     not_float = sorted(k for k, is_float in kinds.items() if not is_float)
     if not_float:
         raise ValueError(f"{where}: {not_float} are not floating-point arrays")
-    return _native_tensors(source.read(path, reader), where), where
+    stored = source.read(path, reader)
+    return {**_native_tensors(stored, where), **{k: stored[k] for k in keep}}, where
 
 
 def _native_tensors(stored: dict[str, Any], where: str) -> dict[str, Any]:
@@ -164,20 +173,62 @@ def _gemma3_model(repo_id: str | None) -> str | None:
     return f"google/gemma-3-{match.group(1)}-{match.group(2)}" if match else None
 
 
+AFFINE = "affine_skip_connection"
+
+
+def _check_gemma_scope_2_config(source: FileSource, folder: str, has_affine: bool) -> bool:
+    """Whether the SAE has an affine skip connection, checked against the folder's
+    config.json where there is one (its architecture must be "jump_relu")."""
+    path = join(folder, "config.json")
+    if source.fetch(path, required=False) is None:
+        return has_affine
+    raw = source.read(path, read_json)
+    where = source.describe(path)
+    check_types(raw, {"architecture": "a string", "affine_connection": "true or false"}, where)
+    if raw.get("architecture", "jump_relu") != "jump_relu":
+        raise ValueError(
+            f"{where}: architecture {raw['architecture']!r} is not one saekit knows for Gemma "
+            "Scope 2 (expected 'jump_relu')"
+        )
+    declared = raw.get("affine_connection")
+    if declared is not None and declared != has_affine:
+        raise ValueError(
+            f"{where}: affine_connection is {declared} but the weights "
+            f"{'hold' if has_affine else 'lack'} {AFFINE}; the folder is inconsistent"
+        )
+    return has_affine
+
+
 def convert_gemma_scope_2(source: FileSource, ctx: ConvertContext) -> Converted:
     """Gemma Scope 2 SAEs and transcoders (params.safetensors)."""
     path = join(ctx.folder, SAFETENSORS_FILE)
     where = source.describe(path)
     declared = source.read(path, safetensors_header)
-    if "affine_skip_connection" in declared or ctx.folder.endswith("_affine"):
+    affine = _check_gemma_scope_2_config(source, ctx.folder, AFFINE in declared)
+    if ctx.folder.rstrip("/").endswith("_affine") != affine:
         raise ValueError(
-            f"{where} is a transcoder with an affine skip connection on a JumpReLU encoder; "
-            "saekit has no such architecture yet (its skip_transcoder is ReLU), so it cannot "
-            "be loaded faithfully; pick the variant without '_affine'"
+            f"{where}: the folder name says {'an' if not affine else 'no'} affine skip "
+            f"connection but the file holds {'one' if affine else 'none'} ({AFFINE}); the "
+            "folder and its weights do not match"
         )
-    tensors = _checked_params(source, path, safetensors_header, read_safetensors)[0]
+    keep = (AFFINE,) if affine else ()
+    tensors = _checked_params(source, path, safetensors_header, read_safetensors, keep)[0]
     site = ctx.folder.strip("/").split("/")[0]
     base = {**_GS2_METADATA, "model_name": ctx.model or _gemma3_model(ctx.repo_id)}
+    if affine and not site.startswith("transcoder"):
+        raise ValueError(f"{where}: only transcoders have an affine skip connection")
+    if affine:
+        # Stored [d_in, d_out] and added as x @ A; saekit's W_skip is [d_out, d_in] (x @ W.T).
+        skip = tensors.pop(AFFINE)
+        d_in, d_out = tensors["W_enc"].shape[0], tensors["W_dec"].shape[1]
+        if tuple(skip.shape) != (d_in, d_out):
+            raise ValueError(
+                f"{where}: {AFFINE} has shape {list(skip.shape)}, expected [{d_in}, {d_out}]"
+            )
+        tensors["W_skip"] = skip.T.contiguous()
+        cfg = _transcoder_cfg(tensors, ctx, base)
+        cfg["architecture"] = "jumprelu_skip_transcoder"
+        return Converted(cfg, tensors)
     if site.startswith(("transcoder", "clt")):
         return Converted(_transcoder_cfg(tensors, ctx, base), tensors)
     site = {"resid_post": "res", "mlp_out": "mlp", "attn_out": "att"}.get(
