@@ -57,12 +57,15 @@ class EvalData:
     def hook(self) -> str:
         return self.site.hook_in
 
-    def token_activations(self, key: Any, tokens: Tensor) -> Tensor:
+    def token_activations(self, key: Any, tokens: Tensor, position: int | None = None) -> Tensor:
         """The hook's activations [batch, pos, d] (float32, CPU) for token ids [batch, pos],
-        computed once per `key` (name the data: the same key must mean the same tokens)."""
-        memo_key = ("tokens", key)
+        computed once per `key` (name the data: the same key must mean the same tokens).
+
+        With `position` only that position of each sequence is kept: [batch, d]. Prompts
+        read at one token (probing datasets) then cost d floats each, not pos * d."""
+        memo_key = ("tokens", key, position)
         if memo_key not in self._memo:
-            self._memo[memo_key] = self._run(tokens, f"activations ({key})")
+            self._memo[memo_key] = self._run(tokens, f"activations ({key})", position)
         return self._memo[memo_key]
 
     def text_activations(self, key: Any, texts: Sequence[str]) -> TextActivations:
@@ -88,7 +91,7 @@ class EvalData:
             self._memo[memo_key] = compute()
         return self._memo[memo_key]
 
-    def _run(self, tokens: Tensor, desc: str) -> Tensor:
+    def _run(self, tokens: Tensor, desc: str, position: int | None = None) -> Tensor:
         out: list[Tensor] = []
         shown = bar(desc=desc, unit="seq", total=tokens.shape[0], progress=self.progress)
         with torch.no_grad(), shown:
@@ -96,6 +99,8 @@ class EvalData:
                 batch = tokens[start : start + self.batch_size].to(self.backend.device)
                 act = self.backend.activations(batch, [self.hook])[self.hook]
                 act = activation_region(act, self.site.head_index)
+                if position is not None:
+                    act = act[:, position]  # [batch, d]
                 out.append(act.float().cpu())
                 shown.update(batch.shape[0])
         return torch.cat(out)
