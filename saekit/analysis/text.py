@@ -60,7 +60,7 @@ def to_tokens(
     width = max(len(row) for row in rows)
     if width == 0:
         raise ValueError("the text tokenizes to nothing; give some text or prepend_bos=True")
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     out = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, row in enumerate(rows):
         ids = torch.tensor(row, dtype=torch.long)
@@ -71,7 +71,8 @@ def to_tokens(
     return out
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else EOS, else BOS, else 0."""
     for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:

@@ -253,8 +253,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def downstream_configs(args: argparse.Namespace, suite: list[str]) -> dict[str, Any]:
-    """The downstream evaluations' configs, from the probing-dataset flags."""
-    return {}
+    """The downstream evaluations' configs, from the probing-dataset flags (the datasets are
+    read and checked here, before any model runs)."""
+    from saekit.evals.probe_data import resolve_probe_datasets
+    from saekit.evals.suite import PROBING, probing_configs
+
+    labels = [c for flag in args.label_column or [] for c in flag.split(",") if c]
+    configs = probing_configs(suite, args.probe_dataset, args.text_column, labels or None)
+    if args.probe_dataset and not any(name in PROBING for name in suite):
+        raise ValueError(
+            "--probe-dataset is read by sparse_probing, scr and tpp; add one of them to --suite"
+        )
+    if args.probe_dataset:
+        resolve_probe_datasets(args.probe_dataset, args.text_column, labels or None)
+    return configs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -309,5 +321,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--suite", default="core",
         help="evaluations to run, comma-separated: core (today's metrics and SAEBench's core "
         "statistics), sparse_probing, scr, tpp, absorption, or all (default %(default)s)",
+    )
+    parser.add_argument(
+        "--probe-dataset", action="append", metavar="DATASET",
+        help="for sparse_probing, scr and tpp: a built-in task (author, genre, folio, "
+        "author_form, genre_period) or a CSV / JSONL file or Hugging Face dataset with a text "
+        "column and one or two label columns; repeat for several (default: each "
+        "evaluation's built-in tasks)",
+    )
+    parser.add_argument(
+        "--text-column", help="the --probe-dataset's text column (default: found by name)",
+    )
+    parser.add_argument(
+        "--label-column", action="append", metavar="COLUMN",
+        help="the --probe-dataset's label column; give two (repeated or comma-separated) "
+        "for scr and tpp's two attributes",
     )
     parser.set_defaults(func=run)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.analysis.text import to_tokens
-from saekit.data.tokens import keep_mask, special_token_ids
+from saekit.analysis.text import need_tokenizer, pad_token_id
+from saekit.data.tokens import keep_mask, sequence_framing, special_token_ids
 from saekit.models.backend import ModelBackend
 from saekit.progress import bar
 from saekit.sites import SAESite, activation_region
@@ -72,17 +72,30 @@ class EvalData:
         """`TextActivations` for `texts`, computed once per `key`."""
         memo_key = ("texts", key)
         if memo_key not in self._memo:
-            tokenizer = self.backend.tokenizer
-            tokens = to_tokens(tokenizer, list(texts), prepend_bos=self.prepend_bos)
-            tokens = tokens[:, : self.context_size]
-            lengths = _text_lengths(tokenizer, texts, self.prepend_bos, tokens.shape[1])
-            mask = keep_mask(tokens, special_token_ids(tokenizer))
+            tokens, lengths = self._tokenize(texts)
+            mask = keep_mask(tokens, special_token_ids(self.backend.tokenizer))
             # Padding may reuse a real token id (GPT-2 pads with EOS): mask by length too.
             positions = torch.arange(tokens.shape[1]).unsqueeze(0)
             mask &= positions < lengths.unsqueeze(1)
             acts = self._run(tokens, f"activations ({key})")
             self._memo[memo_key] = TextActivations(acts, tokens, mask)
         return self._memo[memo_key]
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(token ids [n, pos] right-padded, each row's length), framed as the SAEs saw text
+        and cut to `context_size` tokens, framing included."""
+        tokenizer = need_tokenizer(self.backend.tokenizer)
+        _, prefix, suffix = sequence_framing(tokenizer, self.prepend_bos)
+        room = self.context_size - len(prefix) - len(suffix)
+        if room <= 0:
+            raise ValueError(f"context_size {self.context_size} leaves no room for text")
+        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        rows = [[*prefix, *ids[:room], *suffix] for ids in encoded]
+        width = max(len(row) for row in rows)
+        tokens = torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return tokens, torch.tensor([len(row) for row in rows])
 
     def memo(self, key: Any, compute: Any) -> Any:
         """Any other shared intermediate (a fitted probe, a dataset): `compute()` once."""
@@ -104,14 +117,3 @@ class EvalData:
                 out.append(act.float().cpu())
                 shown.update(batch.shape[0])
         return torch.cat(out)
-
-
-def _text_lengths(
-    tokenizer: Any, texts: Sequence[str], prepend_bos: bool | None, width: int
-) -> Tensor:
-    """Each text's token count, framing included, capped at `width`."""
-    from saekit.data.tokens import sequence_framing
-
-    _, prefix, suffix = sequence_framing(tokenizer, prepend_bos)
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return torch.tensor([min(len(prefix) + len(ids) + len(suffix), width) for ids in encoded])

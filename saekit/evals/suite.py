@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ class EvalSpec:
     run: str
     config: str
     plot: str
+    headline: str = "HEADLINE"
 
     def load(self) -> tuple[Callable[..., list[EvalResult]], type, Callable[..., Path], tuple]:
         mod = importlib.import_module(self.module)
@@ -40,7 +42,7 @@ class EvalSpec:
             getattr(mod, self.run),
             getattr(mod, self.config),
             getattr(mod, self.plot),
-            mod.HEADLINE,
+            getattr(mod, self.headline),
         )
 
 
@@ -51,8 +53,10 @@ DOWNSTREAM: dict[str, EvalSpec] = {
     for spec in (
         EvalSpec("sparse_probing", "saekit.evals.probing", "run_sparse_probing",
                  "SparseProbingConfig", "plot_sparse_probing"),
-        EvalSpec("scr", "saekit.evals.scr_tpp", "run_scr", "ScrConfig", "plot_scr"),
-        EvalSpec("tpp", "saekit.evals.scr_tpp", "run_tpp", "TppConfig", "plot_tpp"),
+        EvalSpec("scr", "saekit.evals.scr_tpp", "run_scr", "ScrConfig", "plot_scr",
+                 "SCR_HEADLINE"),
+        EvalSpec("tpp", "saekit.evals.scr_tpp", "run_tpp", "TppConfig", "plot_tpp",
+                 "TPP_HEADLINE"),
         EvalSpec("absorption", "saekit.evals.absorption", "run_absorption",
                  "AbsorptionConfig", "plot_absorption"),
     )
@@ -101,7 +105,9 @@ def run_downstream(
             run, config_class, _, _ = DOWNSTREAM[name].load()
             config = configs.get(name) or config_class()
             logger.info("%s on %d SAE(s) at %s", name, len(members), site.hook_in)
+            started = time.perf_counter()
             results = run([saes[i] for i in members], data, config)
+            logger.info("%s done in %.0f s", name, time.perf_counter() - started)
             for i, result in zip(members, results, strict=True):
                 out[i][name] = result
     return out
@@ -148,22 +154,48 @@ def save_suite_results(
 
 
 def suite_table(labels: Sequence[str], results: Sequence[Mapping[str, EvalResult]]) -> str:
-    """A side-by-side table: a row per SAE, a column per headline metric of each evaluation."""
+    """Side-by-side tables, one per evaluation: a row per SAE, a column per headline
+    metric."""
     names = list(dict.fromkeys(name for per_sae in results for name in per_sae))
-    columns = [(name, metric) for name in names for metric in headline(name)]
-    header = ["sae", *(f"{name}:{metric.split('.', 1)[1]}" for name, metric in columns)]
-    rows = [header]
-    for label, per_sae in zip(labels, results, strict=True):
-        row = [label]
-        for name, metric in columns:
-            value = per_sae[name].metric(metric) if name in per_sae else None
-            row.append("-" if value is None else f"{value:.4g}")
-        rows.append(row)
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    blocks = []
+    for name in names:
+        metrics = headline(name)
+        rows = [[name, *(metric.split(".", 1)[1] for metric in metrics)]]
+        for label, per_sae in zip(labels, results, strict=True):
+            values = [per_sae[name].metric(m) if name in per_sae else None for m in metrics]
+            rows.append([label, *("-" if v is None else f"{v:.4g}" for v in values)])
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        blocks.append("\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        ))
+    return "\n\n".join(blocks)
 
 
-def with_fields(config: Any, **values: Any) -> Any:
-    """A copy of a config dataclass with the given fields set (None values skipped)."""
-    return replace(config, **{k: v for k, v in values.items() if v is not None})
+#: The evaluations that read probing datasets (`dataset_names`, `text_column`,
+#: `label_columns` in their configs).
+PROBING = ("sparse_probing", "scr", "tpp")
+
+
+def probing_configs(
+    names: Sequence[str],
+    datasets: Sequence[str] | None = None,
+    text_column: str | None = None,
+    label_columns: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Configs for the probing evaluations among `names` that read `datasets` (built-in
+    names or user files / Hub datasets) instead of their defaults."""
+    if not datasets and (text_column or label_columns):
+        raise ValueError(
+            "--text-column / --label-column describe a --probe-dataset; name the dataset too"
+        )
+    configs: dict[str, Any] = {}
+    for name in names:
+        if name not in PROBING or not datasets:
+            continue
+        config_class = DOWNSTREAM[name].load()[1]
+        configs[name] = replace(
+            config_class(), dataset_names=list(datasets), text_column=text_column,
+            label_columns=list(label_columns) if label_columns else None,
+        )
+    return configs
