@@ -7,7 +7,7 @@ as the ceiling and the floor.
 
 Synthetic data: `--features` orthogonal unit directions in d dimensions, Zipfian firing
 (firing_max 0.25, exponent 0.5), uniform magnitudes in [0.5, 1.5], no noise. Every
-architecture trains side by side on the same stream (`saekit.evals.ground_truth.run_synthetic`,
+architecture trains side by side on the same stream (`saekit.training.synthetic.run_synthetic`,
 the usual trainer, target L0 = the expected number of firing features), then all are scored
 on the same 20,000 held-out samples. The oracle's decoder is the true directions; the random
 SAE is a freshly initialised topk SAE of the same width. Prints one JSON line per SAE and a
@@ -28,9 +28,9 @@ from saekit.evals.ground_truth import (
     SyntheticConfig,
     oracle_sae,
     recovery_scores,
-    run_synthetic,
 )
 from saekit.evals.synthetic import SyntheticFeatures
+from saekit.training.synthetic import run_synthetic
 
 ARCHITECTURES = "standard,gated,jumprelu,topk,batchtopk,matryoshka_batchtopk"
 

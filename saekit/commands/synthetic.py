@@ -94,11 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from saekit.evals.ground_truth import SyntheticConfig, plot_synthetic, run_synthetic
+    from saekit.evals.ground_truth import SyntheticConfig, plot_synthetic
     from saekit.evals.results import saebench_record
     from saekit.evals.synthetic import SyntheticFeatures
     from saekit.preflight import check_device, check_out_folder
     from saekit.progress import status
+    from saekit.training.synthetic import run_synthetic
 
     out = Path(args.out).expanduser()
     check_out_folder(out)

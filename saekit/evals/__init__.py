@@ -2,7 +2,8 @@
 
 `evaluate` / `evaluate_many` for users (with `suite=` for the downstream evaluations),
 `make_evaluator` for the trainer, `evaluate_saes` for callers who bring their own backend and
-token batches; `run_synthetic` for recovery of known features, `compare` for two dictionaries.
+token batches; `compare` for two dictionaries (`saekit.training.synthetic.run_synthetic`
+trains SAEs on known features and scores their recovery).
 """
 
 from saekit.evals.api import (
@@ -13,7 +14,7 @@ from saekit.evals.api import (
     make_evaluator,
 )
 from saekit.evals.compare import Comparison, compare
-from saekit.evals.ground_truth import SyntheticConfig, run_synthetic
+from saekit.evals.ground_truth import SyntheticConfig
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics
 from saekit.evals.results import EvalResult, SuiteResult
 from saekit.evals.runner import evaluate_saes
@@ -28,7 +29,6 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticFeatures",
     "compare",
-    "run_synthetic",
     "EvalMetrics",
     "Evaluator",
     "SAESite",

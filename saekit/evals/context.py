@@ -49,7 +49,8 @@ class EvalData:
     site: SAESite
     context_size: int = 128
     prepend_bos: bool | None = None
-    batch_size: int = 16
+    tokens_per_batch: int = 8192
+    """Tokens per model forward pass (sequences per pass: this over their length)."""
     progress: bool | None = None
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
@@ -108,8 +109,9 @@ class EvalData:
         out: list[Tensor] = []
         shown = bar(desc=desc, unit="seq", total=tokens.shape[0], progress=self.progress)
         with torch.no_grad(), shown:
-            for start in range(0, tokens.shape[0], self.batch_size):
-                batch = tokens[start : start + self.batch_size].to(self.backend.device)
+            rows = max(1, self.tokens_per_batch // max(tokens.shape[1], 1))
+            for start in range(0, tokens.shape[0], rows):
+                batch = tokens[start : start + rows].to(self.backend.device)
                 act = self.backend.activations(batch, [self.hook])[self.hook]
                 act = activation_region(act, self.site.head_index)
                 if position is not None:

@@ -1,9 +1,9 @@
 """Recovery of known features: SAEs trained on synthetic activations, scored against the truth.
 
-`run_synthetic(config)` draws a `FeatureSampler` from `config.features`, trains one SAE per
-architecture side by side with the usual trainer (one stream of synthetic batches, the
-trainer's target-L0 control, dead-latent remedies and norm scaling), and scores each with
-`recovery_scores` on held-out samples. What each score is:
+`saekit.training.synthetic.run_synthetic(config)` draws a `FeatureSampler` from
+`config.features`, trains one SAE per architecture side by side with the usual trainer (one
+stream of synthetic batches, the trainer's target-L0 control, dead-latent remedies and norm
+scaling), and scores each here with `recovery_scores` on held-out samples. What each score is:
 
 - MCC: latents are matched one-to-one to true features by Hungarian matching on the absolute
   cosine between decoder rows and true directions (min(d_sae, n_features) pairs, scipy's
@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.config import SAEMetadata
 from saekit.evals.accumulators import ReconstructionAccumulator, SparsityAccumulator
 from saekit.evals.compare import hungarian, unit_rows
 from saekit.evals.results import EvalResult
@@ -328,77 +327,12 @@ class SyntheticConfig:
         return float(max(1, round(sampler.expected_l0)))
 
 
-@dataclass
-class SyntheticRun:
-    """What `run_synthetic` produced."""
-
-    sampler: FeatureSampler
-    """The drawn ground truth."""
-    saes: dict[str, SAE]
-    """The trained SAEs by architecture (published form: loads and saves as usual)."""
-    scores: dict[str, RecoveryScores]
-    results: dict[str, EvalResult]
-    """Each SAE's scores as an EvalResult (SAEBench's result layout)."""
-
-
-def train_synthetic(
-    sampler: FeatureSampler, config: SyntheticConfig, progress: bool | None = None
-) -> dict[str, SAE]:
-    """Train one SAE per architecture of `config` on batches drawn from `sampler`, all in one
-    Trainer (so they see the same batches); returns them by architecture."""
-    from saekit.training.config import TrainingSection
-    from saekit.training.trainer import SAEJob, Trainer
-
-    c = sampler.config
-    d_sae, target = config.width(), config.l0_target(sampler)
-    train_seed, _ = _sample_seeds(config.seed)
-    # The run's rule: inputs scaled to norm sqrt(d) on average while training, folded in after.
-    probe = sampler.sample(4 * config.batch_size, train_seed + 7919).x
-    mean_norm = float(probe.norm(dim=1).mean())
-    if not mean_norm > 0:
-        raise ValueError("the synthetic samples are all zero; raise firing_max or add noise")
-    scale = math.sqrt(c.d) / mean_norm
-    jobs = []
-    for index, name in enumerate(config.architectures):
-        cls = architecture_class(name)
-        uses_k = cls.sparsity_control == "k"
-        l0 = float(max(1, int(target))) if uses_k else target
-        if uses_k and l0 > d_sae:
-            raise ValueError(f"k={int(l0)} is larger than d_sae={d_sae}; lower target_l0")
-        fields = cls.config_defaults(c.d, d_sae, l0)
-        meta = SAEMetadata(model_name="synthetic", hook_name="synthetic",
-                           dataset_path="synthetic", extra={"synthetic": dataclasses.asdict(c)})
-        torch.manual_seed(config.seed * 1000 + index)
-        sae = SAE.create(name, c.d, d_sae, metadata=meta, device=config.device, **fields)
-        training = TrainingSection(
-            tokens=config.training_tokens, batch_size=config.batch_size, target_l0=l0,
-            lr=config.lr, **config.training,
-        )
-        jobs.append(SAEJob(sae, training, name=name, norm_scale=scale))
-    stream = sampler.activations(config.batch_size, train_seed)
-    trainer = Trainer(jobs, stream, progress=progress is not False)
-    fitted = trainer.fit()
-    return {name: fitted.saes[name].eval() for name in config.architectures}
-
-
-def run_synthetic(
-    config: SyntheticConfig | None = None, progress: bool | None = None
-) -> SyntheticRun:
-    """Draw the ground truth, train an SAE per architecture on it and score each one."""
-    config = config or SyntheticConfig()
-    sampler = config.features.sampler(config.device)
-    saes = train_synthetic(sampler, config, progress)
-    scores = score_saes(saes, sampler, config, progress)
-    results = {name: synthetic_result(s, config) for name, s in scores.items()}
-    return SyntheticRun(sampler, saes, scores, results)
-
-
 def score_saes(
     saes: Mapping[str, SAE], sampler: FeatureSampler, config: SyntheticConfig,
     progress: bool | None = None,
 ) -> dict[str, RecoveryScores]:
     """`recovery_scores` of each SAE on the config's held-out samples (the same for all)."""
-    _, eval_seed = _sample_seeds(config.seed)
+    _, eval_seed = sample_seeds(config.seed)
     return {
         name: recovery_scores(sae, sampler, config.eval_samples, eval_seed, progress)
         for name, sae in saes.items()
@@ -453,7 +387,7 @@ def _number(value: Any) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def _sample_seeds(seed: int) -> tuple[int, int]:
+def sample_seeds(seed: int) -> tuple[int, int]:
     """(training, evaluation) sample seeds: distinct, so scores are on unseen samples."""
     return 2 * seed, 2 * seed + 1
 
@@ -470,8 +404,8 @@ def _check_fits(sae: SAE, sampler: FeatureSampler) -> None:
 
 
 __all__ = [
-    "EVAL_TYPE_ID", "HEADLINE", "RecoveryScores", "SyntheticConfig", "SyntheticRun",
+    "EVAL_TYPE_ID", "HEADLINE", "RecoveryScores", "SyntheticConfig",
     "absolute_cosines", "detection_scores", "match_features", "mcc", "oracle_sae",
-    "plot_synthetic", "recovery_scores", "run_synthetic", "score_saes", "synthetic_result",
-    "train_synthetic", "uniqueness",
+    "plot_synthetic", "recovery_scores", "sample_seeds", "score_saes",
+    "synthetic_result", "uniqueness",
 ]

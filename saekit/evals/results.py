@@ -88,8 +88,6 @@ class SuiteResult:
 
 def saebench_record(result: EvalResult, sae: SAE, sae_id: str | None = None) -> dict[str, Any]:
     """The SAEBench output record of `result` for `sae` (JSON-ready: NaN becomes null)."""
-    from saekit import __version__
-
     meta = sae.cfg.metadata
     record = {
         "eval_type_id": result.eval_type_id,
@@ -99,7 +97,7 @@ def saebench_record(result: EvalResult, sae: SAE, sae_id: str | None = None) -> 
         "eval_result_metrics": result.metrics,
         "eval_result_details": result.details,
         # The schema names the code that ran the evaluation; we record ours.
-        "sae_bench_commit_hash": f"saekit-{__version__}",
+        "sae_bench_commit_hash": f"saekit-{_saekit_version()}",
         "sae_lens_id": sae_id if sae_id is not None else getattr(meta, "sae_lens_id", None),
         "sae_lens_release_id": getattr(meta, "sae_lens_release_id", None),
         "sae_lens_version": None,
@@ -120,6 +118,15 @@ def write_saebench_json(
     tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)  # never a half-written result file
     return path
+
+
+def _saekit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("saekit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _json_ready(value: Any) -> Any:

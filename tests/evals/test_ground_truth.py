@@ -21,11 +21,11 @@ from saekit.evals.ground_truth import (
     oracle_sae,
     plot_synthetic,
     recovery_scores,
-    run_synthetic,
     synthetic_result,
     uniqueness,
 )
 from saekit.evals.synthetic import SyntheticFeatures
+from saekit.training.synthetic import run_synthetic
 
 #: Tiny matmuls on a shared machine: one thread is far faster.
 pytestmark = pytest.mark.usefixtures("one_thread")
