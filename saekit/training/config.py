@@ -221,10 +221,13 @@ class TrainingSection:
     """ReLU SAEs with an L1 penalty: weight of c * sum over dead latents of ||W_dec[i]||
     ReLU(-h_i) (mean over tokens), which pushes dead latents back up until they fire;
     0 turns it off (figures: benchmarks/README.md)."""
-    quiet_after_tokens: int = 10_240
-    """Architectures whose dead-latent term acts on quiet latents (standard, gated,
-    transcoder): a latent that has not fired for this many tokens gets the term, until it
-    fires again (figures: benchmarks/README.md)."""
+    quiet_after_tokens: int | None = None
+    """A latent is quiet once it has not fired for this many tokens: quiet latents are
+    lifted, and get the dead-latent term of architectures whose term acts on quiet latents
+    (standard, gated, transcoder). None: one step (batch_size tokens), so every latent that
+    did not fire in the last batch is lifted back to its edge; with longer windows latents
+    cycled between a lift and a fall, and a quarter of them sat fallen when training ended
+    (figures: benchmarks/README.md)."""
     lift_quiet_latents: bool | None = None
     """Lower the firing points (raise the biases) of quiet latents, keeping their directions,
     until each fires on lift_share of an average latent's share of the batch. None: as the
@@ -272,6 +275,11 @@ class TrainingSection:
         if self.dead_after_tokens is None:
             return min(DEAD_WINDOW_LIMIT, self.tokens // 10)
         return self.dead_after_tokens
+
+    @property
+    def quiet_window(self) -> int:
+        """`quiet_after_tokens` with its default (one step) resolved."""
+        return self.batch_size if self.quiet_after_tokens is None else self.quiet_after_tokens
 
     @property
     def resample_every(self) -> int:

@@ -47,7 +47,7 @@ class L0Controller:
     log lambda is bounded, so a noisy batch cannot throw lambda far.
     """
 
-    #: Largest change of log(lambda) in one step.
+    #: Largest change of log(lambda) in one step from the L0's error (its trend adds to it).
     max_step = 0.05
     #: Weight of the newest batch in the smoothed L0.
     smoothing = 0.1
@@ -118,8 +118,14 @@ class L0Controller:
         # Act on the error expected `horizon` steps ahead: the weights answer a change of
         # lambda with a lag, and acting on the present error alone winds lambda up (or down)
         # far past its balance point while the L0 is already on its way.
-        predicted = error + self.horizon * trend
-        step = max(-self.max_step, min(self.max_step, self.gain * predicted))
+        # Only the error's part is bounded. Bounding the trend's part too biased lambda
+        # down when the L0 of a batch is noisy (latents lifted after every step): an upward
+        # spike of the smoothed L0 was cut at the bound while its slow decay was not, so
+        # lambda wandered down with the L0 above the target (a gated SAE ended at 46 for
+        # 32). Unbounded, the trend's part sums to the change of the smoothed L0 over the
+        # run: it damps without drifting.
+        step = max(-self.max_step, min(self.max_step, self.gain * error))
+        step += self.gain * self.horizon * trend
         # Far above the target, lambda may rise or hold but not fall. A fresh SAE sheds
         # latents fast as it first learns to reconstruct, faster than the ramp; lowering
         # lambda then (it went from 5 to 0.33 in 140 steps on the bundled model) only

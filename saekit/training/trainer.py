@@ -182,11 +182,11 @@ class _JobState:
         lift costs an encoder pass: every half quiet window."""
         if self.uses_coefficient:
             return True
-        every = max(self.job.cfg.quiet_after_tokens // 2, 1)
+        every = max(self.job.cfg.quiet_window // 2, 1)
         return before // every != after // every
 
     def quiet_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.job.cfg.quiet_after_tokens
+        return self.tokens_since_fired >= self.job.cfg.quiet_window
 
     def remedy_mask(self) -> Tensor:
         """The latents the architecture's dead-latent term acts on this step."""

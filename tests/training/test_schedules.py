@@ -156,3 +156,20 @@ def test_controller_does_not_raise_lambda_when_sparsity_already_dominates() -> N
     for _ in range(50):
         ctl.update(2.0, sparsity_share=1e4)  # lowering stays allowed
     assert ctl.coefficient < 1.0
+
+
+def test_controller_raises_lambda_for_a_noisy_l0_above_the_target() -> None:
+    # A batch L0 that swings by a quarter around 37 (target 32), with upward spikes, as with
+    # latents lifted after every step: lambda must rise. Bounding the trend's part of each
+    # step cut the spikes and not their decay, and left lambda at 2.2 on this series.
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randn(400, generator=rng, dtype=torch.float64)
+    controller = L0Controller(32, 2.0, 0.03)
+    for value in (37.0 * torch.exp(0.25 * noise)).tolist():
+        controller.update(value, 20.0)
+    assert controller.coefficient > 4.0
+    # The same series shifted below the target lowers it.
+    controller = L0Controller(32, 2.0, 0.03)
+    for value in (27.0 * torch.exp(0.25 * noise)).tolist():
+        controller.update(value, 20.0)
+    assert controller.coefficient < 2.0
