@@ -40,6 +40,7 @@ from saekit.evals.absorption_math import (
     fit_class_probes,
 )
 from saekit.evals.context import EvalData
+from saekit.evals.plots import png_figure
 from saekit.evals.results import EvalResult
 from saekit.saes.base import SAE
 
@@ -338,16 +339,10 @@ def _stdev(values: Sequence[float]) -> float | None:
 def plot_absorption(results: Mapping[str, EvalResult], path: str | Path) -> Path:
     """One PNG: each SAE's mean absorption fraction and full-absorption rate (bars, with the
     standard deviation over letters), and its absorption fraction per letter."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
     if not results:
         raise ValueError("plot_absorption needs at least one result")
     labels = list(results)
-    fig, (bars, letters) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=[1, 2])
-    try:
+    with png_figure(path, 1, 2, figsize=(12, 4.5), width_ratios=[1, 2]) as (fig, (bars, letters)):
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
             mean = results[label].metrics["mean"]
@@ -373,13 +368,7 @@ def plot_absorption(results: Mapping[str, EvalResult], path: str | Path) -> Path
         letters.set_title("per letter (gaps: letter not evaluated)")
         letters.legend(fontsize=8)
         fig.suptitle("first-letter feature absorption")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _num(value: Any) -> float:

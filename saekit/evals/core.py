@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from saekit.evals.metrics import EvalMetrics
+from saekit.evals.plots import png_figure
 from saekit.evals.results import EvalResult
 from saekit.saes.base import SAE
 
@@ -178,32 +179,22 @@ def _mean(values: Tensor | None) -> float | None:
 
 def plot_core(results: Mapping[str, EvalResult], path: str | Path) -> Path:
     """One PNG: the feature-density histogram of each SAE, and L0 against explained variance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, (dens, front) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, result in results.items():
-        density = torch.tensor([row["feature_density"] for row in result.details])
-        logs = density.clamp_min(1e-10).log10()
-        dens.hist(logs.numpy(), bins=50, histtype="step", label=label)
-        front.scatter(
-            result.metric("sparsity.l0"),
-            result.metric("reconstruction_quality.explained_variance"),
-            label=label,
-        )
-    dens.set_xlabel("log10 firing frequency (dead latents at -10)")
-    dens.set_ylabel("latents")
-    dens.set_title("feature density")
-    front.set_xlabel("L0")
-    front.set_ylabel("explained variance")
-    front.set_title("sparsity against reconstruction")
-    for ax in (dens, front):
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    with png_figure(path, 1, 2, figsize=(11, 4)) as (fig, (dens, front)):
+        for label, result in results.items():
+            density = torch.tensor([row["feature_density"] for row in result.details])
+            logs = density.clamp_min(1e-10).log10()
+            dens.hist(logs.numpy(), bins=50, histtype="step", label=label)
+            front.scatter(
+                result.metric("sparsity.l0"),
+                result.metric("reconstruction_quality.explained_variance"),
+                label=label,
+            )
+        dens.set_xlabel("log10 firing frequency (dead latents at -10)")
+        dens.set_ylabel("latents")
+        dens.set_title("feature density")
+        front.set_xlabel("L0")
+        front.set_ylabel("explained variance")
+        front.set_title("sparsity against reconstruction")
+        for ax in (dens, front):
+            ax.legend(fontsize="small")
+    return Path(path)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from saekit.evals.accumulators import ReconstructionAccumulator, SparsityAccumulator
 from saekit.evals.compare import hungarian, unit_rows
+from saekit.evals.plots import png_figure
 from saekit.evals.results import EvalResult
 from saekit.evals.synthetic import FeatureSampler, SyntheticFeatures, _whole
 from saekit.progress import bar
@@ -352,18 +353,12 @@ def synthetic_result(scores: RecoveryScores, config: SyntheticConfig) -> EvalRes
 def plot_synthetic(results: Mapping[str, EvalResult], path: str | Path) -> Path:
     """Bars of MCC, F1, uniqueness, shrinkage and explained variance per SAE (keys are the
     SAE labels), with dashed lines at 1, the score of a perfect recovery."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
     if not results:
         raise ValueError("no results to plot; pass at least one SAE's EvalResult")
     shown = [*HEADLINE, "reconstruction_quality.explained_variance"]
     labels = list(results)
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(1.6 * len(shown) + 2, 4))
-    try:
+    with png_figure(path, figsize=(1.6 * len(shown) + 2, 4)) as (fig, ax):
         for i, label in enumerate(labels):
             values = [_number(results[label].metric(name)) for name in shown]
             positions = [m + (i - (len(labels) - 1) / 2) * width for m in range(len(shown))]
@@ -374,13 +369,7 @@ def plot_synthetic(results: Mapping[str, EvalResult], path: str | Path) -> Path:
         ax.set_ylim(0, 1.15)
         ax.set_title("recovery of known synthetic features (1 = perfect)")
         ax.legend(fontsize="small", ncol=min(len(labels), 4), loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _number(value: Any) -> float:

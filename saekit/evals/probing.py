@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from saekit.evals.context import EvalData
+from saekit.evals.plots import png_figure
 from saekit.evals.probe_data import ProbeDataset, ProbeTask, resolve_probe_datasets
 from saekit.evals.probes import pooled_latents, probe_task_accuracy, top_k_mean_diff
 from saekit.evals.results import EvalResult
@@ -190,13 +191,7 @@ def _result(per_class: dict[str, dict[str, dict[str, float]]], eval_config: dict
 def plot_sparse_probing(results: Mapping[str, EvalResult], path: str | Path) -> Path:
     """Mean test accuracy against k, one line per SAE, the model's top-k dimensions dashed
     and the full-activation probe dotted: one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    try:
+    with png_figure(path, figsize=(6.5, 4.2)) as (fig, ax):
         baseline = None
         for label, result in results.items():
             ks = _k_values(result.metrics["sae"], "sae")
@@ -217,13 +212,7 @@ def plot_sparse_probing(results: Mapping[str, EvalResult], path: str | Path) -> 
         ax.set_title("sparse probing")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _k_values(metrics: Mapping[str, Any], prefix: str) -> list[int]:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from saekit.evals.context import EvalData
+from saekit.evals.plots import png_figure
 from saekit.evals.probe_data import ProbeDataset, ProbeTask, resolve_probe_datasets
 from saekit.evals.probes import (
     Ablator,
@@ -598,13 +599,7 @@ def plot_tpp(results: Mapping[str, EvalResult], path: str | Path) -> Path:
 
 def _plot_thresholds(results: Mapping[str, EvalResult], path: str | Path, category: str,
                      pattern: str, ylabel: str, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    try:
+    with png_figure(path, figsize=(6.5, 4.2)) as (fig, ax):
         drawn = False
         for label, result in results.items():
             ns = [int(n) for n in result.eval_config.get("n_values", [])]
@@ -624,10 +619,4 @@ def _plot_thresholds(results: Mapping[str, EvalResult], path: str | Path, catego
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no values to plot", ha="center", transform=ax.transAxes)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
