@@ -9,6 +9,7 @@ with one PNG per evaluation and a side-by-side table.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import time
@@ -74,8 +75,10 @@ def parse_suite(suite: str | Sequence[str] | None) -> list[str]:
         return list(SUITE_NAMES)
     unknown = [n for n in names if n not in SUITE_NAMES]
     if unknown or not names:
+        close = difflib.get_close_matches(unknown[0], SUITE_NAMES, n=1) if unknown else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
         raise ValueError(
-            f"unknown evaluation {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"unknown evaluation {', '.join(map(repr, unknown)) or '(none given)'}{hint}; "
             f"the suite has {', '.join(SUITE_NAMES)} (or all)"
         )
     return [n for n in SUITE_NAMES if n in names]

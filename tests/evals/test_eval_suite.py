@@ -53,7 +53,8 @@ def test_parse_suite() -> None:
     assert parse_suite(None) == ["core"]
     assert parse_suite("tpp, CORE") == ["core", "tpp"]  # suite order, any case
     assert parse_suite("all") == ["core", "sparse_probing", "scr", "tpp", "absorption"]
-    with pytest.raises(ValueError, match="unknown evaluation 'probing'.*sparse_probing"):
+    with pytest.raises(ValueError, match=r"unknown evaluation 'probing' \(did you mean "
+                       "sparse_probing"):
         parse_suite("core,probing")
 
 
