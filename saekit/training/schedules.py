@@ -47,12 +47,14 @@ class L0Controller:
     log lambda is bounded, so a noisy batch cannot throw lambda far.
     """
 
-    #: Largest change of log(lambda) in one step from the L0's error (its trend adds to it).
+    #: Largest change of log(lambda) in one step.
     max_step = 0.05
     #: Weight of the newest batch in the smoothed L0.
     smoothing = 0.1
     #: Steps ahead at which the L0 error is predicted from its current trend.
     horizon = 100
+    #: Steps over which the trend is measured.
+    trend_steps = 3
     #: Above this multiple of the target, lambda is not lowered.
     far_above = 2.0
     #: Above this ratio of the sparsity terms to the reconstruction loss, lambda is not
@@ -78,6 +80,8 @@ class L0Controller:
         self.balance_start = balance_start
         self.log_coefficient = math.log(initial)
         self.smoothed_l0: float | None = None
+        #: The smoothed L0 of the last `trend_steps` updates, oldest first.
+        self.recent_l0: list[float] = []
         self.start_l0: float | None = None
         self.steps = 0
 
@@ -114,18 +118,20 @@ class L0Controller:
         self.steps += 1
         # +1 keeps the logarithm finite when every latent is silent.
         error = math.log(self.smoothed_l0 + 1) - math.log(self.reference() + 1)
-        trend = math.log(self.smoothed_l0 + 1) - math.log(previous + 1)
+        # The trend per step over the last `trend_steps` steps. With latents lifted after
+        # every step the L0 of a batch swings by a fifth around its mean, with upward
+        # spikes; a one-step difference, times the horizon, threw most steps to their bound,
+        # which cut the spikes and not their slow decay, and lambda wandered down while the
+        # L0 sat above the target (a gated SAE ended at 46 for 32).
+        earlier = self.recent_l0[0] if self.recent_l0 else previous
+        steps = max(len(self.recent_l0), 1)
+        trend = (math.log(self.smoothed_l0 + 1) - math.log(earlier + 1)) / steps
+        self.recent_l0 = [*self.recent_l0, self.smoothed_l0][-self.trend_steps :]
         # Act on the error expected `horizon` steps ahead: the weights answer a change of
         # lambda with a lag, and acting on the present error alone winds lambda up (or down)
         # far past its balance point while the L0 is already on its way.
-        # Only the error's part is bounded. Bounding the trend's part too biased lambda
-        # down when the L0 of a batch is noisy (latents lifted after every step): an upward
-        # spike of the smoothed L0 was cut at the bound while its slow decay was not, so
-        # lambda wandered down with the L0 above the target (a gated SAE ended at 46 for
-        # 32). Unbounded, the trend's part sums to the change of the smoothed L0 over the
-        # run: it damps without drifting.
-        step = max(-self.max_step, min(self.max_step, self.gain * error))
-        step += self.gain * self.horizon * trend
+        predicted = error + self.horizon * trend
+        step = max(-self.max_step, min(self.max_step, self.gain * predicted))
         # Far above the target, lambda may rise or hold but not fall. A fresh SAE sheds
         # latents fast as it first learns to reconstruct, faster than the ramp; lowering
         # lambda then (it went from 5 to 0.33 in 140 steps on the bundled model) only
@@ -145,6 +151,7 @@ class L0Controller:
             "balance_start": self.balance_start,
             "log_coefficient": self.log_coefficient,
             "smoothed_l0": self.smoothed_l0,
+            "recent_l0": list(self.recent_l0),
             "start_l0": self.start_l0,
             "steps": self.steps,
         }
@@ -156,6 +163,7 @@ class L0Controller:
         self.ramp_steps = int(state["ramp_steps"])
         self.balance_start = bool(state.get("balance_start", False))
         self.steps = int(state["steps"])
+        self.recent_l0 = [float(v) for v in state.get("recent_l0", [])]
         for name in ("smoothed_l0", "start_l0"):
             value = state[name]
             setattr(self, name, None if value is None else float(value))

@@ -160,8 +160,9 @@ def test_controller_does_not_raise_lambda_when_sparsity_already_dominates() -> N
 
 def test_controller_raises_lambda_for_a_noisy_l0_above_the_target() -> None:
     # A batch L0 that swings by a quarter around 37 (target 32), with upward spikes, as with
-    # latents lifted after every step: lambda must rise. Bounding the trend's part of each
-    # step cut the spikes and not their decay, and left lambda at 2.2 on this series.
+    # latents lifted after every step: lambda must rise. With the trend over one step, each
+    # step was thrown to its bound, which cut the spikes and not their decay, and lambda
+    # ended at 2.2 on this series.
     rng = torch.Generator().manual_seed(0)
     noise = torch.randn(400, generator=rng, dtype=torch.float64)
     controller = L0Controller(32, 2.0, 0.03)
