@@ -399,15 +399,21 @@ def _all_n(n_values: Sequence[int]) -> list[int]:
     return [*SCHEMA_N_VALUES, *sorted({int(n) for n in n_values} - set(SCHEMA_N_VALUES))]
 
 
+def _pooled_latents_and_decoder(
+    sae: SAE, acts: Any, config: ScrAndTppConfig, progress: bool | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The SAE's latents pooled per text, and its decoder in the activations' space."""
+    _require_same_space(sae)
+    latents = pooled_latents(sae, acts, batch_size=config.sae_batch_size, progress=progress)
+    return latents, effective_decoder(sae).astype(np.float64)
+
+
 def _scr_one_sae(
     sae: SAE, acts: Any, baseline: _ScrBaseline, config: ScrAndTppConfig,
     progress: bool | None = False,
 ) -> tuple[dict[str, float | None], dict[str, dict[int, float | None]]]:
-    _require_same_space(sae)
     sets, probes, clean = baseline.sets, baseline.probes, baseline.accuracy
-    latents = pooled_latents(sae, acts, batch_size=config.sae_batch_size,
-                             progress=progress)
-    decoder = effective_decoder(sae).astype(np.float64)
+    latents, decoder = _pooled_latents_and_decoder(sae, acts, config, progress)
     effects = {
         key: latent_effects(
             latents[task.train_idx], task.train_y, probe_direction(probes[key]), decoder, True
@@ -529,11 +535,8 @@ def _tpp_one_sae(
     sae: SAE, acts: Any, baseline: _TppBaseline, config: ScrAndTppConfig,
     progress: bool | None = False,
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
-    _require_same_space(sae)
     tasks, probes, clean = baseline.tasks, baseline.probes, baseline.accuracy
-    latents = pooled_latents(sae, acts, batch_size=config.sae_batch_size,
-                             progress=progress)
-    decoder = effective_decoder(sae).astype(np.float64)
+    latents, decoder = _pooled_latents_and_decoder(sae, acts, config, progress)
     rows = np.unique(np.concatenate([t.test_idx for t in tasks]))
     ablator = Ablator(sae, acts, rows, config.sae_batch_size, latents=latents[rows])
     where = {t.name: np.searchsorted(rows, t.test_idx) for t in tasks}
