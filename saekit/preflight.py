@@ -1,6 +1,7 @@
 """Checks made before any work starts: the device, the dtype on it, the context size against
-the model, local text files. Each fails with a `SaekitError` naming the input and the fix,
-so a mistake costs seconds, not a model load and a training run."""
+the model, local text files, a fine-tuned SAE's widths against the model's. Each fails with a
+`SaekitError` naming the input and the fix, so a mistake costs seconds, not a model load and
+a training run."""
 
 from __future__ import annotations
 
@@ -83,3 +84,30 @@ def check_out_folder(path: str | Path, flag: str = "--out") -> None:
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SaekitError(f"{flag} {path} is a file, not a folder; pass a folder to write into")
+
+
+def check_hook_widths(backend: Any, widths: dict[str, int], what: str) -> None:
+    """Refuse a model whose activation at each hook of `widths` ({hook: width}) is not that
+    wide, from one forward pass over two tokens (no text is read). `what` names the SAE in
+    the message ("the SAE of --init-from runs/a"). A hook the model lacks fails here too."""
+    from saekit.data.store import flatten_activation
+
+    tokenizer = getattr(backend, "tokenizer", None)
+    probe_id = 0
+    for attr in ("bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            probe_id = int(value)
+            break
+    probe = torch.full((1, 2), probe_id, dtype=torch.long)
+    with torch.no_grad():
+        acts = backend.activations(probe, list(widths))
+    model = getattr(backend, "name", None) or "the model"
+    for hook, width in widths.items():
+        found = int(flatten_activation(acts[hook]).shape[-1])
+        if found != width:
+            raise SaekitError(
+                f"{what} reads activations of width {width} at {hook}, but {model} gives "
+                f"width {found} there: its d_model does not match the SAE's d_in. Fine-tune "
+                f"on a model whose activations at {hook} are {width} wide"
+            )

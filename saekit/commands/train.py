@@ -166,6 +166,12 @@ def print_report(outcome: Any) -> None:
     from saekit.commands.report import format_metrics, heldout_statistics, latent_report
 
     print(f"\nsaved the SAE to {outcome.run_dir}  (load it: SAE.load({str(outcome.run_dir)!r}))")
+    started = outcome.sae.cfg.metadata.extra.get("init_from")
+    if isinstance(started, dict):
+        print(
+            f"fine-tuned from {started.get('identity') or started.get('source')} "
+            f"(weights sha256 {str(started.get('weights_sha256'))[:16]}...)"
+        )
     heldout = outcome.heldout
     if outcome.metrics:
         print(f"held-out metrics on {heldout.summary()}:" if heldout else "held-out metrics:")

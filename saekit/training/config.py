@@ -66,6 +66,11 @@ class SAESection:
     """Scale activations by sqrt(d_in) / E||x|| during training (estimated from the data);
     the factor is folded into the weights at the end, so the saved SAE takes raw activations
     (unlike an SAE config's normalize_activations, a mode the SAE applies at inference)."""
+    init_from: str | None = None
+    """Fine-tune: start from this saved or published SAE instead of fresh weights (a saved
+    SAE or finished run folder, RELEASE/SAE_ID from `saekit pretrained list`, or a Hub repo
+    owner/name[/folder]). Its architecture, width, k and hook(s) become the run's; settings
+    given that contradict them are refused before any work (docs/pretrained.md)."""
 
     def problems(self) -> list[str]:
         # Every field is checked for its type (NaN and infinity are no setting's value);
@@ -87,6 +92,11 @@ class SAESection:
                 "k applies to architectures whose sparsity is k "
                 f"({', '.join(k_architectures())}), not {self.architecture!r}; use target_l0 "
                 "or sparsity_coefficient to set its sparsity"
+            )
+        if isinstance(self.init_from, str) and not self.init_from.strip():
+            out.append(
+                "init_from must name a saved SAE folder, RELEASE/SAE_ID or a Hub repo, got an "
+                "empty string"
             )
         return out
 

@@ -53,6 +53,15 @@ from saekit.training.distributed import (
     local_device,
     make_parallelism,
 )
+from saekit.training.init_from import (
+    INIT_KEY,
+    InitSource,
+    load_init_source,
+    resolve_config,
+    resumed_sae,
+    state_record,
+    training_start,
+)
 from saekit.training.trainer import SAEJob, Trainer
 
 log = logging.getLogger(__name__)
@@ -124,6 +133,12 @@ def _train(
     cfg: TrainConfig, model: Any, dataset: Any, env: DistEnv, given: Iterable[str] | None
 ) -> TrainOutcome:
     refuse_cache_under_torchrun(cfg, env)
+    source: InitSource | None = None
+    if cfg.sae.init_from is not None and cfg.run.resume is None:
+        # Before any folder, model or text: the SAE a fine-tuning run starts from says what
+        # the run trains, and settings given that contradict it fail here.
+        source = load_init_source(cfg.sae.init_from)
+        cfg = resolve_config(cfg, source, given)
     # A missing, unfinished or too small cache fails before any folder or model is touched
     # (on resume, once the saved config has said which cache the run reads).
     cache_meta = cache_metadata(cfg) if cfg.run.resume is None else None
@@ -150,6 +165,10 @@ def _train(
             if env.is_main:
                 log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
             resume = False
+    if not resume and cfg.sae.init_from is not None and source is None:
+        # A fine-tuning run that stopped before its first checkpoint starts from its source.
+        source = load_init_source(cfg.sae.init_from)
+        cfg = resolve_config(cfg, source, ())
     _preflight(cfg, model, dataset)
     _seed_everything(cfg.run.seed)
 
@@ -172,13 +191,22 @@ def _train(
     check_train_dtype(cfg.run.dtype, device)
     check_context_size(backend, cfg.data.context_size)
     saved_state = _read_run_state(run_dir) if resume else None
+    if cfg.sae.init_from is not None:
+        # The SAE's widths against the model's, before any text is read.
+        _check_init_widths(cfg, backend, cache_meta, source, saved_state)
     activations, heldout = activation_source(
         cfg, backend, dataset, cache_meta, saved_state, device, env, model is not None
     )
     hook, hook_out = activations.hook, activations.hook_out
     dataset_name = cfg.data.dataset if dataset is None else None
-    sae = _build_sae(cfg, activations, device, backend, dataset_name, heldout)
-    run_state = saved_state or _new_run_state(cfg, activations, parallel, heldout)
+    if cfg.sae.init_from is None:
+        sae = _build_sae(cfg, activations, device, backend, dataset_name, heldout)
+        run_state = saved_state or _new_run_state(cfg, activations, parallel, heldout)
+    else:
+        sae, run_state = _fine_tuning_sae(
+            cfg, activations, device, backend, dataset_name, heldout, parallel, source,
+            saved_state,
+        )
     job = SAEJob(
         sae,
         cfg.training,
@@ -186,6 +214,7 @@ def _train(
         hook_out=hook_out if sae.is_transcoder else None,
         norm_scale=run_state["norm_scaling_factor"],
         evaluate=_evaluator(backend, heldout, hook, hook_out) if env.is_main else None,
+        keep_weights=cfg.sae.init_from is not None,
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
     store = activations.store
@@ -368,8 +397,6 @@ def _build_sae(
     dataset_name: str | None,
     heldout: HeldoutText | None,
 ) -> SAE:
-    from saekit.data.tokens import sequence_framing
-
     hook, hook_out = activations.hook, activations.hook_out
     d_in = activations.widths[hook]
     d_out = activations.widths.get(hook_out) if hook_out is not None else None
@@ -384,6 +411,30 @@ def _build_sae(
     if (fields.get("k") or 0) > d_sae:
         raise ValueError(f"k={fields['k']} is larger than d_sae={d_sae}; lower k or widen the SAE")
     fields["apply_b_dec_to_input"] = s.apply_b_dec_to_input and (d_out is None or d_out == d_in)
+    sae_cfg = SAEConfig(
+        architecture=s.architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=cfg.run.dtype,
+        device=device,
+        d_out=d_out,
+        metadata=_run_metadata(cfg, activations, backend, dataset_name, heldout),
+        **fields,
+    )
+    return SAE.from_config(sae_cfg)
+
+
+def _run_metadata(
+    cfg: TrainConfig,
+    activations: ActivationSource,
+    backend: ModelBackend,
+    dataset_name: str | None,
+    heldout: HeldoutText | None,
+) -> SAEMetadata:
+    """What the trained SAE records of the run: model, hook(s), framing and data."""
+    from saekit.data.tokens import sequence_framing
+
+    hook, hook_out = activations.hook, activations.hook_out
     framing = sequence_framing(backend.tokenizer, cfg.data.prepend_bos)[0]
     metadata = SAEMetadata(
         model_name=getattr(backend, "name", None) or cfg.data.model,
@@ -399,17 +450,76 @@ def _build_sae(
         metadata.extra["sequence_framing"] = framing
     if heldout is not None and heldout.split is None:
         metadata.extra["heldout_documents"] = heldout.heldout_documents
-    sae_cfg = SAEConfig(
-        architecture=s.architecture,
-        d_in=d_in,
-        d_sae=d_sae,
-        dtype=cfg.run.dtype,
-        device=device,
-        d_out=d_out,
-        metadata=metadata,
-        **fields,
+    return metadata
+
+
+def _fine_tuning_sae(
+    cfg: TrainConfig,
+    activations: ActivationSource,
+    device: str,
+    backend: ModelBackend,
+    dataset_name: str | None,
+    heldout: HeldoutText | None,
+    parallel: Parallelism,
+    source: InitSource | None,
+    saved_state: dict[str, Any] | None,
+) -> tuple[SAE, dict[str, Any]]:
+    """(the SAE, the run state) of a fine-tuning run: the source's weights on the run's
+    scaled activations, or, resuming, an SAE of the saved shape for the checkpoint to fill.
+    The trained SAE's metadata and run_state.json record the source (`INIT_KEY`)."""
+    metadata = _run_metadata(cfg, activations, backend, dataset_name, heldout)
+    if saved_state is not None:
+        record = _saved_init_record(saved_state)
+        metadata.extra[INIT_KEY] = {k: v for k, v in record.items() if k != "sae_config"}
+        sae = resumed_sae(record["sae_config"], metadata, cfg.run.dtype, device)
+        return sae, saved_state
+    assert source is not None  # loaded by _train for every fine-tuning start
+    metadata.extra[INIT_KEY] = source.record()
+    # The norm factor first: the source's weights are re-expressed on activations scaled
+    # by it.
+    run_state = _new_run_state(cfg, activations, parallel, heldout)
+    sae = training_start(
+        source, metadata, cfg.run.dtype, device, run_state["norm_scaling_factor"],
+        cfg.training.decoder_norm,
     )
-    return SAE.from_config(sae_cfg)
+    run_state[INIT_KEY] = state_record(source, sae)
+    return sae, run_state
+
+
+def _saved_init_record(state: dict[str, Any]) -> dict[str, Any]:
+    record = state.get(INIT_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("sae_config"), dict):
+        raise ValueError(
+            f"{RUN_STATE_FILE} of this fine-tuning run has no {INIT_KEY} record with the "
+            "SAE's config, so the run cannot be resumed; start it again with --overwrite"
+        )
+    return record
+
+
+def _check_init_widths(
+    cfg: TrainConfig,
+    backend: ModelBackend,
+    cache_meta: dict[str, Any] | None,
+    source: InitSource | None,
+    saved_state: dict[str, Any] | None,
+) -> None:
+    """Refuse a model whose widths at the run's hook(s) are not the fine-tuned SAE's."""
+    from saekit.preflight import check_hook_widths
+    from saekit.training.activations import run_hooks
+
+    if source is not None:
+        d_in, d_out = source.sae.cfg.d_in, source.sae.cfg.output_width
+        transcoder, name = source.sae.is_transcoder, source.spec
+    else:
+        saved = _saved_init_record(saved_state or {})["sae_config"]
+        d_in, d_out = saved["d_in"], saved.get("d_out") or saved["d_in"]
+        transcoder = architecture_class(saved["architecture"]).is_transcoder
+        name = str(cfg.sae.init_from)
+    hook, hook_out = run_hooks(cfg, backend, cache_meta)
+    widths = {hook: d_in}
+    if transcoder and hook_out is not None:
+        widths[hook_out] = d_out
+    check_hook_widths(backend, widths, f"the SAE of --init-from {name}")
 
 
 def _new_run_state(

@@ -77,6 +77,9 @@ class SAEJob:
     """Inputs (and targets) are multiplied by this during training; folded in at the end."""
     evaluate: EvaluateFn | None = None
     """Final held-out evaluation of the finished SAE."""
+    keep_weights: bool = False
+    """The SAE's weights are the starting point (fine-tuning): the first step does not set
+    them from data (decoder bias, unit decoder rows, firing points at target_l0)."""
 
     def __post_init__(self) -> None:
         if self.cfg.lr is None:
@@ -455,6 +458,8 @@ class Trainer:
         sae = st.job.sae
         # Data-parallel ranks start from rank 0's weights and one b_dec from the global batch.
         self.parallel.sync_parameters(sae)
+        if st.job.keep_weights:
+            return
         if st.unit_norm:
             st.unit_norm.start(sae)
         target = self.parallel.gather_rows(target)
