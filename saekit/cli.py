@@ -17,7 +17,7 @@ from saekit.errors import SaekitError, one_line
 #: Subcommand modules under saekit.commands, in the order `--help` lists them.
 COMMAND_MODULES: list[str] = [
     "train", "pretrained", "upload", "eval", "cache", "pretokenize", "dashboard", "hooks",
-    "synthetic", "export",
+    "synthetic", "export", "autointerp",
 ]
 
 
