@@ -143,7 +143,7 @@ class _JobState:
         self.resampler = DeadLatentResampler(cfg) if resamples else None
         #: Latents resampled since the last log line.
         self.interval_resampled = 0
-        d_sae = sae.cfg.d_sae
+        d_sae = sae.cfg.d_sae * sae.latent_groups
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=sae.device)
         self.counted_tokens = 0
@@ -235,6 +235,7 @@ class Trainer:
         progress: bool = False,
         log_sinks: list[LogSink] | None = None,
         parallel: Parallelism | None = None,
+        periodic_eval: Any = None,
     ) -> None:
         jobs = [jobs] if isinstance(jobs, SAEJob) else list(jobs)
         if not jobs:
@@ -269,6 +270,10 @@ class Trainer:
         self.step = 0
         self.batches_consumed = 0
         self._stop_signal: int | None = None
+        #: A `saekit.training.periodic_eval.PeriodicEval`, or None.
+        self.periodic_eval = periodic_eval
+        self._eval_postfix: dict[str, str] = {}
+        self._train_postfix: dict[str, str] = {}
 
     # ----- the loop ------------------------------------------------------------------------
 
@@ -311,6 +316,10 @@ class Trainer:
                             sink(record)
                         if bar is not None:
                             bar.set_postfix(self._postfix(record), refresh=False)
+                if self.periodic_eval is not None and self.periodic_eval.due(
+                    before, self.tokens_seen
+                ):
+                    self._periodic_eval(runlog, bar)
                 every = self.checkpoint_every
                 if every and before // every != self.tokens_seen // every:
                     if self.tokens_seen < self.total_tokens:
@@ -389,7 +398,11 @@ class Trainer:
             if st.controller is not None:
                 st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         for st, (x, target), recon in zip(self.states, inputs, recons, strict=True):
-            if st.lifts and st.lift_due(self.tokens_seen, self.tokens_seen + n_tokens):
+            # Never after the last step: the saved SAE is the one the last step trained, not
+            # one with freshly lifted latents that no step has weighed yet (a batch top-k SAE,
+            # whose inference threshold does not cap its L0, fired above its k by their share).
+            after = self.tokens_seen + n_tokens
+            if st.lifts and after < self.total_tokens and st.lift_due(self.tokens_seen, after):
                 self._lift(st, x)
             if st.resampler and st.resampler.due(self.tokens_seen, self.tokens_seen + n_tokens):
                 self._resample(st, x, target, recon)
@@ -494,7 +507,7 @@ class Trainer:
         if self.tokens_seen >= self.total_tokens // 2:
             st.fire_counts += counts
             st.counted_tokens += n_tokens
-        l0 = float(counts.sum()) / n_tokens
+        l0 = float(counts.sum()) / n_tokens / st.job.sae.latent_groups
         st.last_l0 = l0
         mse = loss_values[names.index("mse_loss")] if "mse_loss" in names else 0.0
         st.interval_last_share = (loss_values[0] - mse) / max(mse, 1e-12)
@@ -591,12 +604,47 @@ class Trainer:
         return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        prefix = f"{self.all_jobs[0].name}/" if len(self.all_jobs) > 1 else ""
-        return {
+        prefix = ""
+        if len(self.all_jobs) > 1:
+            # The SAE furthest behind (highest loss), named, stands for the run.
+            names = [j.name for j in self.all_jobs if f"{j.name}/loss" in record]
+            worst = max(names, key=lambda n: record[f"{n}/loss"])
+            prefix = f"{worst}/"
+        out = {
             "loss": f"{record[prefix + 'loss']:.4g}",
             "L0": f"{record[prefix + 'l0']:.1f}",
             "dead": f"{record[prefix + 'dead_fraction']:.1%}",
         }
+        if prefix:
+            out = {"SAEs": str(len(self.all_jobs)), "worst": prefix[:-1], **out}
+        self._train_postfix = out
+        return {**out, **self._eval_postfix}
+
+    def _periodic_eval(self, runlog: RunLog, bar: Any) -> None:
+        """Evaluate every SAE on the held-out sample and log it as an "eval" record
+        ({"eval": metrics}, or {"eval": {name: metrics}} with several SAEs)."""
+        assert self.periodic_eval is not None
+        parallel = self.parallel
+        local: dict[str, Any] = {}
+        if parallel.saes_per_rank or parallel.is_writer:
+            local = self.periodic_eval(self.jobs)
+        if parallel.saes_per_rank:
+            parts = parallel.gather_objects(local)
+            local = {k: v for part in parts or [] for k, v in part.items()}
+        if not parallel.is_writer:
+            return
+        evals = {j.name: local[j.name] for j in self.all_jobs if j.name in local}
+        multi = len(self.all_jobs) > 1
+        record = {
+            "step": self.step, "tokens": self.tokens_seen,
+            "eval": evals if multi else next(iter(evals.values())),
+        }
+        runlog.write(record)
+        for sink in self.log_sinks:
+            sink(record)
+        self._eval_postfix = self.periodic_eval.postfix(evals)
+        if bar is not None:
+            bar.set_postfix({**self._train_postfix, **self._eval_postfix}, refresh=False)
 
     def _progress_bar(self) -> Any:
         if not progress_enabled(self.progress):

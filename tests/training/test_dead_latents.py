@@ -195,6 +195,29 @@ def test_lifting_lowers_firing_points_only_until_the_latents_fire(architecture: 
     torch.testing.assert_close(sae.firing_point(busy), busy_points)  # already above 2%
 
 
+@pytest.mark.parametrize(("architecture", "steps"), [("batchtopk", 1), ("gated", 2)])
+def test_the_last_step_lifts_no_latent(architecture: str, steps: int) -> None:
+    # A lift after the last step would save latents that no step has weighed; a batch top-k
+    # SAE's inference threshold then let them all fire above its k.
+    def trained(steps: int, lift: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        # 512 latents at L0 2 from the first step (k 2, or biases set to fire at L0 2): each
+        # fires on one token of a 256-token batch on average, so many miss a batch.
+        k = {"k": 2} if architecture_class(architecture).sparsity_control == "k" else {}
+        sae = make_sae(architecture, d_sae=512, seed=3, **k)
+        cfg = small_config(steps, target_l0=2, lift_quiet_latents=lift)
+        return Trainer(SAEJob(sae, cfg), stream()).fit().saes["sae"].state_dict()
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[name], b[name]) for name in a)
+
+    # Lifting is at work here: one step more, and it changes the result (a latent is quiet
+    # once it missed a whole batch; a gated SAE set to fire at L0 2 misses none at first) ...
+    assert not same(trained(steps + 1, lift=True), trained(steps + 1, lift=False))
+    # ... but a run whose only lift would come after its last step has none.
+    assert same(trained(steps, lift=True), trained(steps, lift=False))
+
+
 def test_an_unset_learning_rate_is_the_architectures() -> None:
     from saekit.training import TrainingSection
 
