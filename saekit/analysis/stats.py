@@ -13,16 +13,15 @@ when a larger activation arrives R doubles and pairs of bins merge, so counts st
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-STATS_TENSORS = "feature_stats.safetensors"
-STATS_INFO = "feature_stats.json"
+#: Latents per data file: one file is what a dashboard page loads for one latent.
+SHARD_SIZE = 128
 
 
 @dataclass
@@ -101,51 +100,31 @@ class FeatureStats:
             bands.append(list(reversed(band[::step][:per_band])))
         return bands
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the statistics as `feature_stats.safetensors` + `feature_stats.json`."""
-        from safetensors.torch import save_file
+    def save(
+        self, folder: str | Path, *, shard_size: int = SHARD_SIZE, progress: bool | None = False
+    ) -> Path:
+        """Write the statistics under `folder` as script files a browser can load from
+        file:// (the dashboard site reads these very files; see `saekit.analysis.stats_files`
+        for the layout). Returns `folder`. Read them back with `FeatureStats.load`.
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "fire_count": self.fire_count, "act_sum": self.act_sum, "max_act": self.max_act,
-            "hist_counts": self.hist_counts, "hist_range": self.hist_range,
-        }
-        for group in ("top", "sample"):
-            ex: Examples = getattr(self, group)
-            for f in fields(Examples):
-                tensors[f"{group}.{f.name}"] = getattr(ex, f.name)
-        for group in ("logit_top", "logit_bottom"):
-            pair = getattr(self, group)
-            if pair is not None:
-                tensors[f"{group}.ids"], tensors[f"{group}.values"] = pair
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATS_TENSORS))
-        info = {"n_tokens": self.n_tokens, "left": self.left}
-        (folder / STATS_INFO).write_text(json.dumps(info) + "\n")
-        return folder
+        Activations are kept as float16 relative to each latent's largest kept activation
+        (about 3 significant digits); counts, sums, maxima and token ids are exact. The
+        ranking keys are not kept: a loaded top example's key is its activation and a loaded
+        random sample's keys are descending ranks, so the kept examples and their order come
+        back, but a loaded reservoir cannot be merged with further data.
+        """
+        from saekit.analysis.stats_files import write_stats
+
+        write_stats(self, folder, shard_size=shard_size, progress=progress)
+        return Path(folder)
 
     @staticmethod
     def load(folder: str | Path) -> FeatureStats:
-        from safetensors.torch import load_file
+        """Statistics written by `save`, or by the older format (`feature_stats.safetensors`
+        + `feature_stats.json`), which is still read."""
+        from saekit.analysis.stats_files import read_stats
 
-        folder = Path(folder)
-        for name in (STATS_TENSORS, STATS_INFO):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} is missing; write it with stats.save")
-        t = load_file(str(folder / STATS_TENSORS))
-        info = json.loads((folder / STATS_INFO).read_text())
-
-        def examples(group: str) -> Examples:
-            return Examples(*(t[f"{group}.{f.name}"] for f in fields(Examples)))
-
-        def pair(group: str) -> tuple[Tensor, Tensor] | None:
-            return (t[f"{group}.ids"], t[f"{group}.values"]) if f"{group}.ids" in t else None
-
-        return FeatureStats(
-            info["n_tokens"], info["left"], t["fire_count"], t["act_sum"], t["max_act"],
-            examples("top"), examples("sample"), t["hist_counts"], t["hist_range"],
-            pair("logit_top"), pair("logit_bottom"),
-        )
+        return read_stats(folder)
 
 
 def _examples(ex: Examples, latent: int) -> list[tuple[float, list[int], list[float]]]:

@@ -10,59 +10,76 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from analysis_helpers import make_sae
 
 from saekit.analysis.collect import feature_statistics
 from saekit.analysis.dashboard import write_dashboard
+from saekit.analysis.explanations import Explanation, append_explanations
+from saekit.analysis.stats import FeatureStats
 from saekit.evals.api import heldout_token_batches
 from saekit.models.tiny import TINY_TEXTS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 HOOK = "blocks.1.hook_resid_pre"
+LEFT, RIGHT = 16, 6  # wider than the 12 + 4 a page shows first, so that it can widen
+BYTE_TOKEN, NEWLINE_TOKEN = 100, 201  # the tiny tokenizer's "¤" (byte 0xA4) and "Ċ" ("\n")
 
 
 def read_js(path: Path, name: str):
-    """The JSON inside `window.NAME=...;` or `window.NAME(...);`."""
+    """The JSON inside `window.NAME(...);`."""
     text = path.read_text()
-    match = re.fullmatch(rf"window\.{name}[=(](.*?)\)?;\n", text, re.DOTALL)
+    match = re.fullmatch(rf"window\.{name}\((.*)\);\n", text, re.DOTALL)
     assert match, f"{path} is not a {name} script"
     return json.loads(match.group(1))
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, hf_backend) -> tuple[Path, object]:
+def site(tmp_path_factory, hf_backend) -> tuple[Path, FeatureStats, dict[int, Explanation]]:
     sae = make_sae(HOOK)
     batches = heldout_token_batches(
         hf_backend.tokenizer, 1500, dataset=list(TINY_TEXTS) * 10, context_size=24
     )
-    stats = feature_statistics(sae, hf_backend, batches, top_k=6)
+    stats = feature_statistics(sae, hf_backend, batches, top_k=6, left=LEFT, right=RIGHT)
+    # One latent promotes a lone byte and a newline first: how the pages spell them is tested.
+    odd = int(stats.max_act.argmin())
+    stats.logit_top[0][odd, :2] = torch.tensor([BYTE_TOKEN, NEWLINE_TOKEN])
+    best = int(stats.fire_count.argmin())
+    explanations = {
+        3: Explanation(3, "the letter <e>", {"detection": {"balanced_accuracy": 0.6}}, "m1"),
+        best: Explanation(best, "commas", {"detection": {"balanced_accuracy": 0.9},
+                                           "fuzzing": {"balanced_accuracy": 0.7}}, "m1"),
+        40: Explanation(40, "unscored"),
+    }
     out = tmp_path_factory.mktemp("site")
-    write_dashboard(stats, hf_backend.tokenizer, out, title="tiny <test>")
-    return out, stats
+    write_dashboard(stats, hf_backend.tokenizer, out, title="tiny <test>", sae_name="tiny-sae",
+                    model_name="tiny-gpt2", hook_name=HOOK, explanations=explanations,
+                    shard_size=16)
+    return out, stats, explanations
 
 
-def test_site_files_hold_the_statistics(site) -> None:
-    out, stats = site
-    index = read_js(out / "data" / "index.js", "SAEKIT_INDEX")
-    assert index["d_sae"] == stats.d_sae == len(index["rows"])
-    vocab = {int(k): v for k, v in read_js(out / "data" / "vocab.js", "SAEKIT_VOCAB").items()}
+def test_site_reads_the_saved_statistics(site) -> None:
+    out, stats, _ = site
+    loaded = FeatureStats.load(out)  # the very files the pages load: no second copy
+    assert torch.equal(loaded.fire_count, stats.fire_count)
     latent = int(stats.max_act.argmax())
-    data = read_js(out / "data" / "latents" / f"{latent}.js", "SAEKIT_LATENT")
-    assert data["max"] == pytest.approx(float(stats.max_act[latent]), rel=1e-3)
-    assert data["density"] == pytest.approx(float(stats.density[latent]))
-    assert [e[0] for e in data["top"]] == pytest.approx(
-        [e[0] for e in stats.top_examples(latent)], rel=1e-3
-    )
-    assert data["hist"]["counts"] == stats.hist_counts[latent].tolist()
-    assert len(data["promoted"]) == 10 and len(data["suppressed"]) == 10
-    # Every token a page shows has its string.
-    shown = {t for e in data["top"] for t in e[1] if t >= 0} | {t for t, _ in data["promoted"]}
+    assert [e[1] for e in loaded.top_examples(latent)] == [
+        e[1] for e in stats.top_examples(latent)]
+    assert len(list((out / "feature_stats").glob("*.js"))) == 4  # 64 latents, 16 a shard
+    vocab = {int(k): v for k, v in read_js(out / "data" / "vocab.js", "SAEKIT_VOCAB").items()}
+    shown = {t for e in stats.top_examples(latent) for t in e[1] if t >= 0}
+    shown |= set(stats.logit_top[0][latent].tolist()) | set(stats.logit_bottom[0][latent].tolist())
     assert shown <= set(vocab)
+    assert vocab[BYTE_TOKEN] == "\\xa4" and vocab[NEWLINE_TOKEN] == "\n"
+    site_info = read_js(out / "data" / "site.js", "SAEKIT_SITE")
+    assert (site_info["sae"], site_info["model"], site_info["hook"]) == (
+        "tiny-sae", "tiny-gpt2", HOOK)
     assert not list(out.rglob("*.json"))  # nothing a file:// page would have to fetch
 
 
 def test_cli_writes_the_site(tmp_path, tokenizer) -> None:
+    from saekit.cli import main
     from saekit.models.tiny import tiny_gpt2
 
     model_dir = tmp_path / "model"
@@ -71,17 +88,32 @@ def test_cli_writes_the_site(tmp_path, tokenizer) -> None:
     sae = make_sae(HOOK)
     sae.cfg.metadata.model_name = str(model_dir)
     sae.save(tmp_path / "sae")
+    append_explanations(tmp_path / "sae", [Explanation(5, "fives")])  # found beside the SAE
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TINY_TEXTS * 5))
     out = tmp_path / "dash"
-    from saekit.cli import main
+    args = ["--dataset", str(texts), "--tokens", "600", "--context-size", "20", "--top-k", "4"]
 
-    code = main(["dashboard", str(tmp_path / "sae"), "--out", str(out), "--dataset",
-                 str(texts), "--tokens", "600", "--context-size", "20", "--top-k", "4"])
+    code = main(["dashboard", str(tmp_path / "sae"), "--out", str(out), *args,
+                 "--left", "3", "--right", "1"])
     assert code == 0
-    assert (out / "index.html").is_file() and (out / "feature_stats.safetensors").is_file()
-    assert len(list((out / "data" / "latents").glob("*.js"))) == 64
+    assert (out / "index.html").is_file()
+    stats = FeatureStats.load(out)
+    assert stats.d_sae == 64 and stats.left == 3 and stats.top.tokens.shape[1:] == (4, 5)
+    site_info = read_js(out / "data" / "site.js", "SAEKIT_SITE")
+    assert site_info["hook"] == HOOK and site_info["model"] == str(model_dir)
+    assert site_info["explained_shards"] == [0]
+    assert read_js(out / "data" / "explanations" / "000000.js",
+                   "SAEKIT_EXPLANATIONS")["items"]["5"]["explanation"] == "fives"
+
     assert main(["dashboard", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert main(["dashboard", str(tmp_path / "sae"), "--out", str(tmp_path / "o2"),
+                 "--explanations", str(tmp_path / "missing.jsonl"), *args]) == 2
+    wrong = tmp_path / "wrong.jsonl"
+    append_explanations(wrong, [Explanation(64, "beyond the last latent")])
+    assert main(["dashboard", str(tmp_path / "sae"), "--out", str(tmp_path / "o3"),
+                 "--explanations", str(wrong), *args]) == 2
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 def _driver(profile: Path):
@@ -124,47 +156,163 @@ def _errors(driver) -> list[dict]:
     return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
 
 
-def test_pages_load_in_a_browser_with_highlighted_tokens(site, browser) -> None:
+def _rows(driver) -> list[int]:
     from selenium.webdriver.common.by import By
+
+    return [int(tr.get_attribute("data-latent"))
+            for tr in driver.find_elements(By.CSS_SELECTOR, "#latents tbody tr")]
+
+
+def _wait(driver, condition, timeout: float = 10):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    out, stats = site
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def _type(driver, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "search")
+    box.clear()
+    box.send_keys(text)
+
+
+def test_index_sorts_and_searches(site, browser, tokenizer) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out, stats, explanations = site
     browser.get((out / "index.html").as_uri())
-    rows = browser.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
-    assert len(rows) == stats.d_sae
+    _wait(browser, lambda d: len(_rows(d)) == stats.d_sae)
     assert browser.find_element(By.ID, "title").text == "tiny <test>"
-    # Sorted by density, highest first, by default; a click on "max act" sorts by max.
-    browser.find_element(By.CSS_SELECTOR, "th[data-key='2']").click()
-    first = browser.find_element(By.CSS_SELECTOR, "#latents tbody tr").get_attribute(
-        "data-latent"
-    )
-    assert int(first) == int(stats.max_act.argmax())
-    # Search narrows the table to latents whose top tokens match.
-    box = browser.find_element(By.ID, "search")
-    box.send_keys("zzzz-no-such-token")
-    assert not browser.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
+    source = browser.find_element(By.ID, "source").text
+    assert "SAE tiny-sae" in source and "model tiny-gpt2" in source and HOOK in source
+    # By latent number by default: the order every other tool numbers latents in.
+    assert _rows(browser) == list(range(stats.d_sae))
+    browser.find_element(By.CSS_SELECTOR, "th[data-key='max']").click()
+    assert _rows(browser)[0] == int(stats.max_act.argmax())
+    browser.find_element(By.CSS_SELECTOR, "th[data-key='density']").click()
+    densities = [float(stats.density[i]) for i in _rows(browser)]
+    assert densities == sorted(densities, reverse=True)
+    browser.find_element(By.ID, "order").click()  # lowest first
+    assert _rows(browser)[0] == int(stats.fire_count.argmin())
+
+    # Explanation score: best first, unexplained latents last; the text shows in the row.
+    Select(browser.find_element(By.ID, "sort")).select_by_value(
+        "score:detection.balanced_accuracy")
+    best = max(explanations, key=lambda i: explanations[i].score())
+    rows = _rows(browser)
+    assert rows[:2] == [best, 3] and set(rows) == set(range(stats.d_sae))
+    cell = f"#latents tbody tr[data-latent='{best}'] td.explanation"
+    _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, cell).text.startswith("commas"))
+    assert "(0.900)" in browser.find_element(By.CSS_SELECTOR, cell).text
+
+    # Search by latent number, and by token: latents that fire on, or promote, a token
+    # whose text contains the query.
+    _type(browser, "7")
+    assert _rows(browser) == [7]
+    _type(browser, "#12")
+    assert _rows(browser) == [12]
+    query = "th"
+    expected = set()
+    for latent in range(stats.d_sae):
+        ids = [e[1][LEFT] for e in stats.top_examples(latent)]
+        ids += stats.logit_top[0][latent].tolist()
+        if any(query in tokenizer.decode([t]).lower() for t in ids):
+            expected.add(latent)
+    assert 0 < len(expected) < stats.d_sae
+    _type(browser, query.upper())
+    assert set(_rows(browser)) == expected
+    _type(browser, "zzzz-no-such-token")
+    assert _rows(browser) == []
+    assert "0 shown" in browser.find_element(By.ID, "shown").text
+    # The state is in the address: a reload keeps sort order and search.
+    browser.refresh()
+    _wait(browser, lambda d: d.find_element(By.ID, "search").get_attribute("value")
+          == "zzzz-no-such-token")
+    assert Select(browser.find_element(By.ID, "sort")).first_selected_option.get_attribute(
+        "value") == "score:detection.balanced_accuracy"
+    # The overview histogram of log10 densities has counts on its axis.
+    browser.find_element(By.CSS_SELECTOR, "#overview summary").click()
+    assert browser.find_elements(By.CSS_SELECTOR, "#density-histogram rect.bar")
+    assert browser.find_elements(By.CSS_SELECTOR, "#density-histogram .y-tick")
     assert _errors(browser) == []
 
+
+def test_latent_page(site, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out, stats, explanations = site
+    loaded = FeatureStats.load(out)
     latent = int(stats.max_act.argmax())
     browser.get((out / "latent.html").as_uri() + f"#{latent}")
-    WebDriverWait(browser, 10).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#top .tok.active")
-    )
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#top .tok.active"))
     assert browser.find_element(By.ID, "title").text == f"Latent {latent}"
+    source = browser.find_element(By.ID, "source").text
+    assert "SAE tiny-sae" in source and "model tiny-gpt2" in source and HOOK in source
     active = browser.find_elements(By.CSS_SELECTOR, "#top .tok.active")
-    assert active[0].get_attribute("title").startswith("activation ")
+    assert "activation " in active[0].get_attribute("title")
     assert "rgba(232, 119, 28" in active[0].get_attribute("style")
+    top = loaded.top_examples(latent)
     centers = browser.find_elements(By.CSS_SELECTOR, "#top .example .tok.center")
-    assert len(centers) == len(stats.top_examples(latent))
-    assert browser.find_elements(By.CSS_SELECTOR, "#histogram rect.bar")
+    assert len(centers) == len(top)
+    assert [float(v.text) for v in browser.find_elements(By.CSS_SELECTOR, "#top .value")] == (
+        pytest.approx([e[0] for e in top], rel=5e-3))  # 3 significant digits
+    assert not browser.find_element(By.ID, "explanation").is_displayed()
+
+    # Context: 12 before and 4 after at first, all that was kept when widened.
+    def shown_tokens() -> int:
+        first = browser.find_element(By.CSS_SELECTOR, "#top .example")
+        return len(first.find_elements(By.CSS_SELECTOR, ".tok"))
+
+    window = top[0][1]
+    assert shown_tokens() == sum(t >= 0 for t in window[LEFT - 12:LEFT + 5])
+    Select(browser.find_element(By.ID, "context")).select_by_index(1)
+    assert shown_tokens() == sum(t >= 0 for t in window)
+
+    # Quantile bands drawn from the random sample as FeatureStats.quantile_samples draws them.
+    bands = [b for b in reversed(loaded.quantile_samples(latent, 4, 5)) if b]
+    shown = browser.find_elements(By.CSS_SELECTOR, "#bands .band")
+    assert len(shown) == len(bands)
+    for band, element in zip(bands, shown, strict=True):
+        values = [float(v.text) for v in element.find_elements(By.CSS_SELECTOR, ".value")]
+        assert values == pytest.approx([e[0] for e in band], rel=5e-3)
+
+    # Histogram: counts on the y axis, and a log view with powers of ten.
+    peak = int(stats.hist_counts[latent].max())
+    ticks = [int(t.text.replace(",", "")) for t in
+             browser.find_elements(By.CSS_SELECTOR, "#histogram .y-tick")]
+    assert ticks[0] == 0 and peak / 2 <= ticks[-1] <= peak and len(ticks) >= 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram .x-tick")) >= 3
+    browser.find_element(By.ID, "hist-log").click()
+    ticks = [int(t.text.replace(",", "")) for t in
+             browser.find_elements(By.CSS_SELECTOR, "#histogram .y-tick")]
+    assert ticks == [10**e for e in range(len(ticks))] and ticks[-1] <= peak
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram rect.bar")) == 32
     assert len(browser.find_elements(By.CSS_SELECTOR, "#promoted li")) == 10
-    assert browser.find_elements(By.CSS_SELECTOR, "#bands .band")
+
     # Following "next" (or "previous" from the last latent) loads that latent in place.
     step, other = ("next", latent + 1) if latent + 1 < stats.d_sae else ("prev", latent - 1)
     browser.find_element(By.ID, step).click()
-    WebDriverWait(browser, 10).until(
-        lambda d: d.find_element(By.ID, "title").text == f"Latent {other}"
-    )
+    _wait(browser, lambda d: d.find_element(By.ID, "title").text == f"Latent {other}")
+
+    # An explained latent shows its explanation and every score.
+    best = max(explanations, key=lambda i: explanations[i].score())
+    browser.get((out / "latent.html").as_uri() + f"#{best}")
+    _wait(browser, lambda d: d.find_element(By.ID, "explanation").is_displayed())
+    text = browser.find_element(By.ID, "explanation").text
+    assert "commas" in text and "detection balanced accuracy 0.900" in text
+    assert "fuzzing balanced accuracy 0.700" in text and "m1" in text
+
+    # A lone byte shows as its bytes and a newline as a symbol, in one line.
+    odd = int(stats.max_act.argmin())
+    browser.get((out / "latent.html").as_uri() + f"#{odd}")
+    _wait(browser, lambda d: d.find_element(By.ID, "title").text == f"Latent {odd}")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#promoted li"))
+    promoted = browser.find_elements(By.CSS_SELECTOR, "#promoted li .tok")
+    assert [p.text for p in promoted[:2]] == ["\\xa4", "\u23ce"]
+    assert "\ufffd" not in browser.find_element(By.ID, "promoted").text
     assert _errors(browser) == []
 
 
@@ -173,4 +321,5 @@ def test_python_module_runs_as_cli() -> None:
         [sys.executable, "-m", "saekit.cli", "dashboard", "--help"],
         capture_output=True, text=True, check=False,
     )
-    assert result.returncode == 0 and "--out" in result.stdout
+    assert result.returncode == 0 and "--out" in result.stdout and "--explanations" in (
+        result.stdout)

@@ -1,83 +1,257 @@
-// The index of latents: a table built from window.SAEKIT_INDEX, sortable and searchable.
-(function () {
+// The index of latents: sort orders, a search box (latent number or token), shown a page of
+// rows at a time so that a million latents stay quick. State lives in the address's #hash.
+(async function () {
   "use strict";
-  const data = window.SAEKIT_INDEX;
-  const vocab = window.SAEKIT_VOCAB || {};
+  const S = window.SAEKIT;
+  const site = S.site;
+  const PAGE = 200;
   const body = document.querySelector("#latents tbody");
   const search = document.getElementById("search");
+  const sortSelect = document.getElementById("sort");
+  const orderButton = document.getElementById("order");
+  const more = document.getElementById("more");
   const shown = document.getElementById("shown");
-  let rows = data.rows.slice();
-  let sortKey = 1;
-  let descending = true;
+  const message = document.getElementById("message");
 
-  document.getElementById("title").textContent = data.title;
-  document.title = data.title;
-  document.getElementById("summary").textContent =
-    data.d_sae + " latents, statistics over " + data.n_tokens.toLocaleString() + " tokens";
+  document.getElementById("title").textContent = site.title;
+  document.title = site.title;
+  document.getElementById("source").textContent = S.sourceLine(site);
 
-  const tokenText = (id) => (id in vocab ? vocab[id] : "<" + id + ">");
-  const tokenList = (ids) => ids.map(tokenText);
-  const fmt = (x) => (x === 0 ? "0" : Number(x).toPrecision(3));
+  const cols = await S.unpack(S.index);
+  const d = site.d_sae;
+  const density = new Float64Array(d);
+  for (let i = 0; i < d; i++) density[i] = cols.fire_count[i] / Math.max(site.n_tokens, 1);
+  const width = (name) => (cols[name] ? cols[name].shape[1] : 0);
+  const fireWidth = width("fires_on"), promoteWidth = width("promotes");
 
-  function cell(tr, text, cls) {
-    const td = document.createElement("td");
-    td.textContent = text;
-    if (cls) td.className = cls;
-    tr.appendChild(td);
-    return td;
+  // Sort orders: name -> [label, value of latent i, descending first?]. Latent number is the
+  // default: a stable order that matches the numbers used everywhere else.
+  const orders = {
+    index: ["latent number", (i) => i, false],
+    density: ["density", (i) => density[i], true],
+    max: ["max activation", (i) => cols.max_act[i], true],
+    mean: ["mean activation", (i) => cols.mean_act[i], true],
+  };
+  for (const column of site.score_columns) {
+    const values = cols["score:" + column];
+    const label = column.replace(".", " ").replace(/_/g, " ");
+    orders["score:" + column] = ["explanation score (" + label + ")", (i) => values[i], true];
+  }
+  for (const [key, [label]] of Object.entries(orders)) sortSelect.add(new Option(label, key));
+  const explained = site.score_columns.length > 0 || site.explained_shards.length > 0;
+  document.getElementById("explanation-head").hidden = !explained;
+
+  const state = { sort: "index", descending: false, query: "", limit: PAGE };
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get("sort") in orders) state.sort = hash.get("sort");
+  state.descending = hash.has("desc") ? hash.get("desc") === "1" : orders[state.sort][2];
+  state.query = hash.get("q") || "";
+  search.value = state.query;
+
+  // Which latents match the query (null: all). A number is that latent; text matches every
+  // token whose text contains it (case-insensitive), and a latent matches when it fires on
+  // such a token in its top examples or promotes one.
+  function matching(query) {
+    const q = query.trim();
+    if (!q) return null;
+    const match = new Uint8Array(d);
+    const number = /^#?(\d+)$/.exec(q);
+    if (number) {
+      if (Number(number[1]) < d) match[Number(number[1])] = 1;
+      return match;
+    }
+    const needle = q.toLowerCase();
+    const hit = new Set(); // token ids + 1, as the index stores them
+    for (const [id, text] of Object.entries(S.vocab)) {
+      const lower = text.toLowerCase();
+      if (lower.includes(needle) || S.display(lower).includes(needle)) hit.add(Number(id) + 1);
+    }
+    for (let i = 0; i < d; i++) {
+      for (let j = 0; j < fireWidth && !match[i]; j++) {
+        if (hit.has(cols.fires_on[i * fireWidth + j])) match[i] = 1;
+      }
+      for (let j = 0; j < promoteWidth && !match[i]; j++) {
+        if (hit.has(cols.promotes[i * promoteWidth + j])) match[i] = 1;
+      }
+    }
+    return match;
   }
 
-  function tokenCell(tr, ids) {
-    const td = cell(tr, "", "");
-    for (const t of tokenList(ids)) {
-      const span = document.createElement("span");
-      span.className = "tok";
-      span.textContent = t;
-      td.appendChild(span);
-      td.appendChild(document.createTextNode(" "));
+  // Every latent in the sort order, computed once per order: a search then only filters it.
+  let sorted = null, sortedBy = "";
+  function sortedLatents() {
+    const by = state.sort + (state.descending ? " desc" : " asc");
+    if (by === sortedBy) return sorted;
+    const key = orders[state.sort][1], sign = state.descending ? -1 : 1;
+    const values = new Float64Array(d);
+    for (let i = 0; i < d; i++) values[i] = key(i);
+    sorted = new Uint32Array(d);
+    for (let i = 0; i < d; i++) sorted[i] = i;
+    sorted.sort((a, b) => {
+      const x = values[a], y = values[b];
+      const nx = Number.isNaN(x), ny = Number.isNaN(y);
+      if (nx || ny) return nx - ny || a - b; // latents without a value last, either way
+      return sign * (x - y) || a - b;
+    });
+    sortedBy = by;
+    return sorted;
+  }
+
+  function tokenCell(tr, array, widthOf, i, n) {
+    const td = document.createElement("td");
+    td.className = "tokens";
+    for (let j = 0; j < Math.min(n, widthOf); j++) {
+      const id = array[i * widthOf + j] - 1;
+      if (id >= 0) td.appendChild(S.tokenSpan(id));
+    }
+    tr.appendChild(td);
+  }
+
+  function numberCell(tr, x, title) {
+    const td = document.createElement("td");
+    td.className = "num";
+    td.textContent = S.fmt(x);
+    if (title) td.title = title;
+    tr.appendChild(td);
+  }
+
+  // Explanation texts live in per-shard files: load those of the rows on screen.
+  function fillExplanations(cells) {
+    const shards = new Set(cells.map(([i]) => Math.floor(i / site.shard_size)));
+    for (const shard of shards) {
+      if (!site.explained_shards.includes(shard)) continue;
+      S.load(S.explanationsPath(shard)).then((data) => {
+        for (const [i, td] of cells) {
+          const item = data.items[i];
+          if (Math.floor(i / site.shard_size) === shard && item) td.textContent = item.explanation;
+        }
+      }, (err) => { message.textContent = err.message; });
     }
   }
 
   function render() {
-    const query = search.value.trim().toLowerCase();
-    const matching = rows.filter((r) => {
-      if (!query) return true;
-      return tokenList(r[4].concat(r[5])).some((t) => t.toLowerCase().includes(query));
-    });
-    matching.sort((a, b) => (descending ? b[sortKey] - a[sortKey] : a[sortKey] - b[sortKey]));
+    const match = matching(state.query);
+    const order = match ? sortedLatents().filter((i) => match[i]) : sortedLatents();
     const fragment = document.createDocumentFragment();
-    for (const r of matching) {
+    const cells = [];
+    for (const i of order.slice(0, state.limit)) {
       const tr = document.createElement("tr");
-      tr.dataset.latent = r[0];
+      tr.dataset.latent = i;
+      const td = document.createElement("td");
+      td.className = "num";
       const link = document.createElement("a");
-      link.href = "latent.html#" + r[0];
-      link.textContent = r[0];
-      cell(tr, "", "num").appendChild(link);
-      cell(tr, fmt(r[1]), "num");
-      cell(tr, fmt(r[2]), "num");
-      cell(tr, fmt(r[3]), "num");
-      tokenCell(tr, r[4]);
-      tokenCell(tr, r[5]);
+      link.href = "latent.html#" + i;
+      link.textContent = i;
+      td.appendChild(link);
+      tr.appendChild(td);
+      numberCell(tr, density[i], "fires on " + cols.fire_count[i].toLocaleString() + " tokens");
+      numberCell(tr, cols.max_act[i]);
+      numberCell(tr, cols.mean_act[i]);
+      if (explained) {
+        const cell = document.createElement("td");
+        cell.className = "explanation";
+        const text = document.createElement("span");
+        cell.appendChild(text);
+        const sortScore = state.sort.startsWith("score:") ? state.sort.slice(6)
+          : site.score_columns[0];
+        if (sortScore) {
+          const score = cols["score:" + sortScore][i];
+          const span = document.createElement("span");
+          span.className = "score";
+          span.title = sortScore.replace(".", " ");
+          span.textContent = Number.isNaN(score) ? "" : " (" + S.fmt(score) + ")";
+          cell.appendChild(span);
+        }
+        tr.appendChild(cell);
+        cells.push([i, text]);
+      }
+      tokenCell(tr, cols.fires_on, fireWidth, i, 5);
+      if (promoteWidth) tokenCell(tr, cols.promotes, promoteWidth, i, 5);
+      else tr.appendChild(document.createElement("td"));
       fragment.appendChild(tr);
     }
     body.replaceChildren(fragment);
-    shown.textContent = matching.length + " shown";
+    fillExplanations(cells);
+    const count = Math.min(order.length, state.limit);
+    shown.textContent = count < order.length
+      ? count + " of " + order.length + " shown" : order.length + " shown";
+    more.hidden = count >= order.length;
+    sortSelect.value = state.sort;
+    orderButton.textContent = state.descending ? "highest first" : "lowest first";
     for (const th of document.querySelectorAll("th[data-key]")) {
       th.classList.remove("sorted-asc", "sorted-desc");
-      if (Number(th.dataset.key) === sortKey) {
-        th.classList.add(descending ? "sorted-desc" : "sorted-asc");
+      if (th.dataset.key === state.sort) {
+        th.classList.add(state.descending ? "sorted-desc" : "sorted-asc");
       }
     }
+    const params = new URLSearchParams({ sort: state.sort, desc: state.descending ? "1" : "0" });
+    if (state.query) params.set("q", state.query);
+    history.replaceState(null, "", "#" + params);
+  }
+
+  function sortBy(key) {
+    state.descending = key === state.sort ? !state.descending : orders[key][2];
+    state.sort = key;
+    state.limit = PAGE;
+    render();
   }
 
   for (const th of document.querySelectorAll("th[data-key]")) {
-    th.addEventListener("click", () => {
-      const key = Number(th.dataset.key);
-      descending = key === sortKey ? !descending : true;
-      sortKey = key;
-      render();
-    });
+    th.addEventListener("click", () => sortBy(th.dataset.key));
   }
-  search.addEventListener("input", render);
+  sortSelect.addEventListener("change", () => {
+    state.sort = sortSelect.value;
+    state.descending = orders[state.sort][2];
+    state.limit = PAGE;
+    render();
+  });
+  orderButton.addEventListener("click", () => sortBy(state.sort));
+  search.addEventListener("input", () => {
+    state.query = search.value;
+    state.limit = PAGE;
+    render();
+  });
+  more.addEventListener("click", () => {
+    state.limit += PAGE;
+    render();
+  });
+
+  // Overview: how many latents fire at each log10 density (dead latents counted apart).
+  function densityChart() {
+    const logs = [];
+    let dead = 0;
+    for (let i = 0; i < d; i++) {
+      if (density[i] > 0) logs.push(Math.log10(density[i]));
+      else dead += 1;
+    }
+    const el = document.getElementById("density-histogram");
+    el.replaceChildren();
+    const note = document.createElement("p");
+    note.textContent = dead.toLocaleString() + " latents never fired";
+    el.appendChild(note);
+    if (!logs.length) return;
+    // Loops, not Math.min(...logs): a million arguments overflow the call stack.
+    let least = Infinity, most = -Infinity;
+    for (const x of logs) {
+      least = Math.min(least, x);
+      most = Math.max(most, x);
+    }
+    const lo = Math.floor(least), hi = Math.max(Math.ceil(most), lo + 1);
+    const nBins = 4 * (hi - lo);
+    const bars = Array.from({ length: nBins }, (_, b) => ({
+      count: 0, label: "10^" + (lo + b / 4).toFixed(2) + " to 10^" + (lo + (b + 1) / 4).toFixed(2),
+    }));
+    for (const x of logs) bars[Math.min(nBins - 1, Math.floor((x - lo) * 4))].count += 1;
+    const labels = [];
+    for (let e = lo; e <= hi; e++) labels.push([(e - lo) / (hi - lo), "1e" + e]);
+    const log = document.getElementById("density-log").checked;
+    el.appendChild(S.barChart(bars, labels, log, "latents"));
+  }
+  document.getElementById("density-log").addEventListener("change", densityChart);
+
+  densityChart();
   render();
-})();
+})().catch((err) => {
+  document.getElementById("message").textContent = "cannot show the index: " + err.message;
+  throw err;
+});

@@ -1,11 +1,13 @@
-// One latent's page: latent.html#N loads data/latents/N.js, which calls SAEKIT_LATENT.
+// One latent's page: latent.html#N loads the statistics shard holding latent N (and its
+// explanations, if any), then draws examples, quantile bands, histogram and logit effects.
 (function () {
   "use strict";
-  const vocab = window.SAEKIT_VOCAB || {};
-  const index = window.SAEKIT_INDEX;
-  const fmt = (x) => (x === 0 ? "0" : Number(x).toPrecision(3));
-  const tokenText = (id) =>
-    id in vocab ? vocab[id].replace(/\n/g, "\u21b5") : "<" + id + ">";
+  const S = window.SAEKIT;
+  const site = S.site;
+  const unpacked = {}; // shard -> Promise of its arrays
+  let showing = -1; // the latent whose data the page is waiting for or showing
+
+  document.getElementById("source").textContent = S.sourceLine(site);
 
   function clear(id) {
     const el = document.getElementById(id);
@@ -13,126 +15,217 @@
     return el;
   }
 
-  // A context window with each token shaded by the latent's activation; hover shows it.
-  function example(ex, center, scale) {
+  function shardData(shard) {
+    if (!(shard in unpacked)) {
+      unpacked[shard] = S.load(S.statsPath(shard)).then(async (packed) =>
+        Object.assign(await S.unpack(packed), { first: packed.first }));
+      unpacked[shard].catch(() => delete unpacked[shard]);
+    }
+    return unpacked[shard];
+  }
+
+  // Latent `id`'s statistics from its shard's arrays, as plain objects.
+  function latentData(a, id) {
+    const r = id - a.first;
+    const k = a.tokens.shape[1], w = a.tokens.shape[2], topK = site.top_k;
+    const scale = a.act_scale[r];
+    const example = (slot) => {
+      const base = (r * k + slot) * w;
+      const tokens = [], acts = [];
+      for (let j = 0; j < w; j++) {
+        tokens.push(a.tokens[base + j] - 1);
+        acts.push(a.acts[base + j] * scale);
+      }
+      return { value: acts[site.left], tokens, acts };
+    };
+    const kept = (from, n) =>
+      Array.from({ length: n }, (_, j) => example(from + j)).filter((e) => e.value > 0);
+    const nBins = a.hist_counts.shape[1];
+    const out = {
+      id, fireCount: a.fire_count[r], max: a.max_act[r],
+      mean: a.fire_count[r] > 0 ? a.act_sum[r] / a.fire_count[r] : 0,
+      top: kept(0, a.n_top[r]), sample: kept(topK, a.n_sample[r]),
+      hist: { range: a.hist_range[r],
+        counts: Array.from(a.hist_counts.slice(r * nBins, (r + 1) * nBins)) },
+    };
+    for (const [group, name] of [["logit_top", "promoted"], ["logit_bottom", "suppressed"]]) {
+      const ids = a[group + ".ids"], values = a[group + ".values"];
+      if (!ids) continue;
+      const n = ids.shape[1];
+      out[name] = Array.from({ length: n }, (_, j) => [ids[r * n + j], values[r * n + j]]);
+    }
+    return out;
+  }
+
+  // The random sample in bands by activation quantile, lowest band first: sorted by value,
+  // cut into n_bands equal parts, up to per_band evenly spaced picks each, highest first
+  // (the rule FeatureStats.quantile_samples follows).
+  function bands(sample) {
+    const sorted = sample.slice().sort((x, y) => x.value - y.value);
+    if (!sorted.length) return [];
+    const n = site.n_bands, out = [];
+    for (let b = 0; b < n; b++) {
+      const band = sorted.slice(Math.floor((sorted.length * b) / n),
+        Math.floor((sorted.length * (b + 1)) / n));
+      const step = Math.max(1, Math.floor(band.length / site.per_band));
+      out.push(band.filter((_, j) => j % step === 0).slice(0, site.per_band).reverse());
+    }
+    return out;
+  }
+
+  // Context shown around each example's token: [before, after]; the widest is all kept.
+  const contextSelect = document.getElementById("context");
+  const contexts = [[Math.min(site.left, 12), Math.min(site.right, 4)], [site.left, site.right]];
+  for (const [before, after] of contexts) {
+    const value = before + "," + after;
+    if (![...contextSelect.options].some((o) => o.value === value)) {
+      contextSelect.add(new Option(before + " before, " + after + " after", value));
+    }
+  }
+  contextSelect.disabled = contextSelect.options.length < 2;
+  const context = () => contextSelect.value.split(",").map(Number);
+
+  // A context window, each token shaded by the latent's activation (hover shows it).
+  function example(ex, scale) {
+    const [before, after] = context();
     const div = document.createElement("div");
     div.className = "example";
     const value = document.createElement("span");
     value.className = "value";
-    value.textContent = fmt(ex[0]);
+    value.textContent = S.fmt(ex.value);
     div.appendChild(value);
-    ex[1].forEach((token, j) => {
-      if (token < 0) return;
-      const act = ex[2][j];
-      const span = document.createElement("span");
-      span.className = "tok" + (j === center ? " center" : "");
-      span.textContent = tokenText(token);
-      span.title = "activation " + fmt(act);
+    const text = document.createElement("span");
+    text.className = "text";
+    ex.tokens.forEach((token, j) => {
+      if (token < 0 || j < site.left - before || j > site.left + after) return;
+      const act = ex.acts[j];
+      const span = S.tokenSpan(token);
+      if (j === site.left) span.classList.add("center");
+      span.title = JSON.stringify(S.rawText(token)) + " (token " + token + ") activation " +
+        S.fmt(act);
       span.dataset.act = act;
       if (act > 0) {
-        const alpha = Math.min(1, act / scale);
         span.classList.add("active");
-        span.style.backgroundColor = "rgba(232, 119, 28, " + alpha.toFixed(3) + ")";
+        span.style.backgroundColor =
+          "rgba(232, 119, 28, " + Math.min(1, act / scale).toFixed(3) + ")";
       }
-      div.appendChild(span);
+      text.appendChild(span);
     });
+    div.appendChild(text);
     return div;
   }
 
   function histogram(hist) {
     const el = clear("histogram");
-    const counts = hist.counts;
-    const peak = Math.max(...counts);
-    if (peak === 0) {
+    const n = hist.counts.length;
+    if (!hist.counts.some((c) => c > 0)) {
       el.innerHTML = '<p class="empty">never fired</p>';
       return;
     }
-    const ns = "http://www.w3.org/2000/svg";
-    const w = 300, h = 140, pad = 18, bw = w / counts.length;
-    const svg = document.createElementNS(ns, "svg");
-    svg.setAttribute("width", w);
-    svg.setAttribute("height", h + pad);
-    counts.forEach((c, i) => {
-      const bar = document.createElementNS(ns, "rect");
-      const bh = (h * c) / peak;
-      bar.setAttribute("class", "bar");
-      bar.setAttribute("x", i * bw);
-      bar.setAttribute("y", h - bh);
-      bar.setAttribute("width", Math.max(bw - 1, 1));
-      bar.setAttribute("height", bh);
-      const tip = document.createElementNS(ns, "title");
-      const lo = (hist.range * i) / counts.length, hi = (hist.range * (i + 1)) / counts.length;
-      tip.textContent = fmt(lo) + " to " + fmt(hi) + ": " + c + " tokens";
-      bar.appendChild(tip);
-      svg.appendChild(bar);
-    });
-    for (const [x, label, anchor] of [[0, "0", "start"], [w, fmt(hist.range), "end"]]) {
-      const text = document.createElementNS(ns, "text");
-      text.setAttribute("class", "axis");
-      text.setAttribute("x", x);
-      text.setAttribute("y", h + 13);
-      text.setAttribute("text-anchor", anchor);
-      text.textContent = label;
-      svg.appendChild(text);
-    }
-    el.appendChild(svg);
+    const bars = hist.counts.map((count, i) => ({
+      count, label: S.fmt((hist.range * i) / n) + " to " + S.fmt((hist.range * (i + 1)) / n),
+    }));
+    const labels = S.ticks(hist.range, 4).filter((v) => v <= hist.range)
+      .map((v) => [v / hist.range, S.fmt(v)]);
+    const log = document.getElementById("hist-log").checked;
+    el.appendChild(S.barChart(bars, labels, log, "tokens"));
   }
 
   function logitList(id, items, cls) {
     const ol = clear(id);
     for (const [token, value] of items || []) {
       const li = document.createElement("li");
-      const tok = document.createElement("span");
-      tok.className = "tok";
-      tok.textContent = tokenText(token);
       const v = document.createElement("span");
       v.className = cls;
-      v.textContent = " " + fmt(value);
-      li.append(tok, v);
+      v.textContent = " " + S.fmt(value);
+      li.append(S.tokenSpan(token), v);
       ol.appendChild(li);
     }
   }
 
-  window.SAEKIT_LATENT = function (d) {
-    document.title = "Latent " + d.id;
+  function explanation(item) {
+    const box = document.getElementById("explanation");
+    box.replaceChildren();
+    box.hidden = !item;
+    if (!item) return;
+    const text = document.createElement("p");
+    text.className = "explanation-text";
+    text.textContent = item.explanation;
+    box.appendChild(text);
+    const scores = [];
+    for (const [scorer, metrics] of Object.entries(item.scores)) {
+      for (const [metric, value] of Object.entries(metrics)) {
+        scores.push(scorer + " " + metric.replace(/_/g, " ") + " " +
+          (value === null ? "–" : S.fmt(value)));
+      }
+    }
+    const meta = document.createElement("p");
+    meta.className = "scores";
+    meta.textContent = (scores.length ? scores.join(" · ") : "not scored yet") +
+      (item.explainer_model ? " · explained by " + item.explainer_model : "");
+    box.appendChild(meta);
+  }
+
+  let current = null;
+  function draw() {
+    const d = current;
+    document.title = "Latent " + d.id + " · " + site.title;
     document.getElementById("title").textContent = "Latent " + d.id;
+    const density = d.fireCount / Math.max(site.n_tokens, 1);
     document.getElementById("summary").textContent =
-      "density " + fmt(d.density) + " · max activation " + fmt(d.max) +
-      " · mean when firing " + fmt(d.mean);
+      "density " + S.fmt(density) + (density > 0 ? " (log10 " + Math.log10(density).toFixed(2) +
+      ")" : "") + " · fires on " + d.fireCount.toLocaleString() + " tokens · max activation " +
+      S.fmt(d.max) + " · mean when firing " + S.fmt(d.mean);
     const scale = d.max > 0 ? d.max : 1;
     const top = clear("top");
     if (!d.top.length) top.innerHTML = '<p class="empty">no activating examples</p>';
-    for (const ex of d.top) top.appendChild(example(ex, d.center, scale));
-    const bands = clear("bands");
-    d.bands.slice().reverse().forEach((band, k) => {
+    for (const ex of d.top) top.appendChild(example(ex, scale));
+    const box = clear("bands");
+    const all = bands(d.sample);
+    all.slice().reverse().forEach((band, k) => {
+      if (!band.length) return;
       const section = document.createElement("div");
       section.className = "band";
       const h = document.createElement("h3");
-      const n = d.bands.length;
-      h.textContent = "quantile band " + (n - k) + " of " + n;
+      h.textContent = "quantile band " + (all.length - k) + " of " + all.length;
       section.appendChild(h);
-      for (const ex of band) section.appendChild(example(ex, d.center, scale));
-      bands.appendChild(section);
+      for (const ex of band) section.appendChild(example(ex, scale));
+      box.appendChild(section);
     });
     histogram(d.hist);
     logitList("promoted", d.promoted, "pos");
     logitList("suppressed", d.suppressed, "neg");
-  };
-
-  function load() {
-    const n = index ? index.d_sae : Infinity;
-    let id = parseInt(location.hash.slice(1), 10);
-    if (!(id >= 0 && id < n)) id = 0;
-    document.getElementById("prev").href = "#" + Math.max(0, id - 1);
-    document.getElementById("next").href = "#" + Math.min(n - 1, id + 1);
-    const script = document.createElement("script");
-    script.src = "data/latents/" + id + ".js";
-    script.onerror = () => {
-      document.getElementById("summary").textContent = "no data for latent " + id;
-    };
-    document.body.appendChild(script);
   }
 
-  window.addEventListener("hashchange", load);
-  load();
+  async function show() {
+    let id = parseInt(location.hash.slice(1), 10);
+    if (!(id >= 0 && id < site.d_sae)) id = 0;
+    showing = id;
+    document.getElementById("prev").href = "#" + Math.max(0, id - 1);
+    document.getElementById("next").href = "#" + Math.min(site.d_sae - 1, id + 1);
+    document.getElementById("goto").value = id;
+    const shard = Math.floor(id / site.shard_size);
+    try {
+      const arrays = await shardData(shard);
+      const item = site.explained_shards.includes(shard)
+        ? (await S.load(S.explanationsPath(shard))).items[id] : undefined;
+      if (showing !== id) return; // the reader moved on while this shard loaded
+      current = latentData(arrays, id);
+      explanation(item);
+      draw();
+    } catch (err) {
+      if (showing === id) {
+        document.getElementById("summary").textContent =
+          "no data for latent " + id + ": " + err.message;
+      }
+    }
+  }
+
+  contextSelect.addEventListener("change", () => current && draw());
+  document.getElementById("hist-log").addEventListener("change", () => current && draw());
+  document.getElementById("goto").addEventListener("change", (e) => {
+    location.hash = "#" + e.target.value;
+  });
+  window.addEventListener("hashchange", show);
+  show();
 })();
