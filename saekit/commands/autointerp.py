@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from saekit.analysis.autointerp.clients import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
     from saekit.analysis.autointerp.config import AutointerpConfig
     from saekit.analysis.autointerp.pipeline import DEFAULT_NEGATIVE_WINDOWS, DEFAULT_TOKENS
-    from saekit.commands.eval import add_backend_argument, add_model_batch_size
+    from saekit.commands.eval import add_text_source
     from saekit.training.fields import field_docs
 
     parser = subparsers.add_parser(
@@ -174,22 +174,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--stats", default=None,
                       help="folder of saved feature statistics (what `saekit dashboard` "
                            "writes) to reuse instead of gathering them")
-    add_backend_argument(data)
-    data.add_argument("--model", default=None,
-                      help="model to run (default: the model named in the SAE's metadata)")
-    data.add_argument("--dataset", default=None,
-                      help="text to read (path or Hub name; default: the bundled corpus's "
-                           "held-out works)")
-    data.add_argument("--tokens", type=positive_int, default=DEFAULT_TOKENS,
-                      help="tokens to gather statistics over (default %(default)s)")
+    add_text_source(data, tokens=DEFAULT_TOKENS, what="the statistics")
     data.add_argument("--negative-windows", type=positive_int,
                       default=DEFAULT_NEGATIVE_WINDOWS,
                       help="windows of held-out text gathered as non-activating contexts "
                            "(default %(default)s)")
-    data.add_argument("--context-size", type=positive_int, default=None,
-                      help="tokens per sequence (default: the SAE's training context size, "
-                           "else 128)")
-    add_model_batch_size(data, default=16)
     data.add_argument("--device", default="cpu",
                       help="device for the SAE, the model and a local explainer")
     settings = parser.add_argument_group("explaining and scoring")

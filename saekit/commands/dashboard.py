@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from saekit.commands.eval import add_model_batch_size
+    from saekit.commands.eval import add_text_source
 
     parser = subparsers.add_parser(
         "dashboard",
@@ -148,26 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "target", help="the SAE: a saved folder, RELEASE/SAE_ID, or a Hub repo id"
     )
     parser.add_argument("--out", required=True, help="folder to write the site into")
-    from saekit.commands.eval import add_backend_argument
-
-    add_backend_argument(parser)
-    parser.add_argument(
-        "--model", default=None,
-        help="model to run (default: the model named in the SAE's metadata)",
-    )
-    parser.add_argument(
-        "--dataset", default=None,
-        help="text to read (path or Hub name; default: the bundled corpus's held-out works)",
-    )
-    parser.add_argument(
-        "--tokens", type=positive_int, default=DEFAULT_DASHBOARD_TOKENS,
-        help="tokens to read (default %(default)s)",
-    )
-    parser.add_argument(
-        "--context-size", type=positive_int, default=None,
-        help="tokens per sequence (default: the SAE's training context size, else 128)",
-    )
-    add_model_batch_size(parser, default=16)
+    add_text_source(parser, tokens=DEFAULT_DASHBOARD_TOKENS, what="the statistics")
     parser.add_argument(
         "--top-k", type=positive_int, default=20, help="top examples kept per latent"
     )

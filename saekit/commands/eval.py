@@ -154,6 +154,32 @@ def add_model_batch_size(parser: argparse.ArgumentParser, default: int) -> None:
     )
 
 
+def add_text_source(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, tokens: int, what: str
+) -> None:
+    """--backend, --model, --dataset, --tokens, --context-size and --model-batch-size: the
+    model and held-out text a command reads to gather feature statistics (`what` finishes
+    the --tokens help: "tokens to read for ...")."""
+    add_backend_argument(parser)
+    parser.add_argument(
+        "--model", default=None,
+        help="model to run (default: the model named in the SAE's metadata)",
+    )
+    parser.add_argument(
+        "--dataset", default=None,
+        help="text to read (path or Hub name; default: the bundled corpus's held-out works)",
+    )
+    parser.add_argument(
+        "--tokens", type=positive_int, default=tokens,
+        help=f"tokens to read for {what} (default %(default)s)",
+    )
+    parser.add_argument(
+        "--context-size", type=positive_int, default=None,
+        help="tokens per sequence (default: the SAE's training context size, else 128)",
+    )
+    add_model_batch_size(parser, default=16)
+
+
 #: Folders `saekit eval` writes beside the SAEs' own: one per evaluation type.
 _RESULT_FOLDERS = {"core", "sparse_probing", "scr", "tpp", "absorption", "absorption_first_letter"}
 

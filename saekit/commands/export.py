@@ -92,7 +92,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from saekit.commands.eval import add_backend_argument, add_model_batch_size
+    from saekit.commands.eval import add_text_source
     from saekit.io.export.neuronpedia import DEFAULT_TOKENS
 
     parser = subparsers.add_parser(
@@ -118,24 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--explanations", default=None,
         help="explanations.jsonl to include (default: the one in TARGET's folder, if any)",
     )
-    add_backend_argument(np_parser)
-    np_parser.add_argument(
-        "--model", default=None,
-        help="model to run (default: the model named in the SAE's metadata)",
-    )
-    np_parser.add_argument(
-        "--dataset", default=None,
-        help="text to read (path or Hub name; default: the bundled corpus's held-out works)",
-    )
-    np_parser.add_argument(
-        "--tokens", type=positive_int, default=DEFAULT_TOKENS,
-        help="tokens to read for the statistics (default %(default)s)",
-    )
-    np_parser.add_argument(
-        "--context-size", type=positive_int, default=None,
-        help="tokens per sequence (default: the SAE's training context size, else 128)",
-    )
-    add_model_batch_size(np_parser, default=16)
+    add_text_source(np_parser, tokens=DEFAULT_TOKENS, what="the statistics")
     np_parser.add_argument(
         "--top-k", type=positive_int, default=20, help="top examples kept per latent"
     )
