@@ -160,8 +160,12 @@ def child_saekit(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if spec["architecture"] == "topk":
         sae["k"] = spec["k"]
+    elif spec.get("target_l0"):
+        training["target_l0"] = spec["target_l0"]
     else:
         training["sparsity_coefficient"] = spec["l1_coefficient"]
+    # None: saekit's own default for that setting.
+    training = {key: value for key, value in training.items() if value is not None}
     cfg = TrainConfig.from_dict({
         "sae": sae,
         "data": {"model": spec["model_name"], "hook_name": spec["hook"], "context_size":
@@ -221,10 +225,12 @@ def child_saelens(spec: dict[str, Any]) -> dict[str, Any]:
         exclude_special_tokens=True,
         training_tokens=spec["tokens"],
         train_batch_size_tokens=spec["batch_size"],
-        lr=spec["lr"],
         lr_scheduler_name="constant",
+        # None: SAELens's own defaults (its lr, and its dead window in steps).
+        **({} if spec["lr"] is None else {"lr": spec["lr"]}),
         # Dead once unfired for more than this many steps (saekit: for window tokens).
-        dead_feature_window=spec["dead_window"] // spec["batch_size"],
+        **({} if spec["dead_window"] is None
+           else {"dead_feature_window": spec["dead_window"] // spec["batch_size"]}),
         n_batches_for_norm_estimate=NORM_BATCHES,
         # Its default (20) gives a 2,560-row buffer at context 128, smaller than one batch.
         n_batches_in_buffer=buffer_rows(spec["batch_size"]) // spec["context"],
