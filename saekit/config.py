@@ -175,6 +175,10 @@ class SAEConfig:
     """topk: rank latents by activation times decoder-row norm."""
     matryoshka_widths: list[int] | None = None
     """matryoshka_batchtopk: nested prefix widths, ascending, the last equal to d_sae."""
+    n_layers: int | None = None
+    """clt: layers the SAE spans; each has its own encoder and d_sae latents."""
+    activation_fn: str | None = None
+    """clt: the latents' rule, relu | jumprelu | topk | batchtopk (published as jumprelu)."""
     metadata: SAEMetadata = field(default_factory=SAEMetadata)
     """Model, hook and data the SAE belongs to."""
 
@@ -203,6 +207,10 @@ class SAEConfig:
                 raise ValueError(f"{name} must be a positive integer{nothing}, got {value!r}")
             setattr(self, name, int(value))
         self.k = whole_number("k", self.k, optional=True)
+        self.n_layers = whole_number("n_layers", self.n_layers, optional=True)
+        if self.n_layers is not None and self.n_layers <= 0:
+            raise ValueError(f"n_layers must be a positive integer, got {self.n_layers}")
+        text("activation_fn", self.activation_fn, optional=True)
         flag("apply_b_dec_to_input", self.apply_b_dec_to_input)
         flag("rescale_acts_by_decoder_norm", self.rescale_acts_by_decoder_norm)
         text("normalize_activations", self.normalize_activations)
@@ -236,6 +244,11 @@ class SAEConfig:
     def output_width(self) -> int:
         """Width of the reconstruction: d_out for transcoders, d_in otherwise."""
         return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def latent_count(self) -> int:
+        """Latents in all: d_sae, or d_sae per layer of a cross-layer transcoder."""
+        return self.d_sae * (self.n_layers or 1)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.training.config import (
+    EXTRA_KEYS,
     RUN_CONFIG_FILE,
     SECTIONS,
     SETTING_ALIASES,
@@ -73,6 +74,16 @@ def register(subparsers: Any) -> None:
 
                 kwargs["help"] += f"; registered: {', '.join(list_architectures())}"
             group.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
+    group = parser.add_argument_group(
+        "several SAEs from one model pass (also --hook-name with several names or a glob "
+        "pattern, --layers and --seeds; docs/training.md)"
+    )
+    group.add_argument(
+        "--sweep", nargs="+", metavar="FIELD=V1,V2", default=argparse.SUPPRESS,
+        help="train one SAE per combination of these values of sae or training fields, "
+        "e.g. --sweep k=32,64,128 expansion_factor=8,16 (crossed with the hooks and seeds; "
+        "every SAE trains from the same model pass, each in its own sub-folder of --out)",
+    )
     parser.set_defaults(func=run_train)
 
 
@@ -95,7 +106,8 @@ def given_settings(args: argparse.Namespace) -> set[str]:
     given = {key for key in vars(args) if "." in key}
     if getattr(args, "config", None):
         for section, values in read_train_file(args.config).items():
-            given.update(f"{section}.{name}" for name in dict(values or {}))
+            if section in SECTIONS and isinstance(values, dict):
+                given.update(f"{section}.{name}" for name in values)
     return given
 
 
@@ -109,7 +121,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data = TrainConfig.load(Path(resume) / RUN_CONFIG_FILE).to_dict()
     if getattr(args, "config", None):
         for section, values in read_train_file(args.config).items():
-            data.setdefault(section, {}).update(dict(values or {}))
+            if section in EXTRA_KEYS or not isinstance(values, dict | None):
+                data[section] = values  # a sweep or saes list (or a mistake from_dict names)
+            else:
+                data.setdefault(section, {}).update(dict(values or {}))
+    if getattr(args, "sweep", None):
+        data["sweep"] = list(args.sweep)  # FIELD=V1,V2 items, read by TrainConfig
     problems: list[str] = []
     for key, value in vars(args).items():
         if "." not in key:
@@ -153,8 +170,27 @@ def run_train(args: argparse.Namespace) -> int:
         )
         return 128 + outcome.interrupted
     if outcome.is_main:
-        print_report(outcome)
+        from saekit.training.many import ManyOutcome
+
+        if isinstance(outcome, ManyOutcome):
+            print_many_report(outcome)
+        else:
+            print_report(outcome)
     return 0
+
+
+def print_many_report(outcome: Any) -> None:
+    """Where the SAEs of a run of several are, and one row per SAE of held-out figures."""
+    from saekit.training.many import SUMMARY_FILE, format_summary
+
+    print(f"\ntrained {len(outcome.runs)} SAEs in {outcome.run_dir} (one sub-folder each; load "
+          f"one with SAE.load({str(outcome.run_dir / outcome.plans[0].name)!r}))")
+    if outcome.heldout is not None:
+        print(f"held-out metrics on {outcome.heldout.summary()}:")
+    else:
+        print("no held-out evaluation (eval_tokens is 0)")
+    print(format_summary(outcome.summary()))
+    print(f"\nthe same table: {outcome.run_dir / SUMMARY_FILE}")
 
 
 def print_report(outcome: Any) -> None:

@@ -42,6 +42,8 @@ _SAE_FIELDS = {
     "k",
     "rescale_acts_by_decoder_norm",
     "matryoshka_widths",
+    "n_layers",
+    "activation_fn",
 }
 
 
@@ -128,7 +130,9 @@ def _from_current(raw: dict[str, Any], source: str) -> SAEConfig:
 def _from_flat(raw: dict[str, Any], source: str) -> SAEConfig:
     architecture, k = _architecture_from_flat(raw)
     fields: dict[str, Any] = {
-        key: raw[key] for key in _SAE_FIELDS if key in raw and key != "architecture"
+        # Flat layouts spell the activation function of pre-6.0 SAEs `activation_fn`: it
+        # names the architecture (above), not a cross-layer transcoder's rule.
+        key: raw[key] for key in _SAE_FIELDS - {"architecture", "activation_fn"} if key in raw
     }
     fields["architecture"] = architecture
     if k is not None:

@@ -327,17 +327,17 @@ def read_native(
         declared = source.read(sparsity_path, safetensors_header)
         if "sparsity" not in declared:
             raise ValueError(f"{where} has no 'sparsity' tensor (found {sorted(declared)})")
-        if declared["sparsity"].shape != (cfg.d_sae,):
+        if declared["sparsity"].shape != (cfg.latent_count,):
             raise ValueError(
                 f"{where}: 'sparsity' has shape {declared['sparsity'].shape}, but "
-                f"{source.describe(cfg_path)} declares d_sae={cfg.d_sae}, so it needs "
-                f"({cfg.d_sae},)"
+                f"{source.describe(cfg_path)} declares {cfg.latent_count} latents "
+                f"(d_sae={cfg.d_sae}), so it needs ({cfg.latent_count},)"
             )
     tensors = fold_decoder_scales(source.read(weights, read_safetensors), weights_where)
     sparsity = None
     if has_sparsity:
         sparsity = source.read(sparsity_path, read_safetensors)["sparsity"]
-        check_sparsity(sparsity, cfg.d_sae, source.describe(sparsity_path))
+        check_sparsity(sparsity, cfg.latent_count, source.describe(sparsity_path))
     weights_path = source.fetch(weights)
     assert weights_path is not None
     return SAEFolder(cfg, tensors, sparsity, raw, weights_path)

@@ -573,6 +573,17 @@ class SAE(nn.Module):
         lowered = torch.minimum(self.firing_point(latents), firing_points(products, rate))
         self.set_firing_point(latents, lowered)
 
+    @property
+    def latent_groups(self) -> int:
+        """Groups of d_sae latents the SAE holds (1; a cross-layer transcoder has one per
+        layer). The trainer tracks all of them, and its L0 is the mean over groups."""
+        return 1
+
+    def encoder_products(self, centred: Tensor) -> Tensor:
+        """x~ . W_enc[:, i] for every latent [batch, latent_groups * d_sae]: what a latent's
+        firing point is compared with, for a batch of encoder inputs."""
+        return centred.to(self.dtype) @ self.W_enc
+
     def competition_bar(self, centred: Tensor) -> Tensor | None:
         """For architectures where latents compete (top-k), what a latent's pre-activation
         must beat on each token of `centred` to fire ([batch, 1]); None where a latent fires

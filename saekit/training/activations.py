@@ -78,7 +78,11 @@ def model_or_cache_store(
     *,
     cache_meta: dict[str, Any] | None = None,
     model_given: bool = False,
+    hooks: list[str] | None = None,
 ) -> Any:
+    """The run's stream of activation batches: from the cache when it reads one, else from
+    the model at `hook` (and `hook_out` for transcoders), or at every one of `hooks` (a run
+    of several SAEs: {hook: rows} batches from one forward pass)."""
     from saekit.data import ActivationStore
     from saekit.data.rank_store import RankActivationStore
 
@@ -87,7 +91,9 @@ def model_or_cache_store(
     if dataset is None:
         dataset = cfg.data.dataset  # a name ("bundled" included) the store resolves
     transcoder = architecture_class(cfg.sae.architecture).is_transcoder
-    hooks: str | list[str] = [hook, hook_out] if transcoder and hook_out else hook
+    wanted: str | list[str] = [hook, hook_out] if transcoder and hook_out else hook
+    if hooks is not None:
+        wanted = list(hooks)
     batch = cfg.training.batch_size
     if batch % env.world_size:
         raise ValueError(
@@ -109,9 +115,9 @@ def model_or_cache_store(
     )
     if env.distributed:
         return RankActivationStore(
-            backend, hooks, dataset, rank=env.rank, world_size=env.world_size, **options
+            backend, wanted, dataset, rank=env.rank, world_size=env.world_size, **options
         )
-    return ActivationStore(backend, hooks, dataset, **options)
+    return ActivationStore(backend, wanted, dataset, **options)
 
 
 def run_hooks(

@@ -33,6 +33,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 DECODER_NORMS = ("auto", "unit", "free")
 MODEL_BACKENDS = ("auto", "hf", "transformer_lens")
+PARALLEL_MODES = ("data", "sae")
 #: The pre-activation loss weight of learned-threshold SAEs whose straight-through
 #: gradients reach the encoder (see TrainingSection.threshold_pre_act_coefficient).
 THRESHOLD_PRE_ACT_DEFAULT = 1e-3
@@ -135,13 +136,20 @@ class DataSection:
     """Library that runs the model: hf (Hugging Face transformers; hooks are module paths,
     with TransformerLens names as aliases), transformer_lens, or auto: TransformerLens for
     official TransformerLens model names, Hugging Face for everything else."""
-    hook_name: str | None = None
+    hook_name: str | list[str] | None = None
     """Hook the SAE reads, e.g. blocks.2.hook_resid_pre or a module path (default: the
     residual stream before the middle layer, or the cache's hook when activations names a
-    one-hook cache). Also --hook."""
+    one-hook cache). Several names, or glob patterns such as blocks.*.hook_resid_pre, train
+    one SAE per hook from one model pass, each in its own sub-folder (docs/training.md:
+    all layers and sweeps). Also --hook."""
     hook_name_out: str | None = None
     """Transcoders: the hook whose activation is reconstructed (default: the mlp output
     of the layer read by hook_name). Also --hook-out."""
+    layers: str | None = None
+    """Train one SAE per layer: hook_name with {layer} replaced by each of these layers, or,
+    without {layer}, with its one layer number replaced (default hook:
+    blocks.{layer}.hook_resid_pre). Ranges and lists: 0-11 (both ends), 0-11:2 (every second),
+    0,3,5-7."""
     dataset: str = "bundled"
     """Text dataset: "bundled" (the demo corpus), a local file or folder, or a Hub id."""
     activations: str | None = None
@@ -180,9 +188,20 @@ class DataSection:
             out.append(f"backend {self.backend!r} is not one of {', '.join(MODEL_BACKENDS)}")
         if isinstance(self.activations, str) and not self.activations.strip():
             out.append("activations must name a cache folder, got an empty string")
+        if isinstance(self.hook_name, list) and not self.hook_name:
+            out.append("hook_name must name at least one hook, got an empty list")
+        if isinstance(self.layers, str):
+            from saekit.training.sweeps import parse_layers
+
+            try:
+                parse_layers(self.layers)
+            except ValueError as err:
+                out.append(str(err))
         return out
 
     def __post_init__(self) -> None:
+        if isinstance(self.hook_name, list) and len(self.hook_name) == 1:
+            self.hook_name = self.hook_name[0]  # `--hook-name X`: one hook, as before
         check_problems(self.problems())
 
 
@@ -392,6 +411,20 @@ class RunSection:
     imports: list[str] | None = None
     """Python modules (dotted names or .py files) imported first, e.g. one that registers
     your own architecture with saekit.register_architecture (--import MODULE)."""
+    seeds: list[int] | None = None
+    """Train one SAE per seed (their initial weights; every SAE reads the same data, in the
+    order seed gives), side by side from one model pass (docs/training.md)."""
+    parallel: str = "data"
+    """Under torchrun: data (every rank trains every SAE on its share of each batch) or sae
+    (the SAEs of a run with several are dealt out across ranks, each trained on the whole
+    batch, with no gradient traffic)."""
+    eval_every: int | None = None
+    """Evaluate every SAE on a fixed held-out sample every this many training tokens (L0,
+    explained variance, CE and KL), into log.jsonl ("eval" records), the progress bar and
+    Weights & Biases."""
+    eval_every_tokens: int = 8192
+    """Held-out tokens of each periodic evaluation (eval_every): the first this many of the
+    held-out text, the same sample every time."""
     resume: str | None = None
     """Continue the run in this folder from its last checkpoint."""
     overwrite: bool = False
@@ -404,8 +437,14 @@ class RunSection:
         bounds = {
             "seed": Bounds(0, True, 2**32, False), "checkpoint_every": POSITIVE,
             "keep_checkpoints": Bounds(1, low_included=True), "log_every": POSITIVE,
+            "seeds": Bounds(0, True, 2**32, False), "eval_every": POSITIVE,
+            "eval_every_tokens": POSITIVE,
         }
         out = field_problems(self, bounds)
+        if self.parallel not in PARALLEL_MODES:
+            out.append(f"parallel {self.parallel!r} is not one of {', '.join(PARALLEL_MODES)}")
+        if isinstance(self.seeds, list) and len(set(self.seeds)) != len(self.seeds):
+            out.append(f"seeds repeat in {self.seeds}; give each seed once")
         if self.dtype not in DTYPES:
             out.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.resume is not None and self.overwrite:
@@ -470,6 +509,8 @@ SECTIONS: dict[str, type] = {
 }
 #: Run fields that are actions on a folder, not part of what the run is; not saved.
 ACTION_FIELDS = ("resume", "overwrite")
+#: Top-level keys of a config besides the sections: the SAEs of a run of several.
+EXTRA_KEYS = ("sweep", "saes")
 
 
 @dataclass
@@ -480,12 +521,35 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     run: RunSection = field(default_factory=RunSection)
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    """Several SAEs from one model pass: {field: [values]} over sae and training fields
+    (`--sweep k=32,64 expansion_factor=8,16`), crossed with the hooks and seeds."""
+    saes: list[dict[str, Any]] = field(default_factory=list)
+    """Per-SAE overrides (config files only): each entry, a mapping of sae and training
+    fields (and hook_name, hook_name_out, seed, name), is one SAE, crossed with the rest."""
 
     def __post_init__(self) -> None:
         check_problems(self.cross_problems())
 
+    @property
+    def many(self) -> bool:
+        """Whether the run trains several SAEs (hooks, layers, a sweep, seeds or a saes list),
+        each in a sub-folder of the run folder."""
+        from saekit.training.sweeps import is_many
+
+        return is_many(self)
+
     def cross_problems(self) -> list[str]:
         out = []
+        if self.run.eval_every is not None and self.data.eval_tokens == 0:
+            out.append(
+                "eval_every evaluates on held-out text, but eval_tokens is 0 (no held-out "
+                "text); give eval_tokens a positive value or leave eval_every out"
+            )
+        if self.sweep or self.saes:
+            from saekit.training.sweeps import variant_problems
+
+            out.extend(variant_problems(self))
         sae, training = self.sae, self.training
         if sae.k is not None and training.target_l0 is not None and sae.k != training.target_l0:
             out.append(
@@ -503,7 +567,7 @@ class TrainConfig:
         problems: list[str] = []
         if not isinstance(data, dict):
             raise ConfigError([f"a training config must be a mapping, got {type(data).__name__}"])
-        unknown = sorted(set(data) - set(SECTIONS))
+        unknown = sorted(set(data) - set(SECTIONS) - set(EXTRA_KEYS))
         for name in unknown:
             problems.append(f"unknown section {name!r}{suggest(name, SECTIONS)}")
         # Modules that register architectures come first: the sae section names them.
@@ -532,15 +596,31 @@ class TrainConfig:
                 problems.extend(f"{name}.{p}" for p in err.problems)
             except (TypeError, ValueError) as err:
                 problems.append(f"{name}: {err}")
+        from saekit.training.sweeps import read_saes, read_sweep
+
+        extras: dict[str, Any] = {}
+        for key, reader in (("sweep", read_sweep), ("saes", read_saes)):
+            if data.get(key) is not None:
+                try:
+                    extras[key] = reader(data[key])
+                except ValueError as err:
+                    problems.append(f"{key}: {err}")
         if problems:
             raise ConfigError(problems)
-        return cls(**sections)
+        return cls(**sections, **extras)
 
     def to_dict(self, include_actions: bool = False) -> dict[str, Any]:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out: dict[str, Any] = {
+            name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS
+        }
         if not include_actions:
             for name in ACTION_FIELDS:
                 out["run"].pop(name)
+        # Only a run of several SAEs has these (a one-SAE run's file stays as it was).
+        if self.sweep:
+            out["sweep"] = {k: list(v) for k, v in self.sweep.items()}
+        if self.saes:
+            out["saes"] = [dict(entry) for entry in self.saes]
         return out
 
     @classmethod
@@ -560,7 +640,7 @@ class TrainConfig:
 RESUME_CHANGEABLE = frozenset({
     "training.tokens", "run.progress", "run.report", "run.log_every", "run.keep_checkpoints",
     "run.checkpoint_every", "run.device", "run.model_device", "run.prefetch", "run.wandb",
-    "run.wandb_project",
+    "run.wandb_project", "run.eval_every",
 })
 
 
@@ -584,6 +664,10 @@ def resumed_config(
         ]
     out = TrainConfig.from_dict(saved.to_dict())
     conflicts: list[str] = []
+    for key in EXTRA_KEYS:
+        new, old = getattr(requested, key), getattr(saved, key)
+        if new and new != old:  # left out on resume means "as saved"
+            conflicts.append(f"{key} {new} (the run has {old or 'none'})")
     for name in sorted(set(given)):
         section, key = name.split(".", 1)
         if key in ACTION_FIELDS or name == "run.out":

@@ -184,6 +184,9 @@ def coerce(value: Any, hint: Any) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, (list, tuple)):
+            # A list for a field that takes one value or a list (hook_name): the list form.
+            inner = [a for a in inner if typing.get_origin(a) is list] or inner
         return coerce(value, inner[0])
     if typing.get_origin(hint) is list:
         if isinstance(value, str):

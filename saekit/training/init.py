@@ -33,11 +33,14 @@ def initialize_b_dec(sae: SAE, mode: str, target: Tensor) -> None:
     if mode == "zeros":
         sae.b_dec.zero_()
         return
-    sample = target.reshape(-1, target.shape[-1])
+    # [n, *b_dec.shape]: a b_dec with one row per layer gets each layer's own statistic.
+    sample = target.reshape(-1, *sae.b_dec.shape)
     if mode == "mean":
         value = sample.to(torch.float64).mean(dim=0)
     elif mode == "geometric_median":
-        value = geometric_median(sample)
+        rows = sample.reshape(sample.shape[0], -1, sample.shape[-1])  # [n, groups, d_out]
+        value = torch.stack([geometric_median(rows[:, g]) for g in range(rows.shape[1])])
+        value = value.reshape(sae.b_dec.shape)
     else:
         raise ValueError(f"b_dec_init {mode!r} is not one of zeros, mean, geometric_median")
     sae.b_dec.copy_(value.to(sae.b_dec.dtype))
@@ -49,8 +52,8 @@ def start_firing_at(sae: SAE, centred: Tensor, l0: float) -> None:
     encoder inputs (`centred` [batch, d_in]): the SAE starts at the wanted L0 instead of at
     the thousand-odd latents per token of a fresh one, which the sparsity penalty would
     otherwise have to silence first (silencing many of them for good)."""
-    latents = torch.arange(sae.cfg.d_sae, device=sae.device)
-    products = centred.to(sae.dtype) @ sae.W_enc  # [batch, d_sae]
+    latents = torch.arange(sae.cfg.d_sae * sae.latent_groups, device=sae.device)
+    products = sae.encoder_products(centred)  # [batch, latents]
     sae.set_firing_point(latents, firing_points(products, l0 / sae.cfg.d_sae))
 
 

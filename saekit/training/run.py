@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from saekit.models.positions import check_context_size
 from saekit.preflight import check_train_dtype
 from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
+from saekit.sites import SAESite
 from saekit.training.activations import (
     ActivationSource,
     activation_source,
@@ -62,6 +64,7 @@ from saekit.training.init_from import (
     state_record,
     training_start,
 )
+from saekit.training.periodic_eval import LockedSource, PeriodicEval, heldout_sample
 from saekit.training.trainer import SAEJob, Trainer
 
 log = logging.getLogger(__name__)
@@ -123,10 +126,25 @@ def train(
     try:
         # run.progress covers every bar of the run (norm estimate, evaluation), on rank 0 only.
         with progress_off(not (cfg.run.progress and env.is_main)):
+            if _trains_many(cfg):
+                from saekit.training.many import train_many
+
+                return train_many(cfg, model, dataset, env, given)  # type: ignore[return-value]
             return _train(cfg, model, dataset, env, given)
     finally:
         if started_group:
             destroy_process_group()
+
+
+def _trains_many(cfg: TrainConfig) -> bool:
+    """Whether the run (or, resuming, the saved run) trains several SAEs."""
+    if cfg.many:
+        return True
+    if cfg.run.resume is not None:
+        saved = Path(cfg.run.resume) / RUN_CONFIG_FILE
+        if saved.is_file():
+            return TrainConfig.load(saved).many
+    return False
 
 
 def _train(
@@ -147,7 +165,7 @@ def _train(
     if env.distributed:
         device = str(local_device(_device(cfg.run.device), env))
         init_process_group(device, env)
-    parallel = make_parallelism("data")
+    parallel = make_parallelism(cfg.run.parallel)
     if env.is_main:
         run_dir, resume = _prepare_run_dir(cfg)
     else:
@@ -217,7 +235,10 @@ def _train(
         keep_weights=cfg.sae.init_from is not None,
     )
     sinks, finish_wandb = _wandb_sinks(cfg) if env.is_main else ([], lambda: None)
-    store = activations.store
+    lock = threading.Lock()
+    sites = {job.name: SAESite(hook, job.hook_out or hook)}
+    periodic = periodic_evaluator(cfg, backend, heldout, sites, lock)
+    store = activations.store if periodic is None else LockedSource(activations.store, lock)
     overlap = prefetches(cfg, device)
     source = Prefetcher(store, depth=PREFETCH_DEPTH, device=device) if overlap else store
     trainer = Trainer(
@@ -230,6 +251,7 @@ def _train(
         progress=cfg.run.progress,
         log_sinks=sinks,
         parallel=parallel,
+        periodic_eval=periodic,
     )
     created = False
     try:
@@ -557,6 +579,32 @@ def _evaluator(
     return make_evaluator(backend, heldout.batches, hook=hook, hook_out=hook_out)
 
 
+def periodic_evaluator(
+    cfg: TrainConfig,
+    backend: ModelBackend,
+    heldout: HeldoutText | None,
+    sites: dict[str, SAESite],
+    lock: threading.Lock,
+) -> PeriodicEval | None:
+    """The run's evaluation every `run.eval_every` tokens (None when it has none), on the
+    first `run.eval_every_tokens` tokens of the held-out text."""
+    if cfg.run.eval_every is None or heldout is None:
+        return None
+    sample = heldout_sample(heldout.batches, cfg.run.eval_every_tokens)
+    return PeriodicEval(cfg.run.eval_every, backend, sample, sites, lock=lock)
+
+
+def flat_record(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A log record with nested mappings flattened to "eval/NAME/l0" keys (for W&B)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat_record(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:
     if not cfg.run.wandb:
         return [], lambda: None
@@ -571,7 +619,7 @@ def _wandb_sinks(cfg: TrainConfig) -> tuple[list[Any], Any]:
             f"--wandb: Weights & Biases would not start a run ({err}); log in with "
             "`wandb login` (or set WANDB_API_KEY), set WANDB_MODE=offline, or drop --wandb"
         ) from err
-    return [lambda record: run.log(record)], run.finish
+    return [lambda record: run.log(flat_record(record))], run.finish
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
