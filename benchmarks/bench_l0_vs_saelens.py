@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--hook", default="blocks.2.hook_resid_pre")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=100_000)
+    parser.add_argument("--saelens-normalize", default="none",
+                        help="SAELens's normalize_activations (default: its own default, none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--work", type=Path, default=None)
@@ -71,6 +73,7 @@ def main() -> None:
         "hook": args.hook, "context": args.context, "seed": 0, "threads": args.threads,
         "model_dir": str(model_dir), "model_name": "bundled", "tokens_file": str(tokens_file),
         "work": str(work), "out_parent": str(work), "architecture": "standard",
+        "saelens_normalize": args.saelens_normalize,
     }
     runs: dict[str, dict[str, Any]] = {
         f"saekit target {args.target_l0:g}": dict(

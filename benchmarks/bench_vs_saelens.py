@@ -207,8 +207,11 @@ def child_saelens(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
 
     d_in = tl_cfg.d_model
+    # saekit scales activations to norm sqrt(d_in) by default; SAELens's same setting is
+    # "expected_average_only_in" (its own default is "none").
     common = {"d_in": d_in, "d_sae": spec["expansion"] * d_in, "device": "cpu",
-              "dtype": "float32", "normalize_activations": "expected_average_only_in"}
+              "dtype": "float32",
+              "normalize_activations": spec.get("saelens_normalize", "expected_average_only_in")}
     if spec["architecture"] == "topk":
         sae_cfg: Any = TopKTrainingSAEConfig(k=spec["k"], **common)
     else:

@@ -1,6 +1,7 @@
 """SAE architectures. Importing this package registers every built-in architecture."""
 
 from saekit.saes import (  # noqa: F401  (registration)
+    clt,
     gated,
     groupmax,
     jumprelu,

@@ -199,6 +199,9 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     #: Transcoders read at one hook and reconstruct another (d_out may differ from d_in).
     is_transcoder: ClassVar[bool] = False
+    #: Reads one row per site, [..., n_layers, d_in] (cross-layer transcoders): the tools
+    #: built for one hook (evaluate_saes, splicing at a hook) do not apply to it.
+    multi_site: ClassVar[bool] = False
     #: Norm of the decoder rows (and so of the tied encoder columns) at initialisation.
     decoder_init_norm: ClassVar[float] = 0.1
     #: The sparsity coefficient weighs a count of active latents (L0), not their sizes.

@@ -402,7 +402,7 @@ class Trainer:
             # one with freshly lifted latents that no step has weighed yet (a batch top-k SAE,
             # whose inference threshold does not cap its L0, fired above its k by their share).
             after = self.tokens_seen + n_tokens
-            if st.lifts and after < self.total_tokens and st.lift_due(self.tokens_seen, after):
+            if st.lifts and after < st.job.cfg.tokens and st.lift_due(self.tokens_seen, after):
                 self._lift(st, x)
             if st.resampler and st.resampler.due(self.tokens_seen, self.tokens_seen + n_tokens):
                 self._resample(st, x, target, recon)

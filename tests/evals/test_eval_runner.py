@@ -215,7 +215,10 @@ def test_attention_head_saes(backend, tl_model) -> None:
     assert m_head.ce_loss_with_ablation != pytest.approx(m_flat.ce_loss_with_ablation)
 
 
-@pytest.mark.parametrize("architecture", list_architectures())
+@pytest.mark.parametrize(
+    "architecture",
+    [a for a in list_architectures() if not architecture_class(a).multi_site],  # CLTs: own tests
+)
 def test_every_architecture_evaluates(architecture, backend) -> None:
     is_tc = architecture_class(architecture).is_transcoder
     sae = random_sae(architecture, d_in=D_MODEL, d_sae=64, **({"d_out": D_MODEL} if is_tc else {}))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from saekit.io.converters.base import ConvertContext, Converted
 from saekit.io.converters.circuit_tracer import (
+    convert_mntss_clt,
     convert_mntss_clt_layer,
     convert_mwhanna_transcoder,
 )
@@ -20,6 +21,7 @@ from saekit.io.converters.dictionary_learning import convert_dictionary_learning
 from saekit.io.converters.gemma_scope import (
     convert_gemma_scope,
     convert_gemma_scope_2,
+    convert_gemma_scope_2_clt,
     convert_gemma_scope_transcoder,
 )
 from saekit.io.converters.llama_linear import convert_deepseek_r1, convert_goodfire
@@ -38,6 +40,7 @@ LAYOUTS: dict[str, Converter] = {
     "gemma_scope": convert_gemma_scope,
     "gemma_scope_transcoder": convert_gemma_scope_transcoder,
     "gemma_scope_2": convert_gemma_scope_2,
+    "gemma_scope_2_clt": convert_gemma_scope_2_clt,
     "llama_scope": convert_llama_scope,
     "llama_scope_r1_distill": convert_llama_scope_r1_distill,
     "dictionary_learning": convert_dictionary_learning,
@@ -48,6 +51,7 @@ LAYOUTS: dict[str, Converter] = {
     "connor_rob_hook_z": convert_connor_rob_hook_z,
     "mwhanna_transcoder": convert_mwhanna_transcoder,
     "mntss_clt_layer_transcoder": convert_mntss_clt_layer,
+    "mntss_clt": convert_mntss_clt,
     "temporal": convert_temporal,
 }
 

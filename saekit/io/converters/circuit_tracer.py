@@ -16,7 +16,9 @@ own latents, exactly) and its decoder into layer n itself, with b_dec_<n>. Its o
 therefore what layer n's latents write to layer n, not the CLT's whole reconstruction there
 (which also holds earlier layers' writes); the decoders into later layers are left out and
 counted in the metadata. (SAELens sums a layer's decoders instead, which matches no output of
-the CLT.)
+the CLT.) The `mntss_clt` layout loads the whole CLT instead, as saekit's `clt` architecture:
+W_enc_<n> transposed and stacked into W_enc [n_layers, d_in, d_sae], b_enc_<n>, b_dec_<n> and
+threshold_<n> stacked, and each W_dec_<n> kept as it is (the same name and shape in saekit).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from saekit.config import dtype_name
 from saekit.io.converters.base import ConvertContext, Converted, current_cfg
 from saekit.io.converters.files import check_shape, exact_keys, layer_from, read_yaml
 from saekit.io.headers import safetensors_header
@@ -198,4 +202,84 @@ def convert_mntss_clt_layer(source: FileSource, ctx: ConvertContext) -> Converte
     }
     cfg = current_cfg(architecture, tensors, metadata)
     cfg["d_out"] = int(d_out)
+    return Converted(cfg, tensors)
+
+
+def _clt_layer_count(source: FileSource, root: str) -> int:
+    """Layers of the CLT in `root`: W_enc_0, W_enc_1, ... up to the first one missing."""
+    n = 0
+    while source.fetch(join(root, f"W_enc_{n}.safetensors"), required=False) is not None:
+        n += 1
+    if n == 0:
+        raise FileNotFoundError(
+            f"{source.describe(root or '.')} holds no W_enc_0.safetensors; a cross-layer "
+            "transcoder in circuit-tracer's layout has W_enc_<n>/W_dec_<n>.safetensors per layer"
+        )
+    return n
+
+
+def convert_mntss_clt(source: FileSource, ctx: ConvertContext) -> Converted:
+    """A whole cross-layer transcoder in circuit-tracer's layout (mntss's CLTs, and what
+    `export_circuit_tracer_clt` writes) as saekit's `clt`: every encoder and every decoder."""
+    root = ctx.folder.strip("/")
+    cfg_path = join(root, "config.yaml")
+    raw = source.read(cfg_path, read_yaml)
+    hook_in, hook_out = _hooks_cfg(raw, source.describe(cfg_path))
+    n_layers = _clt_layer_count(source, root)
+    W_enc, b_enc, b_dec, thresholds, tensors = [], [], [], [], {}
+    shape: tuple[int, int] | None = None
+    for layer in range(n_layers):
+        path = join(root, f"W_enc_{layer}.safetensors")
+        where = source.describe(path)
+        enc = source.read(path, read_safetensors)
+        names = {k: f"{k}_{layer}" for k in ("W_enc", "b_enc", "b_dec", "threshold")}
+        exact_keys(enc, (names["W_enc"], names["b_enc"], names["b_dec"]), where,
+                   (names["threshold"],))
+        if shape is None:
+            shape = tuple(enc[names["W_enc"]].shape)  # type: ignore[assignment]
+            has_threshold = names["threshold"] in enc
+        assert shape is not None
+        d_sae, d_model = shape
+        check_shape(enc[names["W_enc"]], (d_sae, d_model), names["W_enc"], where)
+        check_shape(enc[names["b_enc"]], (d_sae,), names["b_enc"], where)
+        check_shape(enc[names["b_dec"]], (d_model,), names["b_dec"], where)
+        if (names["threshold"] in enc) != has_threshold:
+            raise ValueError(f"{where}: some layers have thresholds and others not")
+        W_enc.append(enc[names["W_enc"]].T)  # [d_in, d_sae]
+        b_enc.append(enc[names["b_enc"]])
+        b_dec.append(enc[names["b_dec"]])
+        if has_threshold:
+            check_shape(enc[names["threshold"]], (d_sae,), names["threshold"], where)
+            thresholds.append(enc[names["threshold"]])
+        dec_path = join(root, f"W_dec_{layer}.safetensors")
+        dec = source.read(dec_path, read_safetensors)
+        exact_keys(dec, (f"W_dec_{layer}",), source.describe(dec_path))
+        check_shape(dec[f"W_dec_{layer}"], (d_sae, n_layers - layer, d_model),
+                    f"W_dec_{layer}", source.describe(dec_path))
+        tensors[f"W_dec_{layer}"] = dec[f"W_dec_{layer}"]
+    assert shape is not None
+    tensors.update({
+        "W_enc": torch.stack(W_enc).contiguous(),  # [n_layers, d_in, d_sae]
+        "b_enc": torch.stack(b_enc),
+        "b_dec": torch.stack(b_dec),
+    })
+    if thresholds:
+        tensors["threshold"] = torch.stack(thresholds)
+    metadata = {
+        "model_name": raw.get("model_name") or ctx.model,
+        "hook_names": [_hook(layer, hook_in) for layer in range(n_layers)],
+        "hook_names_out": [_hook(layer, hook_out) for layer in range(n_layers)],
+    }
+    cfg = {
+        "architecture": "clt",
+        "d_in": shape[1],
+        "d_sae": shape[0],
+        "dtype": dtype_name(tensors["W_enc"].dtype),
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "n_layers": n_layers,
+        "activation_fn": "jumprelu" if thresholds else "relu",
+        "metadata": {k: v for k, v in metadata.items() if v is not None},
+    }
     return Converted(cfg, tensors)

@@ -12,6 +12,7 @@ as x @ affine_skip_connection: they load as `jumprelu_skip_transcoder`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import zipfile
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit.config import dtype_name
 from saekit.io.converters.base import (
     ConvertContext,
     Converted,
@@ -33,6 +35,8 @@ from saekit.io.converters.base import (
 from saekit.io.headers import TensorHeader, npz_headers, safetensors_header
 from saekit.io.native import read_json, read_safetensors
 from saekit.io.sources import FileSource, join
+
+log = logging.getLogger(__name__)
 
 NPZ_FILE = "params.npz"
 SAFETENSORS_FILE = "params.safetensors"
@@ -237,3 +241,73 @@ def convert_gemma_scope_2(source: FileSource, ctx: ConvertContext) -> Converted:
     hook, extra = _site_hook(site, _layer(ctx.folder), where)
     metadata = {**base, "hook_name": hook}
     return Converted(current_cfg("jumprelu", tensors, metadata, **extra), tensors)
+
+
+CLT_FILE = "params_layer_{layer}.safetensors"
+
+
+def convert_gemma_scope_2_clt(source: FileSource, ctx: ConvertContext) -> Converted:
+    """A Gemma Scope 2 cross-layer transcoder (folders such as
+    `clt/width_262k_l0_medium`): `params_layer_<n>.safetensors` per layer n with w_enc
+    [d_in, d_sae], b_enc, b_dec [d_out], threshold [d_sae] and w_dec [d_sae, n_layers, d_out]
+    (a slot for every layer; those before n are not part of the CLT and are dropped, as
+    circuit-tracer does). Loaded as saekit's `clt` (JumpReLU). The `_affine` variants add a
+    per-layer skip connection, which saekit's CLT does not have: they are refused."""
+    folder = ctx.folder.strip("/")
+    n_layers = 0
+    while source.fetch(join(folder, CLT_FILE.format(layer=n_layers)), required=False):
+        n_layers += 1
+    if n_layers == 0:
+        raise FileNotFoundError(
+            f"{source.describe(folder or '.')} holds no {CLT_FILE.format(layer=0)}; a Gemma "
+            "Scope 2 CLT has one params_layer_<n>.safetensors per layer"
+        )
+    stacked: dict[str, list[Tensor]] = {"W_enc": [], "b_enc": [], "b_dec": [], "threshold": []}
+    tensors: dict[str, Tensor] = {}
+    for layer in range(n_layers):
+        path = join(folder, CLT_FILE.format(layer=layer))
+        where = source.describe(path)
+        stored = source.read(path, read_safetensors)
+        if AFFINE in stored:
+            raise ValueError(
+                f"{where} holds {AFFINE}: this CLT has a skip connection per layer, which "
+                "saekit's clt architecture does not have yet; load a CLT without '_affine'"
+            )
+        for key in ("w_enc", "b_enc", "b_dec", "threshold", "w_dec"):
+            if key not in stored:
+                raise ValueError(f"{where} has no tensor {key!r} (found {sorted(stored)})")
+        unknown = sorted(set(stored) - {"w_enc", "b_enc", "b_dec", "threshold", "w_dec"})
+        if unknown:
+            raise ValueError(f"{where} holds tensors saekit does not know: {unknown}")
+        d_in, d_sae = stored["w_enc"].shape
+        w_dec = stored["w_dec"]
+        if w_dec.ndim != 3 or w_dec.shape[0] != d_sae or w_dec.shape[1] != n_layers:
+            raise ValueError(
+                f"{where}: w_dec has shape {list(w_dec.shape)}, expected [{d_sae}, {n_layers}, "
+                "d_out] (one decoder slot per layer of the folder)"
+            )
+        earlier = w_dec[:, :layer]
+        if earlier.numel() and bool(earlier.abs().max() > 0):
+            log.warning("%s: decoders into layers before %d are not zero; a CLT writes only "
+                        "to its own and later layers, so they are dropped", where, layer)
+        tensors[f"W_dec_{layer}"] = w_dec[:, layer:].contiguous()
+        stacked["W_enc"].append(stored["w_enc"])
+        for key in ("b_enc", "b_dec", "threshold"):
+            stacked[key].append(stored[key])
+    tensors.update({key: torch.stack(values) for key, values in stacked.items()})
+    d_in, d_sae = tensors["W_enc"].shape[1:]
+    metadata = {
+        **_GS2_METADATA,
+        "model_name": ctx.model or _gemma3_model(ctx.repo_id),
+        "hook_names": [f"blocks.{n}.ln2.hook_normalized" for n in range(n_layers)],
+        "hook_names_out": [f"blocks.{n}.hook_mlp_out" for n in range(n_layers)],
+    }
+    cfg = {
+        "architecture": "clt", "d_in": int(d_in), "d_sae": int(d_sae),
+        "d_out": int(tensors["b_dec"].shape[1]),
+        "dtype": dtype_name(tensors["W_enc"].dtype),
+        "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "reshape_activations": "none", "n_layers": n_layers, "activation_fn": "jumprelu",
+        "metadata": {k: v for k, v in metadata.items() if v is not None},
+    }
+    return Converted(cfg, tensors)

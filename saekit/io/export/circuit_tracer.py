@@ -1,4 +1,5 @@
-"""`export_circuit_tracer`: per-layer transcoders as a circuit-tracer transcoder set.
+"""`export_circuit_tracer`: per-layer transcoders as a circuit-tracer transcoder set;
+`export_circuit_tracer_clt`: a cross-layer transcoder in circuit-tracer's CLT layout.
 
 circuit-tracer reads a folder (or Hub repo) holding
 
@@ -35,6 +36,7 @@ from torch import Tensor
 from saekit.io.export.folder import check_export_folder, staged_folder
 from saekit.progress import bar
 from saekit.saes.base import SAE
+from saekit.saes.clt import CrossLayerTranscoder
 
 CONFIG_FILE = "config.yaml"
 #: saekit architectures circuit-tracer computes exactly, and whether each has a threshold.
@@ -214,3 +216,94 @@ def export_circuit_tracer(
             save_file(circuit_tracer_tensors(places[layer][0]), str(folder / layer_file(layer)))
         (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     return final
+
+
+def clt_file(kind: str, layer: int) -> str:
+    """`W_enc_<n>.safetensors` or `W_dec_<n>.safetensors`: a CLT layer's files."""
+    return f"{kind}_{layer}.safetensors"
+
+
+def _clt_in_block_hooks(clt: CrossLayerTranscoder, where: str) -> tuple[str, str]:
+    """The in-block hook names every layer of the CLT shares (circuit-tracer has one pair),
+    checking that layer n reads and writes block n."""
+    from saekit.training.multisite import clt_hooks
+
+    pairs = set()
+    for layer, (hook_in, hook_out) in enumerate(zip(*clt_hooks(clt), strict=True)):
+        names = []
+        for hook in (hook_in, hook_out):
+            match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+            if match is None or int(match.group(1)) != layer:
+                raise ValueError(
+                    f"{where}: CLT layer {layer} hooks {hook!r}, but circuit-tracer needs "
+                    f"layer n to read and write block n (blocks.{layer}.<hook>)"
+                )
+            names.append(match.group(2))
+        pairs.add(tuple(names))
+    if len(pairs) != 1:
+        raise ValueError(f"{where}: the layers use different hooks {sorted(pairs)}; "
+                         "circuit-tracer takes one input and one output hook for all layers")
+    hook_in, hook_out = pairs.pop()
+    return hook_in, hook_out
+
+
+def export_circuit_tracer_clt(
+    clt: CrossLayerTranscoder,
+    out: str | Path,
+    *,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Write a cross-layer transcoder in circuit-tracer's CLT layout; returns `out`.
+
+    The folder holds config.yaml (model_kind: cross_layer_transcoder, model_name,
+    feature_input_hook, feature_output_hook) and, per layer n, `W_enc_<n>.safetensors`
+    (W_enc_<n> [d_sae, d_model], b_enc_<n>, b_dec_<n> and, for JumpReLU, threshold_<n>,
+    raised to at least 0 as for per-layer transcoders) and `W_dec_<n>.safetensors`
+    (W_dec_<n> [d_sae, n_layers - n, d_model], as saekit holds it). circuit-tracer computes
+    ReLU and JumpReLU CLTs; a topk CLT is refused (train batchtopk, published as JumpReLU).
+    The CLT must span blocks 0..n_layers-1, layer n reading and writing block n."""
+    where = "the CLT"
+    if not isinstance(clt, CrossLayerTranscoder):
+        raise ValueError(f"{where} is a {clt.cfg.architecture!r} SAE, not a cross-layer "
+                         "transcoder; use export_circuit_tracer for per-layer transcoders")
+    clt = clt.published()  # type: ignore[assignment]
+    if clt.activation_fn not in ("relu", "jumprelu"):
+        raise ValueError(
+            f"{where} uses {clt.activation_fn}, which circuit-tracer does not compute; it "
+            "takes ReLU and JumpReLU CLTs (a batchtopk CLT is published as JumpReLU)"
+        )
+    if clt.cfg.output_width != clt.cfg.d_in:
+        raise ValueError(f"{where} reads {clt.cfg.d_in} features and writes "
+                         f"{clt.cfg.output_width}; circuit-tracer's CLTs read and write d_model")
+    hook_in, hook_out = _clt_in_block_hooks(clt, where)
+    model = model_name or clt.cfg.metadata.model_name
+    if not model:
+        raise ValueError("the CLT's metadata names no model; pass model_name=, the Hugging "
+                         "Face id of the model")
+    check_export_folder(out, overwrite)
+    config = {
+        "model_kind": "cross_layer_transcoder",
+        "model_name": model,
+        "feature_input_hook": hook_in,
+        "feature_output_hook": hook_out,
+    }
+    from safetensors.torch import save_file
+
+    with torch.no_grad(), staged_folder(out, overwrite) as folder:
+        for n in bar(range(clt.n_layers), desc="circuit-tracer CLT export", unit="layer",
+                     progress=progress):
+            enc = {
+                f"W_enc_{n}": clt.W_enc[n].T,  # [d_sae, d_model]
+                f"b_enc_{n}": clt.b_enc[n],
+                f"b_dec_{n}": clt.b_dec[n],
+            }
+            if clt.activation_fn == "jumprelu":
+                enc[f"threshold_{n}"] = clt.threshold[n].clamp_min(0)
+            dec = {f"W_dec_{n}": getattr(clt, f"W_dec_{n}")}
+            for name, tensors in (("W_enc", enc), ("W_dec", dec)):
+                plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+                save_file(plain, str(folder / clt_file(name, n)))
+        (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    return Path(out).expanduser().resolve()

@@ -1,0 +1,178 @@
+"""Training on several sites of one model at once, from one forward pass per batch: the
+activations of every layer stacked into one tensor [batch, n_sites, d], as a cross-layer
+transcoder (and a crosscoder) reads them.
+
+`StackedBatches` turns the `{hook: [batch, d]}` batches of an `ActivationStore` over several
+hooks into `(inputs [batch, n, d_in], targets [batch, n, d_out])` pairs (or inputs alone),
+keeping the store's position for checkpoints; `train_clt` runs the usual trainer on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.saes.clt import HOOKS_IN_KEY, HOOKS_OUT_KEY, CrossLayerTranscoder
+from saekit.training.config import TrainingSection
+from saekit.training.trainer import FitResult, SAEJob, Trainer
+
+#: Where a CLT reads each layer by default: the MLP's input (`mlp.hook_in` in
+#: circuit-tracer's names), as the Gemma Scope 2 CLTs and mntss's configs do; the residual
+#: stream before it (`hook_resid_mid`, circuit-tracer's own default) also works.
+CLT_INPUT_HOOK = "ln2.hook_normalized"
+#: What a CLT reconstructs at each layer: the MLP's output.
+CLT_OUTPUT_HOOK = "hook_mlp_out"
+
+
+def layer_hooks(layers: Sequence[int], name: str) -> list[str]:
+    """`blocks.<layer>.<name>` for each layer, in order."""
+    return [f"blocks.{layer}.{name}" for layer in layers]
+
+
+def clt_hooks(
+    clt: CrossLayerTranscoder,
+    layers: Sequence[int] | None = None,
+    hook_in: str = CLT_INPUT_HOOK,
+    hook_out: str = CLT_OUTPUT_HOOK,
+) -> tuple[list[str], list[str]]:
+    """(input hooks, output hooks) of the CLT, one per layer: those its metadata records,
+    else `blocks.<l>.<hook_in>` / `blocks.<l>.<hook_out>` for `layers` (default
+    0..n_layers-1)."""
+    extra = clt.cfg.metadata.extra
+    if layers is None and HOOKS_IN_KEY in extra and HOOKS_OUT_KEY in extra:
+        hooks_in, hooks_out = list(extra[HOOKS_IN_KEY]), list(extra[HOOKS_OUT_KEY])
+    else:
+        chosen = list(range(clt.n_layers)) if layers is None else list(layers)
+        hooks_in, hooks_out = layer_hooks(chosen, hook_in), layer_hooks(chosen, hook_out)
+    for what, hooks in (("input", hooks_in), ("output", hooks_out)):
+        if len(hooks) != clt.n_layers or not all(isinstance(h, str) for h in hooks):
+            raise ValueError(
+                f"a CLT over {clt.n_layers} layers needs {clt.n_layers} {what} hook names, "
+                f"got {hooks!r}; pass one layer per CLT layer"
+            )
+    return hooks_in, hooks_out
+
+
+def record_hooks(clt: CrossLayerTranscoder, hooks_in: list[str], hooks_out: list[str]) -> None:
+    """Write the per-layer hooks into the CLT's metadata (saved with it in cfg.json)."""
+    clt.cfg.metadata.extra[HOOKS_IN_KEY] = list(hooks_in)
+    clt.cfg.metadata.extra[HOOKS_OUT_KEY] = list(hooks_out)
+
+
+class StackedBatches:
+    """Iterator of stacked batches over an iterator of `{hook: [batch, d]}` mappings:
+    `(x [batch, n, d_in], y [batch, n, d_out])` with `hooks_out`, `x` alone without.
+
+    `state_dict` / `load_state_dict` pass through to the source (None when it has none, so
+    that the trainer replays the stream on resume instead)."""
+
+    def __init__(
+        self,
+        source: Iterator[Mapping[str, Tensor]],
+        hooks_in: Sequence[str],
+        hooks_out: Sequence[str] | None = None,
+    ) -> None:
+        if not hooks_in:
+            raise ValueError("no input hooks given; pass one per site")
+        self.source = source
+        self.hooks_in = list(hooks_in)
+        self.hooks_out = None if hooks_out is None else list(hooks_out)
+
+    def __iter__(self) -> StackedBatches:
+        return self
+
+    def __next__(self) -> Tensor | tuple[Tensor, Tensor]:
+        batch = next(self.source)
+        if not isinstance(batch, Mapping):
+            raise ValueError(
+                "stacking needs {hook: tensor} batches (a store over several hooks), got "
+                f"{type(batch).__name__}"
+            )
+        x = _stack(batch, self.hooks_in)  # [batch, n, d_in]
+        if self.hooks_out is None:
+            return x
+        return x, _stack(batch, self.hooks_out)  # [batch, n, d_out]
+
+    def state_dict(self) -> Any:
+        state = getattr(self.source, "state_dict", None)
+        return state() if state is not None else None
+
+    def load_state_dict(self, state: Any) -> None:
+        self.source.load_state_dict(state)  # type: ignore[attr-defined]
+
+
+def _stack(batch: Mapping[str, Tensor], hooks: list[str]) -> Tensor:
+    missing = [h for h in hooks if h not in batch]
+    if missing:
+        raise ValueError(f"batches hold no {missing} (they hold {', '.join(batch)})")
+    return torch.stack([batch[h] for h in hooks], dim=1)
+
+
+def multisite_store(
+    model: Any,
+    hooks: Sequence[str],
+    dataset: Any,
+    training: TrainingSection,
+    *,
+    context_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    model_batch_size: int = 32,
+) -> Any:
+    """An `ActivationStore` serving `{hook: rows}` for every hook from one forward pass."""
+    from saekit.data import ActivationStore
+    from saekit.training.cache_source import BATCH_RING, buffer_rows
+
+    return ActivationStore(
+        model, list(dict.fromkeys(hooks)), dataset,
+        context_size=context_size, batch_size=training.batch_size,
+        buffer_size=buffer_rows(training.batch_size), model_batch_size=model_batch_size,
+        seed=seed, device=device, reuse_batches=BATCH_RING,
+    )
+
+
+def train_clt(
+    clt: CrossLayerTranscoder,
+    model: Any,
+    dataset: Any,
+    training: TrainingSection,
+    *,
+    layers: Sequence[int] | None = None,
+    hook_in: str = CLT_INPUT_HOOK,
+    hook_out: str = CLT_OUTPUT_HOOK,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    context_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> FitResult:
+    """Train a cross-layer transcoder on `model` (a `ModelBackend`) over `dataset` (any text
+    source `TokenWindows` reads), every layer's input and MLP output from the same forward
+    pass; the usual trainer (target L0, dead-latent remedies, checkpoints in `run_dir`
+    every `checkpoint_every` tokens, exact resume with `resume=True`).
+
+    The hooks are the CLT's recorded ones, or `blocks.<l>.<hook_in>` and
+    `blocks.<l>.<hook_out>` for `layers` (default: 0..n_layers-1); they are recorded in the
+    CLT's metadata. Returns the trainer's `FitResult` (the trained CLT under "clt")."""
+    if not isinstance(clt, CrossLayerTranscoder):
+        raise ValueError(f"train_clt trains a cross-layer transcoder, got {type(clt).__name__}")
+    hooks_in, hooks_out = clt_hooks(clt, layers, hook_in, hook_out)
+    record_hooks(clt, hooks_in, hooks_out)
+    if clt.cfg.metadata.model_name is None:
+        clt.cfg.metadata.model_name = getattr(model, "name", None)
+    clt.cfg.metadata.context_size = context_size
+    store = multisite_store(
+        model, hooks_in + hooks_out, dataset, training,
+        context_size=context_size, seed=seed, device=clt.device,
+    )
+    data = StackedBatches(store, hooks_in, hooks_out)
+    trainer = Trainer(
+        SAEJob(clt, training, name="clt"), data, run_dir,
+        checkpoint_every=checkpoint_every, progress=progress,
+    )
+    return trainer.fit(resume=resume)
