@@ -199,6 +199,7 @@ def print_report(outcome: Any) -> None:
     dashboard of every latent in the run folder. Everything uses the run's own model,
     text framing and held-out text."""
     from saekit.analysis.dashboard import write_dashboard
+    from saekit.commands.dashboard import hook_description
     from saekit.commands.report import format_metrics, heldout_statistics, latent_report
 
     print(f"\nsaved the SAE to {outcome.run_dir}  (load it: SAE.load({str(outcome.run_dir)!r}))")
@@ -222,6 +223,8 @@ def print_report(outcome: Any) -> None:
     meta = outcome.sae.cfg.metadata
     title = f"{meta.model_name} · {meta.hook_name} · {outcome.sae.cfg.d_sae} latents"
     index = write_dashboard(
-        stats, outcome.backend.tokenizer, outcome.run_dir / "dashboard", title=title
+        stats, outcome.backend.tokenizer, outcome.run_dir / "dashboard", title=title,
+        sae_name=str(outcome.run_dir), model_name=meta.model_name or "",
+        hook_name=hook_description(outcome.sae),
     )
     print(f"\ndashboard of every latent: {index}  (open it in a browser)")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import saekit
+from saekit.analysis.stats_files import read_script
 from saekit.cli import main
 from saekit.models import load_model
 from saekit.training import checkpoint as ckpt
@@ -54,6 +55,10 @@ def test_a_run_without_bos_follows_the_tokenizer_and_reports(
     assert "five latents" in printed and "dashboard of every latent" in printed
     assert (tmp_path / "run" / "dashboard" / "index.html").is_file()
     meta = saekit.SAE.load(tmp_path / "run").cfg.metadata
+    # Every page of the run's dashboard names the run, the model and the hook.
+    site = read_script(tmp_path / "run" / "dashboard" / "data" / "site.js", "SAEKIT_SITE")
+    assert (site["sae"], site["model"]) == (str(tmp_path / "run"), meta.model_name)
+    assert site["hook"] == meta.hook_name
     # Qwen's tokenizer has no BOS and adds nothing: so does the run, and the SAE says so.
     assert meta.prepend_bos is False and meta.window_prepend_bos is False
     assert meta.model_name == str(own["model"].resolve())
