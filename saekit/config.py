@@ -247,8 +247,9 @@ class SAEConfig:
 
     @property
     def latent_count(self) -> int:
-        """Latents in all: d_sae, or d_sae per layer of a cross-layer transcoder."""
-        return self.d_sae * (self.n_layers or 1)
+        """Latents in all: d_sae, or d_sae per layer of a cross-layer transcoder (a
+        crosscoder's sites, also counted in n_layers, share one set of d_sae)."""
+        return self.d_sae * (self.n_layers or 1) if self.architecture == "clt" else self.d_sae
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -26,3 +26,4 @@ def test_docs_crosslayer_code_runs(
     assert "True\nTrue\n" in out  # a positive CE score; error terms keep the logits
     assert "jumprelu blocks.2.ln2.hook_normalized" in out
     assert (tmp_path / "ct_clt" / "W_dec_3.safetensors").is_file()
+    assert "['bundled', 'bundled-mlp1x3']" in out  # the crosscoder's two models

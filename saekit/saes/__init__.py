@@ -2,6 +2,7 @@
 
 from saekit.saes import (  # noqa: F401  (registration)
     clt,
+    crosscoder,
     gated,
     groupmax,
     jumprelu,

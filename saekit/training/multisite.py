@@ -5,6 +5,8 @@ transcoder (and a crosscoder) reads them.
 `StackedBatches` turns the `{hook: [batch, d]}` batches of an `ActivationStore` over several
 hooks into `(inputs [batch, n, d_in], targets [batch, n, d_out])` pairs (or inputs alone),
 keeping the store's position for checkpoints; `train_clt` runs the usual trainer on them.
+`train_crosscoder` trains a crosscoder on several hooks of one model, or on the same hook of
+several models (`SideBySideModels` runs each once per batch on the same tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from saekit.saes.clt import HOOKS_IN_KEY, HOOKS_OUT_KEY, CrossLayerTranscoder
+from saekit.saes.crosscoder import MODELS_KEY, SITE_HOOKS_KEY, Crosscoder
 from saekit.training.config import TrainingSection
 from saekit.training.trainer import FitResult, SAEJob, Trainer
 
@@ -122,15 +125,18 @@ def multisite_store(
     seed: int = 0,
     device: str | torch.device | None = None,
     model_batch_size: int = 32,
+    buffer_size: int | None = None,
 ) -> Any:
-    """An `ActivationStore` serving `{hook: rows}` for every hook from one forward pass."""
+    """An `ActivationStore` serving `{hook: rows}` for every hook from one forward pass
+    (`buffer_size` shuffle rows; by default the trainer's usual buffer)."""
     from saekit.data import ActivationStore
     from saekit.training.cache_source import BATCH_RING, buffer_rows
 
     return ActivationStore(
         model, list(dict.fromkeys(hooks)), dataset,
         context_size=context_size, batch_size=training.batch_size,
-        buffer_size=buffer_rows(training.batch_size), model_batch_size=model_batch_size,
+        buffer_size=buffer_size or buffer_rows(training.batch_size),
+        model_batch_size=model_batch_size,
         seed=seed, device=device, reuse_batches=BATCH_RING,
     )
 
@@ -176,3 +182,173 @@ def train_clt(
         checkpoint_every=checkpoint_every, progress=progress,
     )
     return trainer.fit(resume=resume)
+
+
+# ----- crosscoders ---------------------------------------------------------------------------
+
+
+class SideBySideModels:
+    """Several models run on the same tokens, seen as one backend: hook `<i>/<hook>` is
+    `hook` of model i. Each model makes one forward pass per batch of tokens, so an
+    `ActivationStore` over such hooks serves every model's activation of the same token in
+    the same row (a crosscoder for model diffing reads them stacked)."""
+
+    causal_lm = False
+
+    def __init__(self, models: Sequence[Any]) -> None:
+        if len(models) < 2:
+            raise ValueError("side-by-side models need at least two models")
+        first = _vocabulary(models[0].tokenizer)
+        for i, model in enumerate(models[1:], start=1):
+            if _vocabulary(model.tokenizer) != first:
+                raise ValueError(
+                    f"model {i} tokenizes differently from model 0; a crosscoder compares "
+                    "models on the same tokens, so they must share a tokenizer"
+                )
+        self.models = list(models)
+        self.name = " | ".join(str(getattr(m, "name", None) or f"model {i}")
+                               for i, m in enumerate(models))
+
+    @staticmethod
+    def site(model: int, hook: str) -> str:
+        """The side-by-side name of `hook` in model `model`."""
+        return f"{model}/{hook}"
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.models[0].tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].device
+
+    def hook_names(self) -> list[str]:
+        return [self.site(i, h) for i, m in enumerate(self.models) for h in m.hook_names()]
+
+    def activations(self, tokens: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
+        wanted: dict[int, list[str]] = {}
+        for name in hooks:
+            index, _, hook = name.partition("/")
+            if not index.isdigit() or int(index) >= len(self.models):
+                raise ValueError(f"{name!r} names no model; side-by-side hooks are <i>/<hook>")
+            wanted.setdefault(int(index), []).append(hook)
+        out: dict[str, Tensor] = {}
+        for index, model_hooks in wanted.items():
+            acts = self.models[index].activations(tokens, model_hooks)
+            for hook in model_hooks:
+                out[self.site(index, hook)] = acts[hook].to(self.device)
+        return out
+
+    def logits(self, tokens: Tensor, replacements: Any = None) -> Tensor:
+        raise ValueError("side-by-side models have no single set of logits; ask each model")
+
+
+def _vocabulary(tokenizer: Any) -> Any:
+    vocab = getattr(tokenizer, "get_vocab", None)
+    return vocab() if vocab is not None else tokenizer
+
+
+def crosscoder_sites(
+    crosscoder: Crosscoder, models: Sequence[Any], hooks: str | Sequence[str] | None
+) -> list[str]:
+    """The hook of every site, checked against the crosscoder's n_sites: `hooks` as given (a
+    single name means that hook in every model), else the ones its metadata records."""
+    n = crosscoder.n_sites
+    if len(models) not in (1, n):
+        raise ValueError(
+            f"a crosscoder over {n} sites reads one model at {n} hooks or {n} models, got "
+            f"{len(models)} models"
+        )
+    if hooks is None:
+        hooks = crosscoder.cfg.metadata.extra.get(SITE_HOOKS_KEY)
+        if hooks is None:
+            raise ValueError("no hooks given and the crosscoder records none; pass hooks")
+    if isinstance(hooks, str):
+        if len(models) == 1:
+            raise ValueError(
+                f"one model and one hook make one site, but the crosscoder reads {n}; pass "
+                f"{n} hooks (layers) or {n} models"
+            )
+        hooks = [hooks] * len(models)
+    hooks = list(hooks)
+    if not all(isinstance(h, str) for h in hooks) or len(hooks) != n:
+        raise ValueError(f"a crosscoder over {n} sites needs {n} hook names, got {hooks!r}")
+    if len(models) == 1 and len(set(hooks)) != n:
+        raise ValueError(f"the hooks of one model must differ, got {hooks!r}")
+    return hooks
+
+
+def train_crosscoder(
+    crosscoder: Crosscoder,
+    models: Any,
+    dataset: Any,
+    training: TrainingSection,
+    *,
+    hooks: str | Sequence[str] | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    context_size: int = 128,
+    seed: int = 0,
+    buffer_size: int | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Train a crosscoder with the usual trainer (target L0, dead-latent remedies,
+    checkpoints in `run_dir` every `checkpoint_every` tokens, exact resume).
+
+    `models` is one backend read at several `hooks` (layers; one forward pass per batch), or
+    a list of n_sites backends sharing a tokenizer (model diffing: each runs once per batch on
+    the same tokens) read at one hook each (`hooks` a single name for the same hook in all,
+    or one per model). `buffer_size` is the shuffle buffer's rows (default: the trainer's
+    usual one, at least 16,384; a smaller one starts sooner and mixes less). The hooks and
+    model names are recorded in the crosscoder's metadata.
+    Returns the trainer's `FitResult` (the trained crosscoder under "crosscoder")."""
+    from saekit.models.positions import check_context_size
+
+    if not isinstance(crosscoder, Crosscoder):
+        raise ValueError(
+            f"train_crosscoder trains a crosscoder, got {type(crosscoder).__name__}"
+        )
+    listed = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not listed:
+        raise ValueError("no models given; pass one model (several hooks) or one per site")
+    site_hooks = crosscoder_sites(crosscoder, listed, hooks)
+    for model in listed:
+        check_context_size(model, context_size, "context_size")
+    if len(listed) == 1:
+        backend, keys = listed[0], site_hooks
+    else:
+        backend = SideBySideModels(listed)
+        keys = [SideBySideModels.site(i, h) for i, h in enumerate(site_hooks)]
+    store = multisite_store(
+        backend, keys, dataset, training,
+        context_size=context_size, seed=seed, device=crosscoder.device,
+        buffer_size=buffer_size,
+    )
+    widths = store.d_in  # one short forward pass: wrong hooks fail before training starts
+    wrong = {k: w for k, w in widths.items() if w != crosscoder.cfg.d_in}
+    if wrong:
+        raise ValueError(
+            f"the crosscoder reads width {crosscoder.cfg.d_in}, but {wrong} have other widths"
+        )
+    _record_sites(crosscoder, listed, site_hooks, context_size)
+    trainer = Trainer(
+        SAEJob(crosscoder, training, name="crosscoder"), StackedBatches(store, keys), run_dir,
+        checkpoint_every=checkpoint_every, progress=progress,
+    )
+    return trainer.fit(resume=resume)
+
+
+def _record_sites(
+    crosscoder: Crosscoder, models: list[Any], hooks: list[str], context_size: int
+) -> None:
+    meta = crosscoder.cfg.metadata
+    meta.extra[SITE_HOOKS_KEY] = list(hooks)
+    names = [getattr(m, "name", None) for m in models]
+    if len(models) > 1:
+        meta.extra[MODELS_KEY] = names
+    if meta.model_name is None:
+        meta.model_name = names[0]
+    if len(set(hooks)) == 1:
+        meta.hook_name = hooks[0]
+    meta.context_size = context_size
