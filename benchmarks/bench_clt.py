@@ -25,9 +25,9 @@ from saekit import SAE
 from saekit.data.tokens import TokenWindows, window_batches
 from saekit.evals.crosslayer import evaluate_clt
 from saekit.models import load_model
-from saekit.saes.clt import clt_from_transcoders
+from saekit.saes.clt import clt_from_transcoders, clt_hooks, record_hooks
 from saekit.training import SAEJob, Trainer, TrainingSection
-from saekit.training.multisite import clt_hooks, multisite_store, record_hooks, train_clt
+from saekit.training.multisite import multisite_store, train_clt
 
 
 class OneSite:

@@ -21,7 +21,7 @@ import torch
 from saekit import SAE
 from saekit.analysis.collect import feature_statistics
 from saekit.evals.api import heldout_token_batches
-from saekit.io.export import export_neuronpedia
+from saekit.export import export_neuronpedia
 from saekit.models import load_model
 
 

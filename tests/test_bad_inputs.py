@@ -622,7 +622,7 @@ def test_verbose_shows_the_traceback_too(
 
 def test_the_good_versions_of_the_foreign_folders_load(world: World, tmp_path: Path) -> None:
     """The foreign-format rows fail for the field they change, not for the rest."""
-    from saekit.commands.eval import load_target
+    from saekit.targets import load_target
 
     sparsify_folder()(tmp_path, world)
     llama_scope_folder()(tmp_path, world)

@@ -11,9 +11,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from saekit import SAE
-from saekit.io.export.circuit_tracer import export_circuit_tracer_clt
-from saekit.saes.clt import CrossLayerTranscoder
-from saekit.training.multisite import layer_hooks, record_hooks
+from saekit.export.circuit_tracer import export_circuit_tracer_clt
+from saekit.saes.clt import CrossLayerTranscoder, layer_hooks, record_hooks
 
 N, D, M = 3, 6, 10
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from saekit import SAE
 from saekit.cli import main
 from saekit.errors import SaekitError
-from saekit.io.export import export_circuit_tracer
+from saekit.export import export_circuit_tracer
 
 D_MODEL, D_SAE = 8, 16
 ARCHITECTURES = ["transcoder", "skip_transcoder", "jumprelu_transcoder",

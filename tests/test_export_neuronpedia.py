@@ -26,7 +26,7 @@ from saekit.analysis.stats import logit_effects
 from saekit.cli import main
 from saekit.errors import SaekitError
 from saekit.evals.api import heldout_token_batches
-from saekit.io.export import export_neuronpedia
+from saekit.export import export_neuronpedia
 from saekit.models import load_model
 from saekit.models.tiny import TINY_TEXTS, tiny_gpt2, tiny_tokenizer
 

@@ -9,7 +9,7 @@ from sae_factory import random_sae
 
 from saekit.cli import main
 from saekit.errors import SaekitError
-from saekit.io.export import export_saelens
+from saekit.export import export_saelens
 
 
 def files(folder: Path) -> dict[str, bytes]:

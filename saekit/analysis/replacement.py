@@ -30,7 +30,7 @@ def replacement_hooks(
     if hooks is not None:
         hooks_in, hooks_out = list(hooks[0]), list(hooks[1])
     else:
-        from saekit.training.multisite import clt_hooks
+        from saekit.saes.clt import clt_hooks
 
         hooks_in, hooks_out = clt_hooks(clt)
     if len(hooks_in) != clt.n_layers or len(hooks_out) != clt.n_layers:

@@ -43,7 +43,7 @@ CONFIG_FLAGS: tuple[tuple[str, str, Any], ...] = (
 
 
 def _client(spec: str, flag: str, base_url: str, args: argparse.Namespace) -> Any:
-    from saekit.analysis.autointerp.clients import make_client
+    from saekit.autointerp.clients import make_client
 
     return make_client(
         spec, flag=flag, base_url=base_url, api_key_env=args.api_key_env,
@@ -53,13 +53,13 @@ def _client(spec: str, flag: str, base_url: str, args: argparse.Namespace) -> An
 
 
 def run(args: argparse.Namespace) -> int:
-    from saekit.analysis.autointerp.clients import OpenAIClient, parse_client_spec
-    from saekit.analysis.autointerp.config import AutointerpConfig
-    from saekit.analysis.autointerp.pipeline import autointerp
-    from saekit.analysis.autointerp.run import format_messages
-    from saekit.analysis.autointerp.selection import parse_latents
-    from saekit.commands.eval import load_target
+    from saekit.autointerp.clients import OpenAIClient, parse_client_spec
+    from saekit.autointerp.config import AutointerpConfig
+    from saekit.autointerp.pipeline import autointerp
+    from saekit.autointerp.run import format_messages
+    from saekit.autointerp.selection import parse_latents
     from saekit.preflight import check_device, check_local_dataset, check_out_folder
+    from saekit.targets import load_target
 
     # Everything that can be checked without a model or the network, first.
     selection = parse_latents(args.latents)
@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from saekit.analysis.autointerp.clients import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
-    from saekit.analysis.autointerp.config import AutointerpConfig
-    from saekit.analysis.autointerp.pipeline import DEFAULT_NEGATIVE_WINDOWS, DEFAULT_TOKENS
+    from saekit.autointerp.clients import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
+    from saekit.autointerp.config import AutointerpConfig
+    from saekit.autointerp.pipeline import DEFAULT_NEGATIVE_WINDOWS, DEFAULT_TOKENS
     from saekit.commands.eval import add_text_source
     from saekit.training.fields import field_docs
 

@@ -114,8 +114,8 @@ def find_explanations(given: str | None, out: str, target: str) -> dict[int, Exp
 
 def run(args: argparse.Namespace) -> int:
     from saekit.analysis.dashboard import check_explanations
-    from saekit.commands.eval import load_target
     from saekit.preflight import check_device, check_local_dataset, check_out_folder
+    from saekit.targets import load_target
 
     check_device(args.device)
     check_local_dataset(args.dataset)

@@ -22,10 +22,10 @@ logger = logging.getLogger(__name__)
 
 def run_neuronpedia(args: argparse.Namespace) -> int:
     from saekit.analysis.explanations import EXPLANATIONS_FILE
-    from saekit.commands.eval import load_target
-    from saekit.io.export.folder import check_export_folder
-    from saekit.io.export.neuronpedia import export_neuronpedia
+    from saekit.export.folder import check_export_folder
+    from saekit.export.neuronpedia import export_neuronpedia
     from saekit.preflight import check_device, check_local_dataset
+    from saekit.targets import load_target
 
     check_device(args.device)
     check_local_dataset(args.dataset)
@@ -53,10 +53,10 @@ def run_neuronpedia(args: argparse.Namespace) -> int:
 
 
 def run_circuit_tracer(args: argparse.Namespace) -> int:
-    from saekit.commands.eval import load_target
-    from saekit.io.export.circuit_tracer import export_circuit_tracer
-    from saekit.io.export.folder import check_export_folder
+    from saekit.export.circuit_tracer import export_circuit_tracer
+    from saekit.export.folder import check_export_folder
     from saekit.preflight import check_device
+    from saekit.targets import load_target
 
     check_device(args.device)
     check_export_folder(args.out, args.overwrite)
@@ -70,10 +70,10 @@ def run_circuit_tracer(args: argparse.Namespace) -> int:
 
 
 def run_saelens(args: argparse.Namespace) -> int:
-    from saekit.commands.eval import load_target
-    from saekit.io.export.folder import check_export_folder
-    from saekit.io.export.saelens import export_saelens
+    from saekit.export.folder import check_export_folder
+    from saekit.export.saelens import export_saelens
     from saekit.preflight import check_device
+    from saekit.targets import load_target
 
     check_device(args.device)
     check_export_folder(args.out, args.overwrite)
@@ -93,7 +93,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from saekit.commands.eval import add_text_source
-    from saekit.io.export.neuronpedia import DEFAULT_TOKENS
+    from saekit.export.neuronpedia import DEFAULT_TOKENS
 
     parser = subparsers.add_parser(
         "export", help="write SAEs for Neuronpedia, circuit-tracer or SAELens",

@@ -113,9 +113,9 @@ def hub_problem(err: BaseException, where: str, endpoint: str | None) -> SaekitE
 
 
 def run_upload(args: argparse.Namespace) -> int:
-    from saekit.commands.eval import load_target
     from saekit.io.hub import push_to_hub
     from saekit.progress import status
+    from saekit.targets import load_target
 
     run_dir = Path(args.run_dir)
     folder = find_sae_folder(run_dir)

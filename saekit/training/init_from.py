@@ -81,7 +81,7 @@ def weights_sha256(sae: SAE) -> str:
 def load_init_source(spec: str) -> InitSource:
     """Load the SAE `spec` names (a folder, RELEASE/SAE_ID or a Hub repo) on the CPU; a
     problem is reported as a `ValueError` or `OSError` that names `--init-from`."""
-    from saekit.commands.eval import load_target
+    from saekit.targets import load_target
 
     try:
         sae = load_target(spec, "cpu")

@@ -18,52 +18,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.saes.clt import HOOKS_IN_KEY, HOOKS_OUT_KEY, CrossLayerTranscoder
+from saekit.saes.clt import (
+    CLT_INPUT_HOOK,
+    CLT_OUTPUT_HOOK,
+    CrossLayerTranscoder,
+    clt_hooks,
+    record_hooks,
+)
 from saekit.saes.crosscoder import MODELS_KEY, SITE_HOOKS_KEY, Crosscoder
 from saekit.training.config import TrainingSection
 from saekit.training.trainer import FitResult, SAEJob, Trainer
-
-#: Where a CLT reads each layer by default: the MLP's input (`mlp.hook_in` in
-#: circuit-tracer's names), as the Gemma Scope 2 CLTs and mntss's configs do; the residual
-#: stream before it (`hook_resid_mid`, circuit-tracer's own default) also works.
-CLT_INPUT_HOOK = "ln2.hook_normalized"
-#: What a CLT reconstructs at each layer: the MLP's output.
-CLT_OUTPUT_HOOK = "hook_mlp_out"
-
-
-def layer_hooks(layers: Sequence[int], name: str) -> list[str]:
-    """`blocks.<layer>.<name>` for each layer, in order."""
-    return [f"blocks.{layer}.{name}" for layer in layers]
-
-
-def clt_hooks(
-    clt: CrossLayerTranscoder,
-    layers: Sequence[int] | None = None,
-    hook_in: str = CLT_INPUT_HOOK,
-    hook_out: str = CLT_OUTPUT_HOOK,
-) -> tuple[list[str], list[str]]:
-    """(input hooks, output hooks) of the CLT, one per layer: those its metadata records,
-    else `blocks.<l>.<hook_in>` / `blocks.<l>.<hook_out>` for `layers` (default
-    0..n_layers-1)."""
-    extra = clt.cfg.metadata.extra
-    if layers is None and HOOKS_IN_KEY in extra and HOOKS_OUT_KEY in extra:
-        hooks_in, hooks_out = list(extra[HOOKS_IN_KEY]), list(extra[HOOKS_OUT_KEY])
-    else:
-        chosen = list(range(clt.n_layers)) if layers is None else list(layers)
-        hooks_in, hooks_out = layer_hooks(chosen, hook_in), layer_hooks(chosen, hook_out)
-    for what, hooks in (("input", hooks_in), ("output", hooks_out)):
-        if len(hooks) != clt.n_layers or not all(isinstance(h, str) for h in hooks):
-            raise ValueError(
-                f"a CLT over {clt.n_layers} layers needs {clt.n_layers} {what} hook names, "
-                f"got {hooks!r}; pass one layer per CLT layer"
-            )
-    return hooks_in, hooks_out
-
-
-def record_hooks(clt: CrossLayerTranscoder, hooks_in: list[str], hooks_out: list[str]) -> None:
-    """Write the per-layer hooks into the CLT's metadata (saved with it in cfg.json)."""
-    clt.cfg.metadata.extra[HOOKS_IN_KEY] = list(hooks_in)
-    clt.cfg.metadata.extra[HOOKS_OUT_KEY] = list(hooks_out)
 
 
 class StackedBatches:

@@ -22,13 +22,13 @@ pytest.importorskip("openai")
 
 from test_autointerp_world import decode, world_negatives, world_stats  # noqa: E402
 
-from saekit.analysis.autointerp import (  # noqa: E402
+from saekit.analysis.explanations import read_explanations  # noqa: E402
+from saekit.autointerp import (  # noqa: E402
     AutointerpConfig,
     EndpointError,
     OpenAIClient,
     explain_latents,
 )
-from saekit.analysis.explanations import read_explanations  # noqa: E402
 from saekit.cli import main  # noqa: E402
 
 KEY = "sk-test-Zq9-SECRET-4471"
@@ -259,7 +259,7 @@ def test_cli_bad_inputs(tmp_path, capsys, args, expected):
 
 RUN = """
 import sys
-from saekit.analysis.autointerp import AutointerpConfig, OpenAIClient, explain_latents
+from saekit.autointerp import AutointerpConfig, OpenAIClient, explain_latents
 from test_autointerp_world import decode, world_negatives, world_stats
 client = OpenAIClient("m", base_url=sys.argv[1], api_key_env="SAEKIT_TEST_KEY",
                       retry_delay=0.01, concurrency=1)

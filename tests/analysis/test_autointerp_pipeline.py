@@ -18,7 +18,8 @@ from test_autointerp_world import (
     world_stats,
 )
 
-from saekit.analysis.autointerp import (
+from saekit.analysis.explanations import EXPLANATIONS_FILE, read_explanations
+from saekit.autointerp import (
     PROMPT_VERSION,
     AutointerpConfig,
     CallableClient,
@@ -28,8 +29,7 @@ from saekit.analysis.autointerp import (
     negative_pool,
     split_contexts,
 )
-from saekit.analysis.autointerp.prompts import render
-from saekit.analysis.explanations import EXPLANATIONS_FILE, read_explanations
+from saekit.autointerp.prompts import render
 
 CFG = AutointerpConfig(n_test=10, n_negatives=10)
 

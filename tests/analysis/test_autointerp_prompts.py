@@ -15,9 +15,9 @@ from test_autointerp_world import (
     world_stats,
 )
 
-from saekit.analysis.autointerp import AutointerpConfig, Context, parse_latents, split_contexts
-from saekit.analysis.autointerp.contexts import context, shares_passage, spread
-from saekit.analysis.autointerp.prompts import (
+from saekit.autointerp import AutointerpConfig, Context, parse_latents, split_contexts
+from saekit.autointerp.contexts import context, shares_passage, spread
+from saekit.autointerp.prompts import (
     TokenText,
     explainer_messages,
     parse_explanation,
@@ -25,7 +25,7 @@ from saekit.analysis.autointerp.prompts import (
     render,
     scorer_messages,
 )
-from saekit.analysis.autointerp.scoring import (
+from saekit.autointerp.scoring import (
     classification_scores,
     detection_samples,
     fuzzing_samples,

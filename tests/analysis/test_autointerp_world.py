@@ -18,8 +18,8 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from saekit.analysis.autointerp import NegativePool, mapping_decoder
 from saekit.analysis.stats import FeatureStats, FeatureStatsAccumulator
+from saekit.autointerp import NegativePool, mapping_decoder
 
 VOCAB = 20
 D_SAE = 4

@@ -12,9 +12,8 @@ from saekit import SAE
 from saekit.analysis.replacement import clt_replacements, replacement_logits
 from saekit.models import load_model
 from saekit.models.tiny import tiny_gpt2, tiny_hooked_transformer, tiny_tokenizer
-from saekit.saes.clt import CrossLayerTranscoder
+from saekit.saes.clt import CrossLayerTranscoder, layer_hooks, record_hooks
 from saekit.saes.shapes import tensor_shapes
-from saekit.training.multisite import layer_hooks, record_hooks
 
 D, M, LAYERS = 8, 12, 3
 

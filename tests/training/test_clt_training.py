@@ -17,14 +17,9 @@ from saekit.data.tokens import TokenWindows, window_batches
 from saekit.evals.crosslayer import evaluate_clt
 from saekit.models import load_model
 from saekit.models.tiny import TINY_TEXTS, tiny_hooked_transformer, tiny_tokenizer
+from saekit.saes.clt import clt_hooks, record_hooks
 from saekit.training import SAEJob, Trainer, TrainingSection
-from saekit.training.multisite import (
-    StackedBatches,
-    clt_hooks,
-    multisite_store,
-    record_hooks,
-    train_clt,
-)
+from saekit.training.multisite import StackedBatches, multisite_store, train_clt
 
 TEXTS = list(TINY_TEXTS) * 40
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saekit.io.export.folder import check_export_folder
+from saekit.export.folder import check_export_folder
 from saekit.saes.base import SAE
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from saekit.analysis.autointerp.config import AutointerpConfig
 from saekit.analysis.stats import FeatureStats
+from saekit.autointerp.config import AutointerpConfig
 
 #: Runs of this many tokens in common make two contexts "the same passage".
 SHARED_RUN = 8

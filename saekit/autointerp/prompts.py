@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from saekit.analysis.autointerp.contexts import Context, ContextSplit
+from saekit.autointerp.contexts import Context, ContextSplit
 
 Messages = list[dict[str, str]]
 #: Token id -> its text as shown in a prompt.

@@ -20,27 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saekit.analysis.autointerp.cache import AnswerCache, call_key, drop_torn_tail
-from saekit.analysis.autointerp.clients import ChatClient, Messages, make_client
-from saekit.analysis.autointerp.config import PROMPT_VERSION, AutointerpConfig
-from saekit.analysis.autointerp.contexts import Context, ContextSplit, split_contexts
-from saekit.analysis.autointerp.negatives import NegativePool
-from saekit.analysis.autointerp.prompts import (
-    Decoder,
-    TokenText,
-    explainer_messages,
-    parse_explanation,
-    parse_labels,
-    scorer_messages,
-)
-from saekit.analysis.autointerp.scoring import (
-    Sample,
-    classification_scores,
-    detection_samples,
-    fuzzing_samples,
-    in_prompts,
-)
-from saekit.analysis.autointerp.selection import LatentSelection, parse_latents
 from saekit.analysis.explanations import (
     EXPLANATIONS_FILE,
     Explanation,
@@ -48,6 +27,27 @@ from saekit.analysis.explanations import (
     read_explanations,
 )
 from saekit.analysis.stats import FeatureStats
+from saekit.autointerp.cache import AnswerCache, call_key, drop_torn_tail
+from saekit.autointerp.clients import ChatClient, Messages, make_client
+from saekit.autointerp.config import PROMPT_VERSION, AutointerpConfig
+from saekit.autointerp.contexts import Context, ContextSplit, split_contexts
+from saekit.autointerp.negatives import NegativePool
+from saekit.autointerp.prompts import (
+    Decoder,
+    TokenText,
+    explainer_messages,
+    parse_explanation,
+    parse_labels,
+    scorer_messages,
+)
+from saekit.autointerp.scoring import (
+    Sample,
+    classification_scores,
+    detection_samples,
+    fuzzing_samples,
+    in_prompts,
+)
+from saekit.autointerp.selection import LatentSelection, parse_latents
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.analysis.autointerp.contexts import Context
+from saekit.autointerp.contexts import Context
 
 NEGATIVES_FILE = "autointerp_negatives.safetensors"
 

@@ -14,7 +14,7 @@ import json
 import threading
 from pathlib import Path
 
-from saekit.analysis.autointerp.clients import ChatClient, Messages
+from saekit.autointerp.clients import ChatClient, Messages
 
 ANSWERS_FILE = "autointerp_answers.jsonl"
 

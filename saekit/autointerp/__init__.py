@@ -6,7 +6,7 @@ negatives, decode, out, explainer=...)` works from statistics already in hand. R
 `explanations.jsonl` (see `saekit.analysis.explanations`).
 """
 
-from saekit.analysis.autointerp.clients import (
+from saekit.autointerp.clients import (
     CallableClient,
     ChatClient,
     EndpointError,
@@ -14,14 +14,14 @@ from saekit.analysis.autointerp.clients import (
     TransformersClient,
     make_client,
 )
-from saekit.analysis.autointerp.config import PROMPT_VERSION, AutointerpConfig
-from saekit.analysis.autointerp.contexts import Context, ContextSplit, split_contexts
-from saekit.analysis.autointerp.negatives import NegativePool, negative_pool
-from saekit.analysis.autointerp.pipeline import autointerp
-from saekit.analysis.autointerp.prompts import TokenText, mapping_decoder
-from saekit.analysis.autointerp.run import AutointerpResult, Plan, explain_latents
-from saekit.analysis.autointerp.scoring import classification_scores
-from saekit.analysis.autointerp.selection import LatentSelection, parse_latents
+from saekit.autointerp.config import PROMPT_VERSION, AutointerpConfig
+from saekit.autointerp.contexts import Context, ContextSplit, split_contexts
+from saekit.autointerp.negatives import NegativePool, negative_pool
+from saekit.autointerp.pipeline import autointerp
+from saekit.autointerp.prompts import TokenText, mapping_decoder
+from saekit.autointerp.run import AutointerpResult, Plan, explain_latents
+from saekit.autointerp.scoring import classification_scores
+from saekit.autointerp.selection import LatentSelection, parse_latents
 
 __all__ = [
     "PROMPT_VERSION",

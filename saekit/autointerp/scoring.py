@@ -21,9 +21,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from saekit.analysis.autointerp.config import AutointerpConfig
-from saekit.analysis.autointerp.contexts import Context
-from saekit.analysis.autointerp.prompts import Decoder, marked_text
+from saekit.autointerp.config import AutointerpConfig
+from saekit.autointerp.contexts import Context
+from saekit.autointerp.prompts import Decoder, marked_text
 
 SCORERS = ("detection", "fuzzing")
 

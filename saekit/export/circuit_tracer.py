@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from saekit.io.export.folder import check_export_folder, staged_folder
+from saekit.export.folder import check_export_folder, staged_folder
 from saekit.progress import bar
 from saekit.saes.base import SAE
 from saekit.saes.clt import CrossLayerTranscoder
@@ -226,7 +226,7 @@ def clt_file(kind: str, layer: int) -> str:
 def _clt_in_block_hooks(clt: CrossLayerTranscoder, where: str) -> tuple[str, str]:
     """The in-block hook names every layer of the CLT shares (circuit-tracer has one pair),
     checking that layer n reads and writes block n."""
-    from saekit.training.multisite import clt_hooks
+    from saekit.saes.clt import clt_hooks
 
     pairs = set()
     for layer, (hook_in, hook_out) in enumerate(zip(*clt_hooks(clt), strict=True)):

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from saekit.analysis.explanations import Explanation, read_explanations
 from saekit.analysis.stats import FeatureStats
-from saekit.io.export.folder import check_export_folder, staged_folder
-from saekit.io.export.neuronpedia_features import (
+from saekit.export.folder import check_export_folder, staged_folder
+from saekit.export.neuronpedia_features import (
     DIGITS,
     LogitTables,
     TokenText,

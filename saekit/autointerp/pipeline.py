@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saekit.analysis.autointerp.config import AutointerpConfig
-from saekit.analysis.autointerp.negatives import NEGATIVES_FILE, NegativePool, negative_pool
-from saekit.analysis.autointerp.prompts import TokenText
-from saekit.analysis.autointerp.run import AutointerpResult, explain_latents
-from saekit.analysis.autointerp.selection import LatentSelection, parse_latents
 from saekit.analysis.stats import FeatureStats
+from saekit.autointerp.config import AutointerpConfig
+from saekit.autointerp.negatives import NEGATIVES_FILE, NegativePool, negative_pool
+from saekit.autointerp.prompts import TokenText
+from saekit.autointerp.run import AutointerpResult, explain_latents
+from saekit.autointerp.selection import LatentSelection, parse_latents
 from saekit.saes.base import SAE
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ def autointerp(
     those in `out`, else they are gathered over `n_tokens` tokens. With `dry_run` nothing is
     sent or written; `result.plan` says what would be.
     """
-    from saekit.analysis.autointerp.clients import make_client
     from saekit.analysis.collect import feature_statistics
+    from saekit.autointerp.clients import make_client
     from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
     from saekit.models.positions import check_context_size
     from saekit.preflight import check_out_folder
