@@ -13,7 +13,7 @@ from saekit.saes import (
     register_architecture,
 )
 from saekit.training import TrainConfig
-from saekit.training.run import train
+from saekit.training.entry import train
 
 __version__ = "0.1.0"
 

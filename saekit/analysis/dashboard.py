@@ -32,8 +32,14 @@ from typing import Any
 import numpy as np
 
 from saekit.analysis.explanations import Explanation
-from saekit.analysis.stats import SHARD_SIZE, FeatureStats
-from saekit.analysis.stats_files import pack_arrays, uint_code, write_script, write_stats
+from saekit.analysis.stats_files import (
+    SHARD_SIZE,
+    FeatureStats,
+    pack_arrays,
+    uint_code,
+    write_script,
+    write_stats,
+)
 
 ASSET_FILES = ("index.html", "latent.html", "style.css", "common.js", "index.js", "latent.js")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

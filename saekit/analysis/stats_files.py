@@ -1,4 +1,5 @@
-"""The files of `FeatureStats.save`: compact script files that Python and a browser both read.
+"""The per-latent statistics record (`FeatureStats`) and its files: compact script files that
+Python and a browser both read.
 
 A page opened from file:// may not fetch() files, but it may run `<script src>` files; so each
 data file is one JavaScript call, `window.NAME({...});`, whose argument is JSON. Arrays travel
@@ -33,17 +34,15 @@ import json
 import math
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from saekit.progress import bar
-
-if TYPE_CHECKING:
-    from saekit.analysis.stats import FeatureStats
 
 FORMAT = "saekit-feature-stats"
 VERSION = 2
@@ -58,6 +57,119 @@ DTYPES = {
     "f2": np.dtype("<f2"), "f4": np.dtype("<f4"), "f8": np.dtype("<f8"),
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+
+#: Latents per data file: one file is what a dashboard page loads for one latent.
+SHARD_SIZE = 128
+
+
+@dataclass
+class Examples:
+    """Kept examples per latent: [d_sae, k] scores and [d_sae, k, window] contexts."""
+
+    keys: Tensor
+    """What the examples are ranked by: activation (top) or a random key (sample); -1 empty."""
+    values: Tensor
+    """The latent's activation at the example's token [d_sae, k]."""
+    tokens: Tensor
+    """Token ids of the context window [d_sae, k, window]; -1 beyond the sequence."""
+    acts: Tensor
+    """The latent's activation at each token of the window [d_sae, k, window]."""
+
+
+@dataclass
+class FeatureStats:
+    """What `feature_statistics` returns; see the module docstring for the meaning."""
+
+    n_tokens: int
+    """Tokens seen (special tokens excluded)."""
+    left: int
+    """Context tokens kept before the example's token (its index in every window)."""
+    fire_count: Tensor
+    """[d_sae] tokens on which each latent fired."""
+    act_sum: Tensor
+    """[d_sae] sum of each latent's activations (float64)."""
+    max_act: Tensor
+    """[d_sae] largest activation seen (0 for latents that never fired)."""
+    top: Examples
+    """The top activating examples, best first."""
+    sample: Examples
+    """A uniform random sample of firing examples."""
+    hist_counts: Tensor
+    """[d_sae, n_bins] activation histogram of firing tokens."""
+    hist_range: Tensor
+    """[d_sae] upper edge R of each histogram (bins are R / n_bins wide); 0 if never fired."""
+    logit_top: tuple[Tensor, Tensor] | None = None
+    """(token ids, values) [d_sae, n] of the most promoted tokens (W_dec @ W_U), or None."""
+    logit_bottom: tuple[Tensor, Tensor] | None = None
+    """(token ids, values) [d_sae, n] of the most suppressed tokens, or None."""
+
+    @property
+    def d_sae(self) -> int:
+        return self.fire_count.shape[0]
+
+    @property
+    def density(self) -> Tensor:
+        """[d_sae] fraction of tokens on which each latent fired."""
+        return self.fire_count.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_act(self) -> Tensor:
+        """[d_sae] mean activation when firing (0 for latents that never fired)."""
+        return self.act_sum / self.fire_count.clamp_min(1).double()
+
+    def top_examples(self, latent: int) -> list[tuple[float, list[int], list[float]]]:
+        """(activation, window tokens, window activations) of the top examples, best first."""
+        return examples_of(self.top, latent)
+
+    def quantile_samples(
+        self, latent: int, n_bands: int = 4, per_band: int = 5
+    ) -> list[list[tuple[float, list[int], list[float]]]]:
+        """The random sample split into `n_bands` bands by activation quantile (lowest first),
+        up to `per_band` examples each, highest in band first."""
+        examples = sorted(examples_of(self.sample, latent), key=lambda e: e[0])
+        if not examples:
+            return []
+        bands = []
+        for b in range(n_bands):
+            lo, hi = len(examples) * b // n_bands, len(examples) * (b + 1) // n_bands
+            band = examples[lo:hi]
+            # Evenly spaced picks so a band shows its whole range, not just its top.
+            step = max(1, len(band) // per_band)
+            bands.append(list(reversed(band[::step][:per_band])))
+        return bands
+
+    def save(
+        self, folder: str | Path, *, shard_size: int = SHARD_SIZE, progress: bool | None = False
+    ) -> Path:
+        """Write the statistics under `folder` as script files a browser can load from
+        file:// (the dashboard site reads these very files; see `saekit.analysis.stats_files`
+        for the layout). Returns `folder`. Read them back with `FeatureStats.load`.
+
+        Activations are kept as float16 relative to each latent's largest kept activation
+        (about 3 significant digits); counts, sums, maxima and token ids are exact. The
+        ranking keys are not kept: a loaded top example's key is its activation and a loaded
+        random sample's keys are descending ranks, so the kept examples and their order come
+        back, but a loaded reservoir cannot be merged with further data.
+        """
+        write_stats(self, folder, shard_size=shard_size, progress=progress)
+        return Path(folder)
+
+    @staticmethod
+    def load(folder: str | Path) -> FeatureStats:
+        """Statistics written by `save`, or by the older format (`feature_stats.safetensors`
+        + `feature_stats.json`), which is still read."""
+        return read_stats(folder)
+
+
+def examples_of(ex: Examples, latent: int) -> list[tuple[float, list[int], list[float]]]:
+    keep = ex.keys[latent] >= 0
+    keep &= ex.values[latent] > 0
+    return [
+        (float(ex.values[latent, j]), ex.tokens[latent, j].tolist(), ex.acts[latent, j].tolist())
+        for j in keep.nonzero().flatten().tolist()
+    ]
 
 
 def write_script(path: Path, name: str, payload: Any) -> None:
@@ -223,8 +335,6 @@ def read_stats(folder: str | Path) -> FeatureStats:
 
 
 def _read_scripts(folder: Path) -> FeatureStats:
-    from saekit.analysis.stats import Examples, FeatureStats
-
     header = read_script(folder / HEADER_FILE, "SAEKIT_STATS")
     if header.get("format") != FORMAT or not isinstance(header.get("version"), int):
         raise ValueError(f"{folder / HEADER_FILE} is not a feature statistics header")
@@ -293,8 +403,6 @@ def _read_old(folder: Path) -> FeatureStats:
     from dataclasses import fields
 
     from safetensors.torch import load_file
-
-    from saekit.analysis.stats import Examples, FeatureStats
 
     t = load_file(str(folder / OLD_TENSORS))
     info = json.loads((folder / OLD_INFO).read_text())

@@ -150,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     from saekit.training import TrainingDiverged
-    from saekit.training.run import train
+    from saekit.training.entry import train
 
     cfg = config_from_args(args)
     if not cfg.run.progress:  # --no-progress after `train`, or progress: false in --config

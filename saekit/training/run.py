@@ -28,7 +28,6 @@ from saekit.io.native import remove_partial_writes
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
 from saekit.preflight import check_train_dtype
-from saekit.progress import progress_off
 from saekit.saes import SAE, architecture_class
 from saekit.sites import SAESite
 from saekit.training.activations import (
@@ -50,7 +49,6 @@ from saekit.training.config import (
 from saekit.training.distributed import (
     DistEnv,
     Parallelism,
-    destroy_process_group,
     init_process_group,
     local_device,
     make_parallelism,
@@ -99,52 +97,6 @@ class TrainOutcome:
     """The held-out text of the final evaluation (None when eval_tokens is 0)."""
     is_main: bool = True
     """False on every torchrun rank but 0, which alone writes results and reports."""
-
-
-def train(
-    config: TrainConfig | dict[str, Any] | str | Path | None = None,
-    model: Any = None,
-    dataset: Any = None,
-    *,
-    given: Iterable[str] | None = None,
-) -> TrainOutcome:
-    """Train an SAE as `config` says and write the run folder.
-
-    Args:
-        config: a TrainConfig, a dict of sections, a YAML/JSON file, or None for the demo.
-        model: an in-memory model (HookedTransformer, TransformerBridge, Hugging Face model or
-            backend) used instead of `config.data.model`.
-        dataset: a `datasets` Dataset, a list of texts or an iterable of token tensors used
-            instead of `config.data.dataset`.
-        given: with `run.resume`, the settings the caller set ("training.tokens"); those
-            that differ from the saved run are applied when they can change mid-run and
-            refused otherwise (`resumed_config`). None: every setting not at its default.
-    """
-    cfg = _as_config(config)
-    env = DistEnv.from_env()
-    started_group = env.distributed and not torch.distributed.is_initialized()
-    try:
-        # run.progress covers every bar of the run (norm estimate, evaluation), on rank 0 only.
-        with progress_off(not (cfg.run.progress and env.is_main)):
-            if _trains_many(cfg):
-                from saekit.training.many import train_many
-
-                return train_many(cfg, model, dataset, env, given)  # type: ignore[return-value]
-            return _train(cfg, model, dataset, env, given)
-    finally:
-        if started_group:
-            destroy_process_group()
-
-
-def _trains_many(cfg: TrainConfig) -> bool:
-    """Whether the run (or, resuming, the saved run) trains several SAEs."""
-    if cfg.many:
-        return True
-    if cfg.run.resume is not None:
-        saved = Path(cfg.run.resume) / RUN_CONFIG_FILE
-        if saved.is_file():
-            return TrainConfig.load(saved).many
-    return False
 
 
 def _train(

@@ -93,9 +93,9 @@ def test_random_sample_is_uniform_over_firing_examples() -> None:
 
 
 def _sample(stats: FeatureStats):
-    from saekit.analysis.stats import _examples
+    from saekit.analysis.stats_files import examples_of
 
-    return _examples(stats.sample, 0)
+    return examples_of(stats.sample, 0)
 
 
 def test_quantile_bands_are_ordered_and_bounded() -> None:
