@@ -259,8 +259,9 @@ class TrainingSection:
     (figures: benchmarks/README.md)."""
     lift_quiet_latents: bool | None = None
     """Lower the firing points (raise the biases) of quiet latents, keeping their directions,
-    until each fires on lift_share of an average latent's share of the batch. None: as the
-    architecture declares (SAE.dead_latent_remedy; figures: benchmarks/README.md)."""
+    until each fires on lift_share of an average latent's share of the batch; never after
+    the last step, so the saved SAE is the one training made. None: as the architecture
+    declares (SAE.dead_latent_remedy; figures: benchmarks/README.md)."""
     lift_share: float = 0.125
     """Quiet latents are lifted to fire on this share of the average latent's rate."""
     resample_dead_latents: bool | None = None
