@@ -195,13 +195,7 @@ class CrossLayerTranscoder(SAE):
 
     def prepare_input(self, x: Tensor) -> Tensor:
         """Cast [..., n_layers, d_in] to the CLT's dtype, checking its shape."""
-        if x.ndim < 2 or x.shape[-2] != self.n_layers or x.shape[-1] != self.cfg.d_in:
-            raise ValueError(
-                f"a CLT over {self.n_layers} layers of width {self.cfg.d_in} takes inputs "
-                f"[..., {self.n_layers}, {self.cfg.d_in}] (one row per layer), got "
-                f"{tuple(x.shape)}"
-            )
-        return x.to(self.dtype)
+        return stacked_input(x, self.n_layers, self.cfg.d_in, "a CLT", "layer").to(self.dtype)
 
     def restore_output(self, recon: Tensor) -> Tensor:
         return recon
@@ -624,3 +618,14 @@ def record_hooks(clt: CrossLayerTranscoder, hooks_in: list[str], hooks_out: list
     """Write the per-layer hooks into the CLT's metadata (saved with it in cfg.json)."""
     clt.cfg.metadata.extra[HOOKS_IN_KEY] = list(hooks_in)
     clt.cfg.metadata.extra[HOOKS_OUT_KEY] = list(hooks_out)
+
+
+def stacked_input(x: Tensor, n: int, d_in: int, what: str, row: str) -> Tensor:
+    """`x` itself, once checked to be [..., n, d_in]: one row per `row` (layer, site) of a
+    multi-site SAE (`what`, e.g. "a CLT")."""
+    if x.ndim < 2 or x.shape[-2] != n or x.shape[-1] != d_in:
+        raise ValueError(
+            f"{what} over {n} {row}s of width {d_in} takes inputs [..., {n}, {d_in}] (one row "
+            f"per {row}), got {tuple(x.shape)}"
+        )
+    return x

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from saekit.config import SAEConfig
 from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, TrainingOutput, firing_points
-from saekit.saes.clt import HOOKS_IN_KEY, stacked_squared_error
+from saekit.saes.clt import HOOKS_IN_KEY, stacked_input, stacked_squared_error
 from saekit.saes.registry import register_architecture
 from saekit.saes.topk import THRESHOLD_EMA_RATE, keep_top_k
 
@@ -154,13 +154,8 @@ class Crosscoder(SAE):
 
     def prepare_input(self, x: Tensor) -> Tensor:
         """Cast [..., n_sites, d_in] to the crosscoder's dtype, checking its shape."""
-        if x.ndim < 2 or x.shape[-2] != self.n_sites or x.shape[-1] != self.cfg.d_in:
-            raise ValueError(
-                f"a crosscoder over {self.n_sites} sites of width {self.cfg.d_in} takes inputs "
-                f"[..., {self.n_sites}, {self.cfg.d_in}] (one row per site), got "
-                f"{tuple(x.shape)}"
-            )
-        return x.to(self.dtype)
+        checked = stacked_input(x, self.n_sites, self.cfg.d_in, "a crosscoder", "site")
+        return checked.to(self.dtype)
 
     def restore_output(self, recon: Tensor) -> Tensor:
         return recon
