@@ -63,7 +63,13 @@ OUT_OF_RANGE: dict[str, object] = {
     "run.checkpoint_every": 0,
     "run.keep_checkpoints": 0,
     "run.log_every": 0,
+    "run.seeds": [-1],
+    "run.eval_every": 0,
+    "run.eval_every_tokens": 0,
 }
+
+#: Settings that hold a list of whole numbers (each checked, the list itself not a number).
+LIST_SETTINGS = {"sae.matryoshka_widths", "run.seeds"}
 
 
 def numeric_fields() -> dict[str, type]:
@@ -106,7 +112,7 @@ def test_nan_and_infinity_are_refused_for_every_float_setting(name: str, value: 
 
 
 @pytest.mark.parametrize(
-    "name", sorted(n for n, k in numeric_fields().items() if k is int and "widths" not in n)
+    "name", sorted(n for n, k in numeric_fields().items() if k is int and n not in LIST_SETTINGS)
 )
 def test_whole_number_settings_refuse_fractions_nan_and_bools(name: str) -> None:
     section, key = name.split(".")

@@ -16,7 +16,7 @@ from cli_world import write_corpus
 
 from saekit import SAE, TrainConfig
 from saekit.cli import build_parser, main
-from saekit.commands.train import read_train_file
+from saekit.commands.train import config_from_args, read_train_file
 from saekit.models.tiny import tiny_gpt2, tiny_tokenizer
 from saekit.training.config import TrainingSection
 from saekit.training.saelens_config import (
@@ -280,4 +280,6 @@ def test_saelens_flag_names_reach_their_settings() -> None:
     assert vars(args)["training.tokens"] == "1024"
     assert vars(args)["training.batch_size"] == "256"
     assert vars(args)["training.sparsity_coefficient"] == "2"
-    assert vars(args)["data.hook_name"] == HOOK
+    # --hook-name takes several names; one stays one hook in the config.
+    assert vars(args)["data.hook_name"] == [HOOK]
+    assert config_from_args(args).data.hook_name == HOOK

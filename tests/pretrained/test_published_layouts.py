@@ -71,7 +71,9 @@ def test_every_new_layout_has_a_fixture_and_a_test() -> None:
         "native", "gemma_scope", "gemma_scope_transcoder", "gemma_scope_2", "llama_scope",
         "llama_scope_r1_distill", "dictionary_learning", "sparsify",
     }
-    assert set(LAYOUTS) == tested | older
+    # Whole cross-layer transcoders: tests/test_clt_circuit_tracer.py writes their folders.
+    clts = {"mntss_clt", "gemma_scope_2_clt"}
+    assert set(LAYOUTS) == tested | older | clts
     for layout in tested:
         assert (FIXTURES / layout / "case.json").is_file(), layout
 
