@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from saekit.config import DTYPES
 from saekit.saes import DEFAULT_ARCHITECTURE
@@ -517,6 +517,10 @@ EXTRA_KEYS = ("sweep", "saes")
 @dataclass
 class TrainConfig:
     """A whole training run. Build with `TrainConfig.from_dict` to get every problem at once."""
+
+    #: The sections by name, and other names of settings (read by the sweep planner).
+    sections: ClassVar[dict[str, type]] = SECTIONS
+    setting_aliases: ClassVar[dict[str, tuple[str, ...]]] = SETTING_ALIASES
 
     sae: SAESection = field(default_factory=SAESection)
     data: DataSection = field(default_factory=DataSection)

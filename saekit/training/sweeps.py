@@ -18,12 +18,29 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 from saekit.training.fields import coerce, suggest
 
-if TYPE_CHECKING:
-    from saekit.training.config import TrainConfig
+
+class SweptConfig(Protocol):
+    """What the planner reads of a `saekit.training.config.TrainConfig` (that module checks
+    sweeps with this one, so this one names the config by what it uses)."""
+
+    sections: ClassVar[dict[str, type]]
+    setting_aliases: ClassVar[dict[str, tuple[str, ...]]]
+    sae: Any
+    data: Any
+    training: Any
+    run: Any
+    sweep: dict[str, list[Any]]
+    saes: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweptConfig: ...
+
 
 #: Characters that make a hook name a glob pattern (fnmatch's).
 GLOB_CHARS = "*?["
@@ -52,7 +69,7 @@ def is_pattern(name: str) -> bool:
     return any(c in name for c in GLOB_CHARS)
 
 
-def is_many(cfg: TrainConfig) -> bool:
+def is_many(cfg: SweptConfig) -> bool:
     """Whether `cfg` trains several SAEs: several hook names or a pattern, layers, seeds, a
     sweep or a saes list (even when they come to one SAE, the run has the layout of many)."""
     hook = cfg.data.hook_name
@@ -218,17 +235,18 @@ def read_saes(value: Any) -> list[dict[str, Any]]:
     return [dict(e) for e in value]
 
 
-def field_setting(key: str) -> str:
+def field_setting(key: str, config_type: type[SweptConfig]) -> str:
     """The setting ("sae.k") a swept or overridden field names ("k" or "sae.k"); a
-    ValueError for other sections' fields, unknown names and shared settings."""
-    from saekit.training.config import SECTIONS, SETTING_ALIASES
-
+    ValueError for other sections' fields, unknown names and shared settings.
+    `config_type` (TrainConfig) names the sections and the settings' other names."""
+    sections = config_type.sections
     section, _, name = key.rpartition(".")
     names = {
-        s: [f.name for f in dataclasses.fields(SECTIONS[s])] for s in SWEPT_SECTIONS
+        s: [f.name for f in dataclasses.fields(sections[s])] for s in SWEPT_SECTIONS
     }
     aliases = {
-        alias: setting for setting, found in SETTING_ALIASES.items() for alias in found
+        alias: setting
+        for setting, found in config_type.setting_aliases.items() for alias in found
         if setting.split(".")[0] in SWEPT_SECTIONS
     }
     if name in aliases and (not section or aliases[name].startswith(section + ".")):
@@ -253,20 +271,19 @@ def field_setting(key: str) -> str:
     return setting
 
 
-def _typed(setting: str, value: Any) -> Any:
-    from saekit.training.config import SECTIONS
-
+def _hint(setting: str, config_type: type[SweptConfig]) -> Any:
     section, name = setting.split(".")
-    hint = typing.get_type_hints(SECTIONS[section])[name]
-    return coerce(value, hint)
+    return typing.get_type_hints(config_type.sections[section])[name]
 
 
-def _type_of(setting: str) -> str:
-    from saekit.training.config import SECTIONS
+def _typed(setting: str, value: Any, config_type: type[SweptConfig]) -> Any:
+    return coerce(value, _hint(setting, config_type))
+
+
+def _type_of(setting: str, config_type: type[SweptConfig]) -> str:
     from saekit.training.fields import _type_name
 
-    section, name = setting.split(".")
-    return _type_name(typing.get_type_hints(SECTIONS[section])[name])
+    return _type_name(_hint(setting, config_type))
 
 
 @dataclass(frozen=True)
@@ -285,20 +302,21 @@ class Variant:
     """A saes entry's own name (then the label is not used)."""
 
 
-def variants(cfg: TrainConfig) -> tuple[list[Variant], list[str]]:
+def variants(cfg: SweptConfig) -> tuple[list[Variant], list[str]]:
     """Every (saes entry x swept combination x seed), and the problems found reading them."""
     problems: list[str] = []
     sweep: list[tuple[str, list[Any]]] = []
     for key, values in cfg.sweep.items():
         try:
-            setting = field_setting(key)
+            setting = field_setting(key, type(cfg))
         except ValueError as err:
             problems.append(f"sweep: {err}")
             continue
         try:
-            typed = [_typed(setting, v) for v in values]
+            typed = [_typed(setting, v, type(cfg)) for v in values]
         except (TypeError, ValueError):
-            problems.append(f"sweep: {key}: cannot read {values!r} as {_type_of(setting)}")
+            kind = _type_of(setting, type(cfg))
+            problems.append(f"sweep: {key}: cannot read {values!r} as {kind}")
             continue
         if len({repr(v) for v in typed}) != len(typed):
             problems.append(f"sweep: {key} repeats a value in {values!r}")
@@ -313,14 +331,15 @@ def variants(cfg: TrainConfig) -> tuple[list[Variant], list[str]]:
                 extras[key] = value
                 continue
             try:
-                setting = field_setting(key)
+                setting = field_setting(key, type(cfg))
             except ValueError as err:
                 problems.append(f"saes[{i}]: {err}")
                 continue
             try:
-                settings[setting] = _typed(setting, value)
+                settings[setting] = _typed(setting, value, type(cfg))
             except (TypeError, ValueError):
-                problems.append(f"saes[{i}]: {key}: cannot read {value!r} as {_type_of(setting)}")
+                kind = _type_of(setting, type(cfg))
+                problems.append(f"saes[{i}]: {key}: cannot read {value!r} as {kind}")
         clash = sorted(set(settings) & {s for s, _ in sweep})
         if clash:
             problems.append(f"saes[{i}] sets {', '.join(clash)}, which the sweep varies")
@@ -394,12 +413,10 @@ def sae_name(hook: str, variant: Variant) -> str:
 
 
 def variant_config(
-    cfg: TrainConfig, variant: Variant, hook: str | None, out: str
-) -> TrainConfig:
+    cfg: SweptConfig, variant: Variant, hook: str | None, out: str
+) -> SweptConfig:
     """The one-SAE config of `variant` at `hook` (None: the run's default hook), written to
     `out`: what `saekit train --config` would train alone."""
-    from saekit.training.config import TrainConfig
-
     data = cfg.to_dict()
     data.pop("sweep", None)
     data.pop("saes", None)
@@ -414,10 +431,10 @@ def variant_config(
     for setting, value in variant.settings.items():
         section, name = setting.split(".")
         data[section][name] = value
-    return TrainConfig.from_dict(data)
+    return type(cfg).from_dict(data)
 
 
-def variant_problems(cfg: TrainConfig) -> list[str]:
+def variant_problems(cfg: SweptConfig) -> list[str]:
     """Every problem of the sweep and saes entries, and of each SAE's config, found before
     any model loads (hooks are checked once the model is there)."""
     from saekit.training.fields import ConfigError
@@ -440,14 +457,14 @@ class SAEPlan:
 
     name: str
     hook: str
-    config: TrainConfig
+    config: SweptConfig
     settings: dict[str, Any]
     """What was swept or overridden for it ("sae.k": 32), for the summary."""
     seed: int
 
 
 def plan_saes(
-    cfg: TrainConfig, names: Sequence[str], default_hook: str | None, model_desc: str
+    cfg: SweptConfig, names: Sequence[str], default_hook: str | None, model_desc: str
 ) -> list[SAEPlan]:
     """Every SAE of the run, in order (hooks in layer order, then swept values, then
     seeds), with unique, safe names; a ValueError for anything wrong."""
