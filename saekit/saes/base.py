@@ -569,10 +569,10 @@ class SAE(nn.Module):
         """Lower the firing points of `latents` (never raise them) so that each fires on at
         least `rate` of the batch `centred` [batch, d_in]; directions stay as they are."""
         centred = centred.to(self.dtype)
-        products = centred @ self.W_enc.index_select(1, latents)  # [batch, n]
+        products = self.latent_products(centred, latents)  # [batch, n]
         bar = self.competition_bar(centred)
-        if bar is not None:  # firing also takes beating the token's bar
-            products = products - bar
+        if bar is not None:  # firing also takes beating the token's bar (or the latent's)
+            products = products - (bar if bar.shape[1] == 1 else bar.index_select(1, latents))
         lowered = torch.minimum(self.firing_point(latents), firing_points(products, rate))
         self.set_firing_point(latents, lowered)
 
@@ -586,6 +586,10 @@ class SAE(nn.Module):
         """x~ . W_enc[:, i] for every latent [batch, latent_groups * d_sae]: what a latent's
         firing point is compared with, for a batch of encoder inputs."""
         return centred.to(self.dtype) @ self.W_enc
+
+    def latent_products(self, centred: Tensor, latents: Tensor) -> Tensor:
+        """`encoder_products` of `latents` only [batch, n] (one matmul of their columns)."""
+        return centred.to(self.dtype) @ self.W_enc.index_select(1, latents)
 
     def competition_bar(self, centred: Tensor) -> Tensor | None:
         """For architectures where latents compete (top-k), what a latent's pre-activation

@@ -453,16 +453,8 @@ class CrossLayerTranscoder(SAE):
         # [batch, n_layers * d_sae]: each latent's bar is its layer's
         return bar.repeat_interleave(self.cfg.d_sae, dim=1)
 
-    @torch.no_grad()
-    def lift_latents(self, latents: Tensor, centred: Tensor, rate: float) -> None:
-        from saekit.saes.base import firing_points
-
-        products = self.encoder_products(centred).index_select(1, latents)  # [batch, n]
-        bar = self.competition_bar(centred)
-        if bar is not None:
-            products = products - bar.index_select(1, latents)
-        lowered = torch.minimum(self.firing_point(latents), firing_points(products, rate))
-        self.set_firing_point(latents, lowered)
+    def latent_products(self, centred: Tensor, latents: Tensor) -> Tensor:
+        return self.encoder_products(centred).index_select(1, latents)
 
     def resample_latents(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(

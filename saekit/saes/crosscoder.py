@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig
-from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, TrainingOutput, firing_points
+from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, TrainingOutput
 from saekit.saes.clt import HOOKS_IN_KEY, stacked_input, stacked_squared_error
 from saekit.saes.registry import register_architecture
 from saekit.saes.topk import THRESHOLD_EMA_RATE, keep_top_k
@@ -304,14 +304,8 @@ class Crosscoder(SAE):
         bar = scores.flatten().topk(keep, sorted=False).values.min()
         return bar.expand(scores.shape[0], 1)
 
-    @torch.no_grad()
-    def lift_latents(self, latents: Tensor, centred: Tensor, rate: float) -> None:
-        products = self.encoder_products(centred).index_select(1, latents)  # [batch, n]
-        bar = self.competition_bar(centred)
-        if bar is not None:
-            products = products - bar
-        lowered = torch.minimum(self.firing_point(latents), firing_points(products, rate))
-        self.set_firing_point(latents, lowered)
+    def latent_products(self, centred: Tensor, latents: Tensor) -> Tensor:
+        return self.encoder_products(centred).index_select(1, latents)
 
     def resample_latents(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
