@@ -81,12 +81,18 @@ class SAESection:
             "matryoshka_widths": POSITIVE,
         }
         out = field_problems(self, bounds)
-        from saekit.saes import list_architectures
+        from saekit.saes import architecture_class, list_architectures
 
         if isinstance(self.architecture, str) and not self.known:
             out.append(
                 f"architecture {self.architecture!r} is not known; use one of "
                 f"{', '.join(list_architectures())}"
+            )
+        if self.known and architecture_class(self.architecture).multi_site:
+            out.append(
+                f"architecture {self.architecture!r} reads several sites at once, which "
+                "`saekit train` does not train yet; train it from Python with "
+                "saekit.training.multisite.train_clt or train_crosscoder (docs/crosslayer.md)"
             )
         if self.k is not None and self.known and not self.sets_k:
             out.append(

@@ -276,3 +276,16 @@ def test_batchtopk_crosscoder_trains_on_planted_features() -> None:
     x = next(planted_batches(dirs, 512, seed=7))
     l0 = float((cc.encode(x) > 0).sum(dim=1).float().mean())
     assert 0.5 < l0 < 4, l0
+
+
+@pytest.mark.parametrize("architecture", ["clt", "crosscoder"])
+def test_saekit_train_refuses_multi_site_architectures_before_any_work(
+    architecture: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saekit.cli import main
+
+    assert main(["train", "--architecture", architecture, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saekit: error:") and "reads several sites at once" in err
+    assert "train_crosscoder" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
