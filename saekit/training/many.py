@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import math
-import shutil
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,7 +50,6 @@ from saekit.training.periodic_eval import LockedSource
 from saekit.training.run import (
     METRICS_FILE,
     NORM_ESTIMATE_BATCHES,
-    RUN_STATE_FILE,
     TrainOutcome,
     _build_sae,
     _check_target_l0,
@@ -62,13 +60,13 @@ from saekit.training.run import (
     _prepare_run_dir,
     _read_run_state,
     _seed_everything,
-    _start_run_dir,
     _wandb_sinks,
+    fit_in_run_dir,
     periodic_evaluator,
 )
 from saekit.training.runlog import LOG_FILE, read_log
 from saekit.training.sweeps import SAEPlan, plan_saes
-from saekit.training.trainer import SAEJob, Trainer
+from saekit.training.trainer import SAEJob
 
 log = logging.getLogger(__name__)
 
@@ -206,31 +204,10 @@ def train_many(
         Prefetcher(stream, depth=PREFETCH_DEPTH, device=device)
         if prefetches(cfg, device) else stream
     )
-    trainer = Trainer(
-        jobs, source, run_dir,
-        checkpoint_every=cfg.run.checkpoint_every or max(cfg.training.tokens // 10, 1),
-        keep_checkpoints=cfg.run.keep_checkpoints,
-        log_every=cfg.run.log_every,
-        progress=cfg.run.progress,
-        log_sinks=sinks,
-        parallel=parallel,
-        periodic_eval=periodic,
+    result = fit_in_run_dir(
+        cfg, jobs, source, run_dir, resume=resume, is_main=env.is_main, run_state=run_state,
+        sinks=sinks, finish=finish_wandb, parallel=parallel, periodic=periodic,
     )
-    created = False
-    try:
-        if not resume and env.is_main:
-            created = _start_run_dir(run_dir, replace=cfg.run.resume is None)
-            cfg.save(run_dir / RUN_CONFIG_FILE)
-            (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
-        result = trainer.fit(resume=resume)
-    except BaseException:
-        if created and latest_checkpoint(run_dir) is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        finish_wandb()
-        if isinstance(source, Prefetcher):
-            source.close()
     common = dict(backend=backend, heldout=heldout, is_main=env.is_main)
     runs = {
         plan.name: TrainOutcome(

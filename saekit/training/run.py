@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from saekit.training.init_from import (
     training_start,
 )
 from saekit.training.periodic_eval import LockedSource, PeriodicEval, heldout_sample
-from saekit.training.trainer import SAEJob, Trainer
+from saekit.training.trainer import FitResult, SAEJob, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -193,35 +193,10 @@ def _train(
     store = activations.store if periodic is None else LockedSource(activations.store, lock)
     overlap = prefetches(cfg, device)
     source = Prefetcher(store, depth=PREFETCH_DEPTH, device=device) if overlap else store
-    trainer = Trainer(
-        job,
-        source,
-        run_dir,
-        checkpoint_every=cfg.run.checkpoint_every or max(cfg.training.tokens // 10, 1),
-        keep_checkpoints=cfg.run.keep_checkpoints,
-        log_every=cfg.run.log_every,
-        progress=cfg.run.progress,
-        log_sinks=sinks,
-        parallel=parallel,
-        periodic_eval=periodic,
+    result = fit_in_run_dir(
+        cfg, job, source, run_dir, resume=resume, is_main=env.is_main, run_state=run_state,
+        sinks=sinks, finish=finish_wandb, parallel=parallel, periodic=periodic,
     )
-    created = False
-    try:
-        if not resume and env.is_main:
-            # A resumed run that had no checkpoint starts again in its own folder.
-            created = _start_run_dir(run_dir, replace=cfg.run.resume is None)
-            cfg.save(run_dir / RUN_CONFIG_FILE)
-            (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
-        result = trainer.fit(resume=resume)
-    except BaseException:
-        if created and latest_checkpoint(run_dir) is None:
-            # A start that failed before its first checkpoint leaves no folder behind.
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        finish_wandb()
-        if isinstance(source, Prefetcher):
-            source.close()
     trained = result.saes["sae"]
     outcome = dict(config=cfg, backend=backend, heldout=heldout, is_main=env.is_main)
     if result.interrupted is not None:
@@ -578,3 +553,50 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     from saekit.evals.metrics import json_safe
 
     return json_safe(metrics)
+
+
+def fit_in_run_dir(
+    cfg: TrainConfig,
+    jobs: SAEJob | list[SAEJob],
+    source: Any,
+    run_dir: Path,
+    *,
+    resume: bool,
+    is_main: bool,
+    run_state: dict[str, Any],
+    sinks: Any,
+    finish: Callable[[], None],
+    parallel: Any,
+    periodic: Any,
+) -> FitResult:
+    """Train `jobs` on `source` with checkpoints in `run_dir`. A fresh run's folder, config
+    and state are written first; a start that fails before its first checkpoint leaves no
+    folder behind; `finish` (W&B) and a prefetching source are closed however it ends."""
+    trainer = Trainer(
+        jobs,
+        source,
+        run_dir,
+        checkpoint_every=cfg.run.checkpoint_every or max(cfg.training.tokens // 10, 1),
+        keep_checkpoints=cfg.run.keep_checkpoints,
+        log_every=cfg.run.log_every,
+        progress=cfg.run.progress,
+        log_sinks=sinks,
+        parallel=parallel,
+        periodic_eval=periodic,
+    )
+    created = False
+    try:
+        if not resume and is_main:
+            # A resumed run that had no checkpoint starts again in its own folder.
+            created = _start_run_dir(run_dir, replace=cfg.run.resume is None)
+            cfg.save(run_dir / RUN_CONFIG_FILE)
+            (run_dir / RUN_STATE_FILE).write_text(json.dumps(run_state, indent=2) + "\n")
+        return trainer.fit(resume=resume)
+    except BaseException:
+        if created and latest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        finish()
+        if isinstance(source, Prefetcher):
+            source.close()
