@@ -179,6 +179,9 @@ class SAEConfig:
     """clt: layers the SAE spans; each has its own encoder and d_sae latents."""
     activation_fn: str | None = None
     """clt: the latents' rule, relu | jumprelu | topk | batchtopk (published as jumprelu)."""
+    skip_connection: bool = False
+    """clt: each layer's output also gets a linear path from that layer's input, x_l @
+    W_skip[l].T (W_skip [n_layers, d_out, d_in]), as affine skip transcoders have."""
     metadata: SAEMetadata = field(default_factory=SAEMetadata)
     """Model, hook and data the SAE belongs to."""
 
@@ -213,6 +216,7 @@ class SAEConfig:
         text("activation_fn", self.activation_fn, optional=True)
         flag("apply_b_dec_to_input", self.apply_b_dec_to_input)
         flag("rescale_acts_by_decoder_norm", self.rescale_acts_by_decoder_norm)
+        flag("skip_connection", self.skip_connection)
         text("normalize_activations", self.normalize_activations)
         text("reshape_activations", self.reshape_activations)
         if self.normalize_activations not in NORMALIZE_MODES:
@@ -264,6 +268,8 @@ class SAEConfig:
                 value = self.metadata.to_dict()
             elif value is None or (f.name == "rescale_acts_by_decoder_norm" and self.k is None):
                 continue
+            elif f.name == "skip_connection" and not value:
+                continue  # the usual case; cfg.json files stay as they were
             out[f.name] = value
         return out
 

@@ -139,7 +139,9 @@ def test_gemma_scope_2_clt_loads_whole(tmp_path: Path) -> None:
     assert clt.cfg.activation_fn == "jumprelu" and clt.cfg.n_layers == N
     x = torch.randn(4, N, D)
     torch.testing.assert_close(clt(x), circuit_tracer_forward(raw, x), rtol=1e-5, atol=1e-5)
+    # Affine CLTs load with their skip connection (tests/pretrained/test_clt_releases.py);
+    # skip weights in a folder not named `_affine` mean the folder and its weights disagree.
     save_file({"affine_skip_connection": torch.zeros(D, D), **load_file(
         folder / "params_layer_0.safetensors")}, str(folder / "params_layer_0.safetensors"))
-    with pytest.raises(ValueError, match="skip connection"):
+    with pytest.raises(ValueError, match="folder and its weights do not match"):
         SAE.from_pretrained(str(folder), layout="gemma_scope_2_clt")

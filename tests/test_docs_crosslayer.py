@@ -23,7 +23,11 @@ def test_docs_crosslayer_code_runs(
     assert "torch.Size([3, 4, 256]) torch.Size([3, 4, 512])" in out
     assert "['W_dec_0', 'W_dec_1', 'W_dec_2', 'W_dec_3']" in out
     assert "blocks.0.ln2.hook_normalized blocks.3.hook_mlp_out" in out
-    assert "True\nTrue\n" in out  # a positive CE score; error terms keep the logits
+    assert "(4, 256, 256) True True" in out  # the skip path starts at zero, adds to decode
+    assert "True\nTrue\n(1, 7, 256)\nTrue\n" in out  # CE score > 0; spliced CLT's logits,
+    # layer 2's latents and the spliced replacement model's logits
     assert "jumprelu blocks.2.ln2.hook_normalized" in out
     assert (tmp_path / "ct_clt" / "W_dec_3.safetensors").is_file()
     assert "['bundled', 'bundled-mlp1x3']" in out  # the crosscoder's two models
+    assert "relative decoder norms of 128 latents (0: bundled only" in out  # the summary
+    assert (tmp_path / "diff_dashboard" / "index.html").is_file()

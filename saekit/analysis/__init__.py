@@ -1,8 +1,9 @@
 """Analysis: SAEs spliced into models, latent edits, steering, attribution, feature statistics
-and dashboards."""
+(with a crosscoder's decoder norms per site) and dashboards."""
 
 from saekit.analysis.attribution import AttributionResult, attribute, logit_diff
 from saekit.analysis.collect import feature_statistics
+from saekit.analysis.crosscoder_norms import CrosscoderNorms
 from saekit.analysis.dashboard import write_dashboard
 from saekit.analysis.interventions import (
     LatentEdit,
@@ -24,6 +25,7 @@ __all__ = [
     "SAE_POINTS",
     "AttributionResult",
     "CacheResult",
+    "CrosscoderNorms",
     "FeatureStats",
     "Generation",
     "HookedSAETransformer",

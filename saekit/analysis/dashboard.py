@@ -4,10 +4,13 @@ Layout of the output folder:
 
     index.html                    every latent: sortable, searchable, shown a page at a time
     latent.html#N                 latent N: explanation, top examples, quantile bands,
-                                  histogram, logit effects
+                                  histogram, logit effects (for a crosscoder: its decoder
+                                  norm at every site and its class)
     assets/                       style.css, common.js, index.js, latent.js
     data/site.js                  SAEKIT_SITE: title, SAE, model, hook, sizes
     data/index.js                 SAEKIT_INDEX: the index's packed per-latent columns
+                                  (a crosscoder's add relative_norm and norm_class, the
+                                  index of each latent's class in site.js's classes)
     data/vocab.js                 SAEKIT_VOCAB: the text of every token id the pages show
     data/explanations/NNNNNN.js   SAEKIT_EXPLANATIONS: one shard's explanations (if any)
     feature_stats.js, feature_stats/NNNNNN.js
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from saekit.analysis.crosscoder_norms import CLASS_ORDER
 from saekit.analysis.explanations import Explanation
 from saekit.analysis.stats_files import (
     SHARD_SIZE,
@@ -68,6 +72,10 @@ def write_dashboard(
     the pages, and their scores become sort orders of the index. `n_bands` x `per_band`
     random examples are shown by activation quantile. `progress` shows a bar of the latents
     written (None: as `saekit.progress` is set).
+
+    Statistics of a crosscoder (`stats.crosscoder`) add each latent's relative decoder norm
+    and class to the index (a filter by class, a sort by relative norm) and its norm at every
+    site to its page.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -106,8 +114,22 @@ def write_dashboard(
         "right": window - 1 - stats.left, "top_k": stats.top.keys.shape[1],
         "shard_size": shard_size, "n_bands": n_bands, "per_band": per_band,
         "score_columns": score_columns, "explained_shards": explained,
+        "crosscoder": _crosscoder_info(stats),
     })
     return out / "index.html"
+
+
+def _crosscoder_info(stats: FeatureStats) -> dict[str, Any] | None:
+    """What the pages need to name a crosscoder's sites and classes (None for other SAEs)."""
+    norms = stats.crosscoder
+    if norms is None:
+        return None
+    labels = norms.class_labels()
+    return {
+        "site_names": list(norms.site_names), "a": norms.a, "b": norms.b, "band": norms.band,
+        "classes": list(CLASS_ORDER), "labels": [labels[c] for c in CLASS_ORDER],
+        "counts": [norms.counts()[c] for c in CLASS_ORDER],
+    }
 
 
 def check_explanations(explanations: Mapping[int, Explanation], d_sae: int) -> None:
@@ -211,6 +233,9 @@ def _index_columns(
         for latent, item in explanations.items():
             values[latent] = item.score(scorer, metric)
         columns.append((f"score:{column}", values))
+    if stats.crosscoder is not None:
+        columns.append(("relative_norm", stats.crosscoder.relative.numpy().astype("<f4")))
+        columns.append(("norm_class", stats.crosscoder.class_codes.numpy().astype("<u1")))
     return columns
 
 

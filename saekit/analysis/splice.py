@@ -17,6 +17,14 @@ the edits made to the reconstruction, so with no edits the model's output is exa
 is without the SAE, while edits to latents still propagate. Transcoders read at their input
 hook and write at their output hook.
 
+A cross-layer transcoder attaches as a whole (`model.attach(clt)`, default name "clt"): it
+replaces every MLP output it covers at once, each layer written from the latents of that
+layer and all earlier ones (`saekit.analysis.replacement`). Its points are named per layer
+by the layer's input hook, as a per-layer transcoder's would be
+(`blocks.1.ln2.hook_normalized.hook_sae_acts_post` holds layer 1's latents), and
+`attached` lists one entry per layer; detaching any of them, or the CLT by name or object,
+detaches the whole CLT.
+
 A hook on a model hook name (`blocks.1.hook_resid_pre`) sees the model's own activation
 before any SAE there reads it; the cache holds that activation too.
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +46,7 @@ from torch import Tensor
 
 from saekit.analysis import text as text_io
 from saekit.analysis.generation import sample
+from saekit.analysis.replacement import ReplacementPass, replacement_hooks
 from saekit.analysis.splice_step import (
     SAE_POINTS,
     AttachedSAE,
@@ -44,6 +54,7 @@ from saekit.analysis.splice_step import (
     HookFn,
     HookSpec,
     SpliceStep,
+    apply_hooks,
     compose,
     hook_lists,
     model_hook,
@@ -51,11 +62,13 @@ from saekit.analysis.splice_step import (
 from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import unknown_hook_error
 from saekit.saes.base import SAE
-from saekit.sites import sae_site
+from saekit.saes.clt import CrossLayerTranscoder
+from saekit.sites import SAESite, sae_site
 
 __all__ = [
     "SAE_POINTS",
     "ActivationCache",
+    "AttachedCLTLayer",
     "AttachedSAE",
     "CacheResult",
     "HookFn",
@@ -70,6 +83,17 @@ ModelInput = str | Sequence[str] | Tensor
 #: SAEs given to `saes`, `run_with_saes` and the like: one SAE or several.
 SAEsArg = SAE | Iterable[SAE] | None
 RETURN_TYPES = ("logits", "loss", "both", None)
+#: The name a cross-layer transcoder is attached under unless told otherwise.
+CLT_NAME = "clt"
+
+
+@dataclass
+class AttachedCLTLayer(AttachedSAE):
+    """One layer of an attached cross-layer transcoder (`sae`): named, like a per-layer
+    transcoder, by the layer's input hook; `clt_name` is the whole CLT's name."""
+
+    clt_name: str = CLT_NAME
+    layer: int = 0
 
 
 class CacheResult(NamedTuple):
@@ -223,21 +247,78 @@ class SplicedModel:
         """{name (the input hook unless named otherwise): SAE} of the attached SAEs."""
         return {name: att.sae for name, att in self._attached.items()}
 
-    def _attachment(
+    def _attachments(
         self,
         sae: SAE,
         hook: str | None,
         hook_out: str | None,
         use_error_term: bool | None,
         name: str | None,
-    ) -> AttachedSAE:
+    ) -> list[AttachedSAE]:
+        """What attaching `sae` adds: one entry, or one per layer of a CLT."""
+        error_term = self.use_error_term if use_error_term is None else use_error_term
+        if isinstance(sae, CrossLayerTranscoder):
+            if hook is not None or hook_out is not None:
+                raise ValueError(
+                    "a cross-layer transcoder reads and writes one pair of hooks per layer, "
+                    "the ones its metadata records; set them with saekit.saes.clt."
+                    "record_hooks(clt, hooks_in, hooks_out) instead of hook=/hook_out="
+                )
+            hooks_in, hooks_out = replacement_hooks(sae, None)
+            self._check_model_hooks(hooks_in + hooks_out)
+            return [
+                AttachedCLTLayer(h_in, sae, SAESite(h_in, h_out), error_term,
+                                 clt_name=name or CLT_NAME, layer=layer)
+                for layer, (h_in, h_out) in enumerate(zip(hooks_in, hooks_out, strict=True))
+            ]
         site = sae_site(sae, hook, hook_out)
+        self._check_model_hooks([site.hook_in, site.hook_out])
+        return [AttachedSAE(name or site.hook_in, sae, site, error_term)]
+
+    def _check_model_hooks(self, hooks: Iterable[str]) -> None:
         valid = set(self.backend.hook_names())
-        for h in {site.hook_in, site.hook_out}:
+        for h in dict.fromkeys(hooks):
             if h not in valid:
                 raise unknown_hook_error(h, sorted(valid), f"the model {self.backend!r}")
-        error_term = self.use_error_term if use_error_term is None else use_error_term
-        return AttachedSAE(name or site.hook_in, sae, site, error_term)
+
+    def _names_with_groups(self, names: Iterable[str]) -> list[str]:
+        """`names` of attached entries, each CLT layer's joined by the rest of its CLT (a
+        CLT only ever leaves whole)."""
+        wanted = set(names)
+        groups = {
+            a.clt_name for n, a in self._attached.items()
+            if n in wanted and isinstance(a, AttachedCLTLayer)
+        }
+        return [
+            n for n, a in self._attached.items()
+            if n in wanted or (isinstance(a, AttachedCLTLayer) and a.clt_name in groups)
+        ]
+
+    def _place(self, atts: list[AttachedSAE]) -> list[tuple[str, AttachedSAE | None]]:
+        """Put `atts` in, taking out whatever sits under their names (a CLT whole, and a CLT
+        of the same name); returns (name, what was there) pairs that undo it in reverse."""
+        new = {a.name for a in atts}
+        groups = {a.clt_name for a in atts if isinstance(a, AttachedCLTLayer)}
+        clashing = [
+            n for n, a in self._attached.items()
+            if n in new or (isinstance(a, AttachedCLTLayer) and a.clt_name in groups)
+        ]
+        undo: list[tuple[str, AttachedSAE | None]] = []
+        for n in self._names_with_groups(clashing):
+            undo.append((n, self._attached.pop(n)))
+        for att in atts:
+            if att.name not in {n for n, _ in undo}:
+                undo.append((att.name, None))
+            self._attached[att.name] = att
+        return undo
+
+    def _undo(self, undo: list[tuple[str, AttachedSAE | None]]) -> None:
+        """Take out what `_place` put in and put back what it took out."""
+        for name, _ in undo:
+            self._attached.pop(name, None)
+        for name, before in undo:
+            if before is not None:
+                self._attached[name] = before
 
     def attach(
         self,
@@ -252,35 +333,55 @@ class SplicedModel:
 
         `hook` / `hook_out` override the hooks in the SAE's metadata; `name` defaults to the
         input hook. An SAE already attached under that name is an error (`add_sae` replaces
-        it instead).
+        it instead). A cross-layer transcoder attaches at every layer its metadata records
+        (see the module docstring); its name (default "clt") names the whole CLT.
         """
-        att = self._attachment(sae, hook, hook_out, use_error_term, name)
-        if att.name in self._attached:
+        atts = self._attachments(sae, hook, hook_out, use_error_term, name)
+        taken = [a.name for a in atts if a.name in self._attached]
+        if taken:
             raise ValueError(
-                f"an SAE is already attached as {att.name!r}; detach it first or pass name=..."
+                f"an SAE is already attached as {taken[0]!r}; detach it first, pass name=... "
+                "or replace it with add_sae"
             )
-        self._attached[att.name] = att
-        return att.name
+        group = _clt_name(atts)
+        if group is not None and group in self._clt_names():
+            raise ValueError(
+                f"a cross-layer transcoder is already attached as {group!r}; detach it first "
+                "or pass name=..."
+            )
+        for att in atts:
+            self._attached[att.name] = att
+        return group if group is not None else atts[0].name
+
+    def _clt_names(self) -> set[str]:
+        return {a.clt_name for a in self._attached.values() if isinstance(a, AttachedCLTLayer)}
 
     def add_sae(self, sae: SAE, use_error_term: bool | None = None) -> str:
         """Attach `sae` at the hook its metadata names, replacing any SAE attached there
-        (SAELens's `add_sae`); returns its name. It stays until `reset_saes`."""
-        att = self._attachment(sae, None, None, use_error_term, None)
-        self._attached[att.name] = att
-        return att.name
+        (SAELens's `add_sae`; a CLT at every layer it covers); returns its name. It stays
+        until `reset_saes`."""
+        atts = self._attachments(sae, None, None, use_error_term, None)
+        self._place(atts)
+        group = _clt_name(atts)
+        return group if group is not None else atts[0].name
 
     def detach(self, which: str | SAE | None = None) -> None:
-        """Detach one SAE (by name or object), or all of them when `which` is None."""
+        """Detach one SAE (by name or object), or all of them when `which` is None. A CLT
+        leaves whole, whether named by its name, one of its layers' names or itself."""
         if which is None:
             self._attached.clear()
             return
-        names = [n for n, a in self._attached.items() if n == which or a.sae is which]
+        names = [
+            n for n, a in self._attached.items()
+            if n == which or a.sae is which
+            or (isinstance(a, AttachedCLTLayer) and a.clt_name == which)
+        ]
         if not names:
             raise ValueError(
                 f"no SAE attached as {which if isinstance(which, str) else 'that object'}; "
                 f"attached: {list(self._attached) or 'none'}"
             )
-        for name in names:
+        for name in self._names_with_groups(names):
             del self._attached[name]
 
     def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
@@ -304,20 +405,15 @@ class SplicedModel:
         SAELens, `model.saes(saes=[sae1, sae2])`. An SAE already attached at the same hook is
         replaced for the block. On leaving the block (an exception included) the model is as
         it was, unless `reset_saes_end=False` leaves these SAEs attached."""
-        previous: list[tuple[str, AttachedSAE | None]] = []
+        undo: list[list[tuple[str, AttachedSAE | None]]] = []
         try:
             for sae in _sae_list(sae_args, saes):
-                att = self._attachment(sae, None, None, use_error_term, None)
-                previous.append((att.name, self._attached.get(att.name)))
-                self._attached[att.name] = att
+                undo.append(self._place(self._attachments(sae, None, None, use_error_term, None)))
             yield self
         finally:
             if reset_saes_end:
-                for name, before in reversed(previous):
-                    if before is None:
-                        self._attached.pop(name, None)
-                    else:
-                        self._attached[name] = before
+                for step in reversed(undo):
+                    self._undo(step)
 
     def add_hook(self, name: str | Callable[[str], bool], hook: HookFn) -> None:
         """Apply `hook` at `name` (or at every name the predicate accepts) on every forward
@@ -613,12 +709,54 @@ class SplicedModel:
         wanted_model = [h for h in model_hooks if cache is not None and cache[1](h)]
         for name in {*(h for h in hooks if h in model_hooks), *wanted_model}:
             steps.setdefault(name, []).append(model_hook(name, hooks.get(name, []), cache))
+        clt_passes: dict[str, ReplacementPass] = {}
         for att in self._attached.values():
+            if isinstance(att, AttachedCLTLayer):
+                if att.clt_name not in clt_passes:
+                    clt_passes[att.clt_name] = self._clt_pass(att.clt_name, hooks, cache)
+                clt_pass = clt_passes[att.clt_name]
+                steps.setdefault(att.site.hook_in, []).append(clt_pass.read(att.layer))
+                steps.setdefault(att.site.hook_out, []).append(clt_pass.write(att.layer))
+                continue
             run = SpliceStep(att, hooks, cache)
             if att.site.hook_in != att.site.hook_out:
                 steps.setdefault(att.site.hook_in, []).append(run.read)
             steps.setdefault(att.site.hook_out, []).append(run.write)
         return self.backend.logits(tokens, {h: compose(fns) for h, fns in steps.items()})
+
+    def _clt_pass(
+        self,
+        clt_name: str,
+        hooks: Mapping[str, Sequence[Callable[[Tensor], Any]]],
+        cache: CacheSpec | None,
+    ) -> ReplacementPass:
+        """One forward pass of the CLT attached as `clt_name`, its points run through the
+        call's hooks and cache under each layer's name."""
+        layers = sorted(
+            (a for a in self._attached.values()
+             if isinstance(a, AttachedCLTLayer) and a.clt_name == clt_name),
+            key=lambda a: a.layer,
+        )
+
+        def point(layer: int, point: str, value: Tensor) -> Tensor:
+            name = layers[layer].point(point)
+            value = apply_hooks(name, value, hooks.get(name, ()))
+            if cache is not None and cache[1](name):
+                cache[0][name] = value.detach()
+            return value
+
+        first = layers[0]
+        return ReplacementPass(
+            first.sae,  # type: ignore[arg-type]
+            [a.site.hook_in for a in layers], [a.site.hook_out for a in layers],
+            error_terms=first.use_error_term, point=point,
+        )
+
+
+def _clt_name(atts: Sequence[AttachedSAE]) -> str | None:
+    """The CLT's name when `atts` are a CLT's layers, else None."""
+    first = atts[0] if atts else None
+    return first.clt_name if isinstance(first, AttachedCLTLayer) else None
 
 
 #: SAELens's name for a model with SAEs spliced in: the same class.

@@ -22,6 +22,13 @@ Arrays of a shard, one row per latent:
     tokens [count, top_k + n_samples, window]   token id + 1, 0 outside the sequence (u2 or u4)
     acts [count, top_k + n_samples, window]     f2: activation / act_scale
     logit_top.ids, logit_bottom.ids [count, n_logits] (u2 or u4), *.values f4 (if n_logits)
+    site_norms [count, n_sites] f4              crosscoders only: each latent's decoder norm
+                                                at each site
+
+A crosscoder's header also holds `crosscoder`: {site_names, a, b, band} (see
+`saekit.analysis.crosscoder_norms`); relative norms and classes are derived from the stored
+norms when read. Files without it (every SAE but a crosscoder, and files written before it
+existed) read as before, and readers that do not know it skip it, so the version stays 2.
 
 A latent's top examples come first in its rows, then its random sample, so that deflate finds
 the windows the two groups share.
@@ -42,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saekit.analysis.crosscoder_norms import CrosscoderNorms
 from saekit.progress import bar
 
 FORMAT = "saekit-feature-stats"
@@ -104,10 +112,24 @@ class FeatureStats:
     """(token ids, values) [d_sae, n] of the most promoted tokens (W_dec @ W_U), or None."""
     logit_bottom: tuple[Tensor, Tensor] | None = None
     """(token ids, values) [d_sae, n] of the most suppressed tokens, or None."""
+    crosscoder: CrosscoderNorms | None = None
+    """A crosscoder's decoder norms per latent and site (relative norms, classes), or None."""
 
     @property
     def d_sae(self) -> int:
         return self.fire_count.shape[0]
+
+    @property
+    def relative_norm(self) -> Tensor | None:
+        """[d_sae] a crosscoder's relative decoder norm between its sites a and b (0: writes
+        to a only, 0.5: to both alike, 1: to b only; NaN: to neither); None for other SAEs."""
+        return None if self.crosscoder is None else self.crosscoder.relative
+
+    @property
+    def norm_classes(self) -> list[str] | None:
+        """A crosscoder's class per latent ("a_only", "shared", "b_only", "neither"); None
+        for other SAEs."""
+        return None if self.crosscoder is None else self.crosscoder.classes
 
     @property
     def density(self) -> Tensor:
@@ -249,6 +271,11 @@ def write_stats(
     # No header until every shard is written: an interrupted save is not read as whole.
     (folder / HEADER_FILE).unlink(missing_ok=True)
     d_sae, window = stats.d_sae, stats.top.tokens.shape[2]
+    if stats.crosscoder is not None and stats.crosscoder.d_sae != d_sae:
+        raise ValueError(
+            f"the crosscoder norms describe {stats.crosscoder.d_sae} latents but the statistics "
+            f"{d_sae}; attach the norms of the SAE the statistics are of"
+        )
     top_k, n_samples = stats.top.keys.shape[1], stats.sample.keys.shape[1]
     n_logits = 0 if stats.logit_top is None else stats.logit_top[0].shape[1]
     largest_id = max(int(stats.top.tokens.max()), int(stats.sample.tokens.max()), 0) + 1
@@ -276,6 +303,12 @@ def write_stats(
         "n_samples": n_samples, "n_bins": stats.hist_counts.shape[1], "n_logits": n_logits,
         "shard_size": shard_size, "n_shards": n_shards,
     }
+    if stats.crosscoder is not None:
+        norms = stats.crosscoder
+        header["crosscoder"] = {
+            "site_names": list(norms.site_names), "a": norms.a, "b": norms.b,
+            "band": norms.band,
+        }
     write_script(folder / HEADER_FILE, "SAEKIT_STATS", header)
 
 
@@ -313,6 +346,8 @@ def _shard_arrays(
         if pair is not None:
             arrays.append((f"{group}.ids", _np(pair[0][rows], token_code)))
             arrays.append((f"{group}.values", _np(pair[1][rows], "f4")))
+    if stats.crosscoder is not None:
+        arrays.append(("site_norms", _np(stats.crosscoder.site_norms[rows], "f4")))
     return arrays
 
 
@@ -388,7 +423,33 @@ def _read_scripts(folder: Path) -> FeatureStats:
         header["n_tokens"], left, whole("fire_count").long(), whole("act_sum").double(),
         whole("max_act").float(), top, sample, whole("hist_counts").long(),
         whole("hist_range").float(), pair("logit_top"), pair("logit_bottom"),
+        _crosscoder_norms(header, parts, folder),
     )
+
+
+def _crosscoder_norms(
+    header: dict[str, Any], parts: dict[str, list[np.ndarray]], folder: Path
+) -> CrosscoderNorms | None:
+    """The crosscoder section of a header and its shards' site norms, when present."""
+    info = header.get("crosscoder")
+    if info is None:
+        return None
+    if "site_norms" not in parts:
+        raise ValueError(
+            f"{folder / HEADER_FILE} describes a crosscoder but its shards hold no site_norms; "
+            "write the statistics again"
+        )
+    try:
+        norms = np.concatenate(parts["site_norms"]).astype(np.float32)
+        return CrosscoderNorms(
+            torch.from_numpy(norms), [str(n) for n in info["site_names"]], int(info["a"]),
+            int(info["b"]), float(info["band"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{folder / HEADER_FILE} has a damaged crosscoder section ({err}); write the "
+            "statistics again"
+        ) from err
 
 
 def _wide(dtype: np.dtype) -> np.dtype:

@@ -5,6 +5,10 @@ One pass of the model over held-out text gathers each latent's statistics
 Open DIR/index.html in a browser; no server is needed. Explanations (auto-interpretation
 results, explanations.jsonl) are shown and become a sort order: from --explanations, else from
 DIR or the SAE's folder when one of them holds an explanations.jsonl.
+
+A crosscoder reads every site it records (several hooks of one model, or one hook of each of
+the models it compares, loaded by the names it records); its pages add each latent's relative
+decoder norm and class, and a summary of them is printed.
 """
 
 from __future__ import annotations
@@ -49,40 +53,47 @@ def build_dashboard(
 ) -> Path:
     """Statistics and site for `sae` under `out`; returns the path of index.html.
 
-    `model` defaults to the model named in the SAE's metadata, `dataset` to the bundled
-    corpus's held-out works. `left` and `right` are the context tokens kept before and after
+    `model` defaults to the model named in the SAE's metadata (see `statistics_models`; a
+    crosscoder over several models takes a list), `dataset` to the bundled corpus's held-out
+    works. `left` and `right` are the context tokens kept before and after
     each example's token. The statistics are saved as `out/feature_stats.js` and
     `out/feature_stats/` (`FeatureStats.load(out)` reads them). `sae_name` (e.g. the folder
     it was loaded from) and `explanations` are shown on the pages.
     """
-    from saekit.analysis.collect import feature_statistics
+    from saekit.analysis.collect import feature_statistics, statistics_models
     from saekit.analysis.dashboard import check_explanations, write_dashboard
-    from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
+    from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches
     from saekit.models.positions import check_context_size
 
     if explanations:
         check_explanations(explanations, sae.cfg.d_sae)
-    model_backend = resolve_model([sae], model, backend)
+    models = statistics_models(sae, model, backend)
+    listed = models if isinstance(models, list) else [models]
     meta = sae.cfg.metadata
     context = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
-    check_context_size(model_backend, context)
+    for one in listed:
+        check_context_size(one, context)
+    tokenizer = listed[0].tokenizer
     batches = heldout_token_batches(
-        model_backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
+        tokenizer, n_tokens, dataset=dataset, context_size=context,
         batch_size=model_batch_size, prepend_bos=meta.window_prepend_bos,
     )
     stats = feature_statistics(
-        sae, model_backend, batches, top_k=top_k, left=left, right=right
+        sae, models, batches, top_k=top_k, left=left, right=right
     )
     return write_dashboard(
-        stats, model_backend.tokenizer, out, title=title, sae_name=sae_name,
-        model_name=meta.model_name or "", hook_name=hook_description(sae),
-        explanations=explanations,
+        stats, tokenizer, out, title=title, sae_name=sae_name,
+        model_name="" if len(listed) > 1 else meta.model_name or "",
+        hook_name=hook_description(sae), explanations=explanations,
     )
 
 
 def hook_description(sae: SAE) -> str:
-    """Where the SAE reads (and writes, for a transcoder), with its head when it has one."""
+    """Where the SAE reads (and writes, for a transcoder), with its head when it has one;
+    empty for a crosscoder, whose pages name its sites."""
     meta = sae.cfg.metadata
+    if sae.multi_site:
+        return ""
     hook = meta.hook_name or ""
     if meta.hook_head_index is not None:
         hook += f" (head {meta.hook_head_index})"
@@ -113,7 +124,9 @@ def find_explanations(given: str | None, out: str, target: str) -> dict[int, Exp
 
 
 def run(args: argparse.Namespace) -> int:
+    from saekit.analysis.crosscoder_norms import crosscoder_norms
     from saekit.analysis.dashboard import check_explanations
+    from saekit.commands.report import relative_norm_summary
     from saekit.preflight import check_device, check_local_dataset, check_out_folder
     from saekit.targets import load_target
 
@@ -131,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         sae_name=args.target, explanations=explanations,
     )
     logger.info("dashboard written in %.1f s", time.perf_counter() - start)
+    norms = crosscoder_norms(sae)
+    if norms is not None:
+        print(relative_norm_summary(norms))
     print(index.resolve())
     return 0
 

@@ -1,11 +1,18 @@
 """The short report `saekit train` prints when a run finishes: the held-out metrics next to the
-values a good SAE reaches, and a few latents with the text that activates them most."""
+values a good SAE reaches, and a few latents with the text that activates them most; for a
+crosscoder, its latents by relative decoder norm (`relative_norm_summary`, which `saekit
+dashboard` prints too)."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from saekit.analysis.crosscoder_norms import CrosscoderNorms
 
 #: (metric, what a good SAE reaches, test) for the headline metrics.
 TARGETS: tuple[tuple[str, str, Any], ...] = (
@@ -100,3 +107,38 @@ def heldout_statistics(sae: Any, backend: Any, batches: list[Any], n_tokens: int
 def latent_report(stats: Any, tokenizer: Any, n_latents: int = 5) -> str:
     """A few latents with the held-out text that activates them most."""
     return "\n".join(describe_latent(stats, i, tokenizer) for i in pick_latents(stats, n_latents))
+
+
+def relative_norm_summary(norms: CrosscoderNorms, n_bins: int = 10, width: int = 40) -> str:
+    """A crosscoder's latents by class (a-only, shared, b-only, neither) and a text histogram
+    of their relative decoder norms between sites a and b in `n_bins` equal bins on [0, 1],
+    bars at most `width` characters long. `norms` is `CrosscoderNorms.of(crosscoder)` or
+    the `crosscoder` of its feature statistics."""
+    from saekit.analysis.crosscoder_norms import CLASS_ORDER
+
+    if n_bins < 1 or width < 1:
+        raise ValueError(f"n_bins and width must be >= 1, got {n_bins} and {width}")
+    relative = norms.relative
+    counts = norms.counts()
+    labels = norms.class_labels()
+    name_a, name_b = norms.site_names[norms.a], norms.site_names[norms.b]
+    total = max(norms.d_sae, 1)
+    label_width = max(len(labels[c]) for c in CLASS_ORDER)
+    lines = [
+        f"  relative decoder norms of {norms.d_sae:,} latents (0: {name_a} only, 0.5: both "
+        f"alike, 1: {name_b} only; exclusive below {norms.band:g} and above "
+        f"{1 - norms.band:g})",
+    ]
+    for name in CLASS_ORDER:
+        if name == "neither" and not counts[name]:
+            continue
+        lines.append(f"    {labels[name]:{label_width}s} {counts[name]:9,d} "
+                     f"({counts[name] / total:6.1%})")
+    finite = relative[~relative.isnan()]
+    bins = (finite * n_bins).floor().long().clamp(0, n_bins - 1)
+    heights = torch.bincount(bins, minlength=n_bins).tolist()
+    peak = max(max(heights), 1)
+    for b, count in enumerate(heights):
+        bar = "#" * math.ceil(width * count / peak) if count else ""
+        lines.append(f"    {b / n_bins:4.2f}-{(b + 1) / n_bins:4.2f} |{bar:{width}s} {count:,d}")
+    return "\n".join(lines)

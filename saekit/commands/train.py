@@ -174,9 +174,83 @@ def run_train(args: argparse.Namespace) -> int:
 
         if isinstance(outcome, ManyOutcome):
             print_many_report(outcome)
+        elif outcome.sae.multi_site:
+            print_multisite_report(outcome)
         else:
             print_report(outcome)
     return 0
+
+
+def print_multisite_report(outcome: Any) -> None:
+    """Where the clt or crosscoder is and its held-out figures (`format_multisite_metrics`)."""
+    kind = "cross-layer transcoder" if outcome.sae.is_transcoder else "crosscoder"
+    print(f"\nsaved the {kind} to {outcome.run_dir}  (load it: "
+          f"SAE.load({str(outcome.run_dir)!r}))")
+    heldout = outcome.heldout
+    if heldout is not None and outcome.metrics:
+        print(f"held-out metrics on {heldout.summary()}:")
+    elif heldout is None:
+        print("no held-out evaluation (eval_tokens is 0)")
+    print(format_multisite_metrics(outcome.metrics))
+
+
+def format_multisite_metrics(metrics: dict[str, Any]) -> str:
+    """A clt's or crosscoder's metrics.json as text: a row per layer (FVU, L0, dead latents)
+    and the replacement model's CE/KL scores, or a row per site (explained variance, MSE),
+    the shared latents' L0 and dead fraction, and a two-site crosscoder's latent classes."""
+    from saekit.training.crosslayer_run import CLASSES_KEY
+
+    def show(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines: list[str] = []
+    if "layers" in metrics:
+        rows = [("layer", "reads", "writes", "FVU", "L0", "dead")]
+        for i, layer in enumerate(metrics["layers"]):
+            fvu = metrics["fvu"][i]
+            rows.append((
+                str(i), layer.get("hook_name", "-"), layer.get("hook_name_out", "-"),
+                show(fvu, ".4f"), show(layer.get("l0"), ".1f"),
+                show(100 * layer["dead_fraction"] if layer.get("dead_fraction") is not None
+                     else None, ".1f") + "%",
+            ))
+        lines.extend(_table(rows))
+        if metrics.get("ce_loss_with_sae") is not None:
+            lines.append(
+                "  replacement model, every MLP output from the CLT: CE "
+                f"{show(metrics['ce_loss_with_sae'], '.4f')} (clean "
+                f"{show(metrics.get('ce_loss_without_sae'), '.4f')}, MLP outputs zeroed "
+                f"{show(metrics.get('ce_loss_with_ablation'), '.4f')}); ce_loss_score "
+                f"{show(metrics.get('ce_loss_score'), '.4f')}, kl_div_score "
+                f"{show(metrics.get('kl_div_score'), '.4f')}"
+            )
+    elif "sites" in metrics:
+        rows = [("site", "reads", "explained variance", "mse")]
+        n_sites = len(metrics["sites"])
+        for i, site in enumerate(metrics["sites"]):
+            rows.append((
+                "ab"[i] if n_sites == 2 else str(i), site["site"],
+                show(site.get("explained_variance"), ".4f"), show(site.get("mse"), ".4g"),
+            ))
+        lines.extend(_table(rows))
+        dead = metrics.get("dead_fraction")
+        lines.append(
+            f"  L0 {show(metrics.get('l0'), '.2f')} latents per token (shared by every site), "
+            f"dead {show(100 * dead if dead is not None else None, '.1f')}%"
+        )
+    classes = metrics.get(CLASSES_KEY)
+    if classes:
+        lines.append(
+            "  latents by relative decoder norm ||b|| / (||a|| + ||b||): "
+            + ", ".join(f"{name} {count}" for name, count in classes.items())
+        )
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
 
 
 def print_many_report(outcome: Any) -> None:

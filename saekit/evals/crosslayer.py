@@ -1,5 +1,6 @@
 """Held-out evaluation of a cross-layer transcoder: each layer's reconstruction of the MLP
-output (FVU, L0 and the rest of the standard metrics, from the clean model's activations),
+output (FVU, L0 and the rest of the standard metrics, from the clean model's activations; the
+skip path included for a CLT that has one),
 and the replacement model's next-token CE and KL against the clean model and against every
 MLP output zero-ablated at once.
 
@@ -124,7 +125,7 @@ def evaluate_clt(
             x = stack_layers(acts, hooks_in).to(clt.device)  # [batch, pos, n_layers, d_in]
             y = stack_layers(acts, hooks_out)  # [batch, pos, n_layers, d_out]
             latents = clt.encode(x)
-            recon = clt.decode(latents).to(y.device, y.dtype)
+            recon = clt.reconstruct(x, latents).to(y.device, y.dtype)  # skip path included
             for layer in range(clt.n_layers):
                 sparse_acc[layer].update(_per_token(latents[..., layer, :], mask))
                 recon_acc[layer].update(

@@ -259,8 +259,10 @@ def export_circuit_tracer_clt(
 
     The folder holds config.yaml (model_kind: cross_layer_transcoder, model_name,
     feature_input_hook, feature_output_hook) and, per layer n, `W_enc_<n>.safetensors`
-    (W_enc_<n> [d_sae, d_model], b_enc_<n>, b_dec_<n> and, for JumpReLU, threshold_<n>,
-    raised to at least 0 as for per-layer transcoders) and `W_dec_<n>.safetensors`
+    (W_enc_<n> [d_sae, d_model], b_enc_<n>, b_dec_<n>, for JumpReLU threshold_<n>, raised
+    to at least 0 as for per-layer transcoders, and with a skip connection W_skip_<n>
+    [d_model, d_model], which circuit-tracer applies as x @ W_skip_<n>, so saekit's
+    W_skip[n] transposed) and `W_dec_<n>.safetensors`
     (W_dec_<n> [d_sae, n_layers - n, d_model], as saekit holds it). circuit-tracer computes
     ReLU and JumpReLU CLTs; a topk CLT is refused (train batchtopk, published as JumpReLU).
     The CLT must span blocks 0..n_layers-1, layer n reading and writing block n."""
@@ -301,6 +303,8 @@ def export_circuit_tracer_clt(
             }
             if clt.activation_fn == "jumprelu":
                 enc[f"threshold_{n}"] = clt.threshold[n].clamp_min(0)
+            if clt.has_skip:
+                enc[f"W_skip_{n}"] = clt.W_skip[n].T  # [d_in, d_out]
             dec = {f"W_dec_{n}": getattr(clt, f"W_dec_{n}")}
             for name, tensors in (("W_enc", enc), ("W_dec", dec)):
                 plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

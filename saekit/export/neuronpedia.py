@@ -14,6 +14,13 @@ import tooling reads:
 
 Every number comes from saekit's `FeatureStats` (computed here over held-out text, or given)
 and from the weights (logit effects through the model's unembedding, decoder alignment).
+
+A crosscoder writes to several sites, so it has no single decoder row to align or to read
+through one unembedding: its records leave the logit and alignment fields empty, and carry
+each site's share of the latent's summed decoder norms in `decoder_weights_dist`, the field
+in which SAEDashboard gives each attention head's share of an hcat SAE's decoder norm (the
+same quantity, per site instead of per head; with two sites the second share is the
+relative decoder norm). Neuronpedia has no field for a class, so the class is not exported.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 from torch import Tensor
 
+from saekit.analysis.crosscoder_norms import crosscoder_norms
 from saekit.analysis.explanations import Explanation, read_explanations
 from saekit.analysis.stats import FeatureStats
 from saekit.export.folder import check_export_folder, staged_folder
@@ -143,7 +151,7 @@ def export_neuronpedia(
         overwrite: replace `out` if it holds files (otherwise refused).
         progress: show a bar of the latents written (None: as `saekit.progress` is set).
     """
-    from saekit.evals.api import resolve_model
+    from saekit.analysis.collect import statistics_models
 
     for name, value in (("features_per_batch", features_per_batch),
                         ("n_intervals", n_intervals), ("per_interval", per_interval),
@@ -160,12 +168,13 @@ def export_neuronpedia(
             f"the statistics describe {stats.d_sae} latents but the SAE has {sae.cfg.d_sae}; "
             "pass the statistics of this SAE"
         )
-    backend_ = resolve_model([sae], model, backend)
+    models = statistics_models(sae, model, backend)
+    backend_ = models[0] if isinstance(models, list) else models
     context = context_size or sae.cfg.metadata.context_size or 128
     n_prompts = None
     if stats is None:
         stats, n_prompts = _statistics(
-            sae, backend_, dataset, n_tokens, context, model_batch_size, top_k
+            sae, models, dataset, n_tokens, context, model_batch_size, top_k
         )
     W_U = _unembedding(sae, backend_)
     settings = {
@@ -232,28 +241,30 @@ def _explanations(
 
 
 def _statistics(
-    sae: SAE, backend: Any, dataset: Any, n_tokens: int, context: int, batch_size: int,
+    sae: SAE, models: Any, dataset: Any, n_tokens: int, context: int, batch_size: int,
     top_k: int,
 ) -> tuple[FeatureStats, int]:
     """Statistics over held-out text, as `saekit dashboard` gathers them; and the number of
-    sequences read."""
+    sequences read. `models` is a backend, or a list of them for a crosscoder over models."""
     from saekit.analysis.collect import feature_statistics
     from saekit.evals.api import heldout_token_batches
     from saekit.models.positions import check_context_size
 
-    check_context_size(backend, context)
+    listed = models if isinstance(models, list) else [models]
+    for backend in listed:
+        check_context_size(backend, context)
     batches = heldout_token_batches(
-        backend.tokenizer, n_tokens, dataset=dataset, context_size=context,
+        listed[0].tokenizer, n_tokens, dataset=dataset, context_size=context,
         batch_size=batch_size, prepend_bos=sae.cfg.metadata.window_prepend_bos,
     )
-    stats = feature_statistics(sae, backend, batches, top_k=top_k)
+    stats = feature_statistics(sae, models, batches, top_k=top_k)
     return stats, sum(int(b.shape[0]) for b in batches)
 
 
 def _unembedding(sae: SAE, backend: Any) -> Tensor | None:
     from saekit.analysis.collect import unembedding
 
-    W_U = unembedding(backend)
+    W_U = None if sae.multi_site else unembedding(backend)
     if W_U is None or W_U.shape[0] != sae.cfg.output_width:
         logger.info("no logit tables: the SAE does not write to the unembedding's input")
         return None
@@ -277,9 +288,11 @@ def _features(
     per_interval: int,
 ) -> list[dict[str, Any]]:
     """The records of a batch of latents."""
-    W_dec = sae.W_dec.detach()[latents].float().cpu()  # [n, d_out]
+    norms = crosscoder_norms(sae)
+    shares = None if norms is None else norms.shares[latents]  # [n, n_sites]
+    W_dec = sae.W_dec.detach()[latents].float().cpu()  # [n, d_out] ([n, n_sites, d_in])
     tables: LogitTables | None = logit_tables(W_dec, W_U) if W_U is not None else None
-    align_ids, align_values, align_l1 = neuron_alignment(W_dec)
+    alignment = neuron_alignment(W_dec) if W_dec.ndim == 2 else None
     density = stats.density[latents].tolist()
     max_act = stats.max_act[latents].tolist()
     counts = stats.hist_counts[latents].tolist()
@@ -291,9 +304,8 @@ def _features(
         freq_values, freq_heights = activation_histogram(counts[row], hist_range[row])
         record: dict[str, Any] = {
             "feature_index": latent,
-            "neuron_alignment_indices": align_ids[row].tolist(),
-            "neuron_alignment_values": rounded(align_values[row].tolist()),
-            "neuron_alignment_l1": rounded(align_l1[row].tolist()),
+            "neuron_alignment_indices": [], "neuron_alignment_values": [],
+            "neuron_alignment_l1": [],
             "correlated_neurons_indices": [], "correlated_neurons_l1": [],
             "correlated_neurons_pearson": [], "correlated_features_indices": [],
             "correlated_features_l1": [], "correlated_features_pearson": [],
@@ -305,13 +317,19 @@ def _features(
             "n_prompts_total": settings["n_prompts_total"],
             "n_tokens_in_prompt": settings["n_tokens_in_prompt"],
             "dataset": settings["huggingface_dataset_path"],
-            "decoder_weights_dist": [],
+            # A site share is NaN only without any decoder; JSON has no NaN, so 0 stands in.
+            "decoder_weights_dist": [] if shares is None else rounded(
+                shares[row].nan_to_num(0.0).tolist()),
             "activations": activation_examples(
                 tops[row], samples[row], max_act[row], density[row], stats.left, text,
                 n_intervals, per_interval,
             ),
             "vector": [],
         }
+        if alignment is not None:
+            record["neuron_alignment_indices"] = alignment[0][row].tolist()
+            record["neuron_alignment_values"] = rounded(alignment[1][row].tolist())
+            record["neuron_alignment_l1"] = rounded(alignment[2][row].tolist())
         if tables is not None:
             record["pos_str"] = [text(t) for t in tables.pos_ids[row].tolist()]
             record["pos_values"] = rounded(tables.pos_values[row].tolist())
@@ -362,3 +380,4 @@ def _explanation_row(item: Explanation, ids: NeuronpediaIds, creator_id: str) ->
 def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
     # allow_nan=False: NaN is not JSON, and the importer would fail on it far from here.
     path.write_text(json.dumps(data, allow_nan=False, indent=indent) + "\n", encoding="utf-8")
+

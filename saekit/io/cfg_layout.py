@@ -44,6 +44,7 @@ _SAE_FIELDS = {
     "matryoshka_widths",
     "n_layers",
     "activation_fn",
+    "skip_connection",
 }
 
 

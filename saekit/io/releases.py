@@ -16,7 +16,10 @@ the facts come from sae-lens's registry, see LICENSE-THIRD-PARTY). Its shape:
                    "l0": 10.0, "variance_explained": 0.9, "neuronpedia_id": "...",
                    "norm_scaling_factor": 1.5}]}}}   # all optional
 
-Add releases at run time with `register_release`.
+`saekit/io/data/extra_releases.json`, in the same shape, holds releases that sae-lens's
+registry does not list (whole cross-layer transcoders), each with the public source of its
+facts under "source"; a rebuild of releases.json leaves it alone. Add releases at run time
+with `register_release`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 DATA_FILE = "releases.json"
+#: Releases beyond sae-lens's registry, kept apart so that rebuilding DATA_FILE keeps them.
+EXTRA_DATA_FILE = "extra_releases.json"
 
 
 def check_relative_path(value: str, what: str) -> str:
@@ -152,13 +157,22 @@ def _preview(names: list[str], limit: int = 12) -> str:
 _EXTRA: dict[str, Release] = {}
 
 
-@cache
-def _builtin_releases() -> dict[str, Release]:
-    text = resources.files("saekit.io").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
+def _read_data_file(name: str) -> dict[str, Release]:
+    text = resources.files("saekit.io").joinpath("data", name).read_text(encoding="utf-8")
     raw = json.loads(text)
     if raw.get("format_version") != 1:
-        raise ValueError(f"{DATA_FILE}: format_version {raw.get('format_version')!r} is not 1")
-    return {name: Release.from_dict(name, data) for name, data in raw["releases"].items()}
+        raise ValueError(f"{name}: format_version {raw.get('format_version')!r} is not 1")
+    return {key: Release.from_dict(key, data) for key, data in raw["releases"].items()}
+
+
+@cache
+def _builtin_releases() -> dict[str, Release]:
+    releases = _read_data_file(DATA_FILE)
+    extra = _read_data_file(EXTRA_DATA_FILE)
+    twice = sorted(set(releases) & set(extra))
+    if twice:
+        raise ValueError(f"{EXTRA_DATA_FILE} repeats releases of {DATA_FILE}: {twice}")
+    return {**releases, **extra}
 
 
 def all_releases() -> dict[str, Release]:
@@ -178,7 +192,7 @@ def register_release(name: str, data: dict[str, Any] | Release) -> Release:
 
 
 #: Trailing name parts that describe the SAEs rather than their authors.
-_NOT_AUTHOR_TAGS = {"res", "mlp", "att", "all", "pt", "it", "z", "in", "out"}
+_NOT_AUTHOR_TAGS = {"res", "mlp", "att", "all", "pt", "it", "z", "in", "out", "clt"}
 
 
 def _is_author_tag(tag: str) -> bool:
@@ -253,6 +267,8 @@ _LAYOUT_ARCHITECTURES = {
     "connor_rob_hook_z": "standard",
     "mwhanna_transcoder": "transcoder",
     "mntss_clt_layer_transcoder": "transcoder",
+    "mntss_clt": "clt",
+    "gemma_scope_2_clt": "clt",
     "temporal": "temporal",
 }
 #: Words in release or SAE names that name an architecture, most specific first.
@@ -277,6 +293,8 @@ _LAYOUT_HOOKS = {
     "deepseek_r1": "hook_resid_post",
     "temporal": "hook_resid_post",
 }
+#: Whole cross-layer transcoders read a hook in every block: their facts name it for all.
+_CLT_LAYOUT_HOOKS = {"gemma_scope_2_clt": "ln2.hook_normalized", "mntss_clt": "hook_resid_mid"}
 _LLAMA_SCOPE_SITES = {"r": "hook_resid_post", "a": "hook_attn_out", "m": "hook_mlp_out",
                       "tc": "ln2.hook_normalized"}
 
@@ -302,6 +320,8 @@ def _width(text: str) -> int | None:
 
 
 def _hook(release: Release, entry: PretrainedEntry) -> str | None:
+    if release.layout in _CLT_LAYOUT_HOOKS:
+        return f"blocks.*.{_CLT_LAYOUT_HOOKS[release.layout]}"
     text = f"{entry.id} {entry.path}"
     explicit = re.search(r"blocks\.(\d+)\.((?:attn\.)?hook_[a-z]+(?:_[a-z]+)*)", text)
     if explicit:

@@ -67,6 +67,11 @@ class SAESection:
     """Scale activations by sqrt(d_in) / E||x|| during training (estimated from the data);
     the factor is folded into the weights at the end, so the saved SAE takes raw activations
     (unlike an SAE config's normalize_activations, a mode the SAE applies at inference)."""
+    activation_fn: str | None = None
+    """The latents' rule, for architectures that take one: clt (topk, batchtopk, jumprelu,
+    relu; default topk) and crosscoder (relu, topk, batchtopk; default relu). The topk rules
+    keep k per token (k, or target_l0); the others set their sparsity with
+    sparsity_coefficient or target_l0 (docs/crosslayer.md)."""
     init_from: str | None = None
     """Fine-tune: start from this saved or published SAE instead of fresh weights (a saved
     SAE or finished run folder, RELEASE/SAE_ID from `saekit pretrained list`, or a Hub repo
@@ -81,25 +86,28 @@ class SAESection:
             "matryoshka_widths": POSITIVE,
         }
         out = field_problems(self, bounds)
-        from saekit.saes import architecture_class, list_architectures
+        from saekit.saes import list_architectures
 
         if isinstance(self.architecture, str) and not self.known:
             out.append(
                 f"architecture {self.architecture!r} is not known; use one of "
                 f"{', '.join(list_architectures())}"
             )
-        if self.known and architecture_class(self.architecture).multi_site:
-            out.append(
-                f"architecture {self.architecture!r} reads several sites at once, which "
-                "`saekit train` does not train yet; train it from Python with "
-                "saekit.training.multisite.train_clt or train_crosscoder (docs/crosslayer.md)"
-            )
+        out.extend(self._rule_problems())
         if self.k is not None and self.known and not self.sets_k:
-            out.append(
-                "k applies to architectures whose sparsity is k "
-                f"({', '.join(k_architectures())}), not {self.architecture!r}; use target_l0 "
-                "or sparsity_coefficient to set its sparsity"
-            )
+            if self.activation_fn is not None or self._rules:
+                out.append(
+                    f"k applies to the topk and batchtopk rules, not to a "
+                    f"{self.activation_fn or self._default_rule} {self.architecture!r}; give "
+                    "activation_fn topk (or batchtopk) with k, or set its sparsity with "
+                    "target_l0 or sparsity_coefficient"
+                )
+            else:
+                out.append(
+                    "k applies to architectures whose sparsity is k "
+                    f"({', '.join(k_architectures())}), not {self.architecture!r}; use "
+                    "target_l0 or sparsity_coefficient to set its sparsity"
+                )
         if isinstance(self.init_from, str) and not self.init_from.strip():
             out.append(
                 "init_from must name a saved SAE folder, RELEASE/SAE_ID or a Hub repo, got an "
@@ -119,10 +127,45 @@ class SAESection:
 
     @property
     def sets_k(self) -> bool:
-        """Whether the architecture's sparsity is k (latents kept per token)."""
+        """Whether the architecture's sparsity is k (latents kept per token); for one that
+        takes a rule (clt, crosscoder), whether its activation_fn does."""
         from saekit.saes import architecture_class
 
+        if self._rules:
+            from saekit.training.multisite_plan import sets_k
+
+            return sets_k(self.architecture, self.activation_fn)
         return architecture_class(self.architecture).sparsity_control == "k"
+
+    @property
+    def _rules(self) -> tuple[str, ...]:
+        """The rules the architecture takes as activation_fn (() when it takes none)."""
+        from saekit.training.multisite_plan import rules_of
+
+        return rules_of(self.architecture) if self.known else ()
+
+    @property
+    def _default_rule(self) -> str | None:
+        from saekit.training.multisite_plan import default_rule
+
+        return default_rule(self.architecture)
+
+    def _rule_problems(self) -> list[str]:
+        if not isinstance(self.activation_fn, str) or not self.known:
+            return []
+        rules = self._rules
+        if not rules:
+            return [
+                f"activation_fn chooses the latents' rule of architectures that take one "
+                f"(clt, crosscoder); {self.architecture!r} has its rule in its name, so leave "
+                "activation_fn out (or pick another architecture)"
+            ]
+        if self.activation_fn not in rules:
+            return [
+                f"activation_fn {self.activation_fn!r} is not a rule of "
+                f"{self.architecture!r}; use one of {', '.join(rules)}"
+            ]
+        return []
 
     def __post_init__(self) -> None:
         check_problems(self.problems())
@@ -147,15 +190,23 @@ class DataSection:
     residual stream before the middle layer, or the cache's hook when activations names a
     one-hook cache). Several names, or glob patterns such as blocks.*.hook_resid_pre, train
     one SAE per hook from one model pass, each in its own sub-folder (docs/training.md:
-    all layers and sweeps). Also --hook."""
+    all layers and sweeps); a crosscoder reads them all as its sites. A clt reads, at each
+    of its layers, this template (blocks.{layer}.hook_resid_mid, or one layer's name; default
+    blocks.{layer}.ln2.hook_normalized, the MLP input). Also --hook."""
     hook_name_out: str | None = None
     """Transcoders: the hook whose activation is reconstructed (default: the mlp output
-    of the layer read by hook_name). Also --hook-out."""
+    of the layer read by hook_name); for a clt, a template like hook_name (default
+    blocks.{layer}.hook_mlp_out). Also --hook-out."""
     layers: str | None = None
     """Train one SAE per layer: hook_name with {layer} replaced by each of these layers, or,
     without {layer}, with its one layer number replaced (default hook:
     blocks.{layer}.hook_resid_pre). Ranges and lists: 0-11 (both ends), 0-11:2 (every second),
-    0,3,5-7."""
+    0,3,5-7. For a clt: the layers it spans (default: every layer); for a crosscoder: its
+    sites, one per layer."""
+    model_b: str | None = None
+    """Model diffing: a crosscoder reads the same hook in model (site a) and in this second
+    model (site b), both on the same tokens, so the two must share a tokenizer; named like
+    model, loaded with the same backend and devices (docs/crosslayer.md)."""
     dataset: str = "bundled"
     """Text dataset: "bundled" (the demo corpus), a local file or folder, or a Hub id."""
     activations: str | None = None
@@ -248,7 +299,9 @@ class TrainingSection:
     l0_controller_gain: float = 0.03
     """How fast the target-L0 controller moves log(lambda) per step, per unit of log-L0 error."""
     aux_k_coefficient: float = 1 / 32
-    """AuxK loss weight, for architectures whose sparsity is k (revives dead latents)."""
+    """AuxK loss weight (revives dead latents; top-k family, gated, CLTs and crosscoders): the
+    silent latents' reconstruction of what the live ones missed, measured as a share of that
+    residual's variance (Gao et al. 2024); 0 turns it off."""
     dead_after_tokens: int | None = None
     """A latent is dead once it has not fired for this many training tokens. None: a tenth
     of the run, at most 1,000,000, so a short run revives its dead latents too."""
@@ -546,9 +599,18 @@ class TrainConfig:
     def many(self) -> bool:
         """Whether the run trains several SAEs (hooks, layers, a sweep, seeds or a saes list),
         each in a sub-folder of the run folder."""
+        from saekit.training.multisite_plan import is_multisite
         from saekit.training.sweeps import is_many
 
-        return is_many(self)
+        # A clt or crosscoder reads its hooks and layers as the sites of one SAE.
+        return not is_multisite(self.sae.architecture) and is_many(self)
+
+    @property
+    def multisite(self) -> bool:
+        """Whether the run trains one clt or crosscoder over several sites."""
+        from saekit.training.multisite_plan import is_multisite
+
+        return is_multisite(self.sae.architecture)
 
     def cross_problems(self) -> list[str]:
         out = []
@@ -561,6 +623,9 @@ class TrainConfig:
             from saekit.training.sweeps import variant_problems
 
             out.extend(variant_problems(self))
+        from saekit.training.multisite_plan import multisite_problems
+
+        out.extend(multisite_problems(self))
         sae, training = self.sae, self.training
         if sae.k is not None and training.target_l0 is not None and sae.k != training.target_l0:
             out.append(

@@ -1,5 +1,6 @@
-"""`train`, the entry point of every run: one SAE (`saekit.training.run`) or several from
-one model pass (`saekit.training.many`), as the config (or the resumed run) says."""
+"""`train`, the entry point of every run: one SAE (`saekit.training.run`), several from
+one model pass (`saekit.training.many`), or one SAE over several sites, a clt or crosscoder
+(`saekit.training.crosslayer_run`), as the config (or the resumed run) says."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from saekit.progress import progress_off
 from saekit.training.config import RUN_CONFIG_FILE, TrainConfig
+from saekit.training.crosslayer_run import train_multisite, trains_multisite
 from saekit.training.distributed import DistEnv, destroy_process_group
 from saekit.training.many import train_many
 from saekit.training.run import TrainOutcome, _as_config, _train
@@ -41,6 +43,8 @@ def train(
     try:
         # run.progress covers every bar of the run (norm estimate, evaluation), on rank 0 only.
         with progress_off(not (cfg.run.progress and env.is_main)):
+            if trains_multisite(cfg):
+                return train_multisite(cfg, model, dataset, env, given)
             if _trains_many(cfg):
                 return train_many(cfg, model, dataset, env, given)  # type: ignore[return-value]
             return _train(cfg, model, dataset, env, given)

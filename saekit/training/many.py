@@ -62,6 +62,7 @@ from saekit.training.run import (
     _seed_everything,
     _wandb_sinks,
     fit_in_run_dir,
+    load_run_model,
     periodic_evaluator,
 )
 from saekit.training.runlog import LOG_FILE, read_log
@@ -141,19 +142,7 @@ def train_many(
     _preflight(cfg, model, dataset)
     _seed_everything(cfg.run.seed)
 
-    from saekit.models import load_model
-
-    if model is not None:
-        backend = load_model(model, backend=cfg.data.backend, device=cfg.run.model_device
-                             or cfg.run.device)
-        device = cfg.run.device or str(backend.device)
-    else:
-        device = _device(cfg.run.device)
-        backend = load_model(
-            cfg.data.model, backend=cfg.data.backend, device=cfg.run.model_device or device,
-            device_map=cfg.data.device_map,
-        )
-    device = str(local_device(device, env))
+    backend, device = load_run_model(cfg, model, env)
     check_train_dtype(cfg.run.dtype, device)
     check_context_size(backend, cfg.data.context_size)
     # Every hook pattern and SAE name is checked before any text is read.

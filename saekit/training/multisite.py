@@ -162,9 +162,9 @@ class SideBySideModels:
     def __init__(self, models: Sequence[Any]) -> None:
         if len(models) < 2:
             raise ValueError("side-by-side models need at least two models")
-        first = _vocabulary(models[0].tokenizer)
+        first = vocabulary(models[0].tokenizer)
         for i, model in enumerate(models[1:], start=1):
-            if _vocabulary(model.tokenizer) != first:
+            if vocabulary(model.tokenizer) != first:
                 raise ValueError(
                     f"model {i} tokenizes differently from model 0; a crosscoder compares "
                     "models on the same tokens, so they must share a tokenizer"
@@ -207,7 +207,8 @@ class SideBySideModels:
         raise ValueError("side-by-side models have no single set of logits; ask each model")
 
 
-def _vocabulary(tokenizer: Any) -> Any:
+def vocabulary(tokenizer: Any) -> Any:
+    """What decides how a tokenizer splits text, compared to tell two tokenizers apart."""
     vocab = getattr(tokenizer, "get_vocab", None)
     return vocab() if vocab is not None else tokenizer
 
@@ -295,7 +296,7 @@ def train_crosscoder(
         raise ValueError(
             f"the crosscoder reads width {crosscoder.cfg.d_in}, but {wrong} have other widths"
         )
-    _record_sites(crosscoder, listed, site_hooks, context_size)
+    record_sites(crosscoder, listed, site_hooks, context_size)
     trainer = Trainer(
         SAEJob(crosscoder, training, name="crosscoder"), StackedBatches(store, keys), run_dir,
         checkpoint_every=checkpoint_every, progress=progress,
@@ -303,9 +304,12 @@ def train_crosscoder(
     return trainer.fit(resume=resume)
 
 
-def _record_sites(
+def record_sites(
     crosscoder: Crosscoder, models: list[Any], hooks: list[str], context_size: int
 ) -> None:
+    """Write the crosscoder's sites into its metadata: the hook of every site
+    (`hook_names`), the models' names across several models (`model_names`), the one hook
+    name when every site reads the same hook, and the context size."""
     meta = crosscoder.cfg.metadata
     meta.extra[SITE_HOOKS_KEY] = list(hooks)
     names = [getattr(m, "name", None) for m in models]

@@ -142,22 +142,7 @@ def _train(
     _preflight(cfg, model, dataset)
     _seed_everything(cfg.run.seed)
 
-    from saekit.models import load_model
-
-    model_device = cfg.run.model_device
-    if model is not None:
-        # A model the caller built stays where they put it unless a device is asked for.
-        backend = load_model(
-            model, backend=cfg.data.backend, device=model_device or cfg.run.device
-        )
-        device = cfg.run.device or str(backend.device)
-    else:
-        device = _device(cfg.run.device)
-        backend = load_model(
-            cfg.data.model, backend=cfg.data.backend, device=model_device or device,
-            device_map=cfg.data.device_map,
-        )
-    device = str(local_device(device, env))
+    backend, device = load_run_model(cfg, model, env)
     check_train_dtype(cfg.run.dtype, device)
     check_context_size(backend, cfg.data.context_size)
     saved_state = _read_run_state(run_dir) if resume else None
@@ -207,18 +192,46 @@ def _train(
     if heldout is not None and metrics:
         metrics["evaluated_on"] = heldout.to_dict()
     _check_target_l0(cfg, metrics)
+    write_results(run_dir, trained, result.sparsity["sae"], metrics, sinks)
+    return TrainOutcome(trained, metrics, run_dir, **outcome)
+
+
+def load_run_model(cfg: TrainConfig, model: Any, env: DistEnv) -> tuple[ModelBackend, str]:
+    """(the run's model backend, the device its SAE trains on): `model` when the caller
+    built one (it stays where they put it unless a device is asked for), else
+    `cfg.data.model` loaded onto the run's model device."""
+    from saekit.models import load_model
+
+    model_device = cfg.run.model_device
+    if model is not None:
+        backend = load_model(
+            model, backend=cfg.data.backend, device=model_device or cfg.run.device
+        )
+        device = cfg.run.device or str(backend.device)
+    else:
+        device = _device(cfg.run.device)
+        backend = load_model(
+            cfg.data.model, backend=cfg.data.backend, device=model_device or device,
+            device_map=cfg.data.device_map,
+        )
+    return backend, str(local_device(device, env))
+
+
+def write_results(
+    run_dir: Path, trained: SAE, sparsity: Any, metrics: dict[str, Any], sinks: list[Any]
+) -> None:
+    """A finished run's outputs in its folder: the SAE (with its sparsity) and
+    metrics.json; the metrics' numbers also go to the log sinks as final/NAME."""
     try:
-        trained.save(run_dir, sparsity=result.sparsity["sae"])
+        trained.save(run_dir, sparsity=sparsity)
     except DiskFullError as err:
         raise DiskFullError(
             f"{err}. The run's final checkpoint is kept: free some space and finish with "
             f"`saekit train --resume {run_dir}`", err.path, err.needed,
         ) from err
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    if sinks:
-        for sink in sinks:
-            sink({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    return TrainOutcome(trained, metrics, run_dir, **outcome)
+    for sink in sinks:
+        sink({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def _check_target_l0(cfg: TrainConfig, metrics: dict[str, Any]) -> None:

@@ -92,6 +92,19 @@
     return span;
   };
 
+  // A crosscoder latent's relative decoder norm nb / (na + nb), rounded as float32 at each
+  // step as Python computes it, so that its class here is the class Python gives it.
+  S.relativeNorm = function (na, nb) {
+    const total = Math.fround(na + nb);
+    return total > 0 ? Math.fround(nb / Math.max(total, Math.fround(1e-30))) : NaN;
+  };
+  // The class of a relative norm (saekit.saes.crosscoder.classify_latents' rule).
+  S.normClass = function (relative, band) {
+    if (Number.isNaN(relative)) return "neither";
+    if (relative < band) return "a_only";
+    return relative > 1 - band ? "b_only" : "shared";
+  };
+
   S.fmt = (x) => (x === 0 ? "0" : !Number.isFinite(x) ? "–" : Number(x).toPrecision(3));
 
   // "SAE … · model … · hook …": which SAE these pages describe.
@@ -100,6 +113,7 @@
     if (site.sae) parts.push("SAE " + site.sae);
     if (site.model) parts.push("model " + site.model);
     if (site.hook) parts.push("hook " + site.hook);
+    if (site.crosscoder) parts.push("sites " + site.crosscoder.site_names.join(", "));
     parts.push(site.d_sae.toLocaleString() + " latents");
     parts.push("statistics over " + site.n_tokens.toLocaleString() + " tokens");
     return parts.join(" · ");

@@ -1,5 +1,7 @@
 // The index of latents: sort orders, a search box (latent number or token), shown a page of
 // rows at a time so that a million latents stay quick. State lives in the address's #hash.
+// A crosscoder's index also shows each latent's relative decoder norm and class, filters by
+// class and sorts by relative norm.
 (async function () {
   "use strict";
   const S = window.SAEKIT;
@@ -37,16 +39,35 @@
     const label = column.replace(".", " ").replace(/_/g, " ");
     orders["score:" + column] = ["explanation score (" + label + ")", (i) => values[i], true];
   }
+  // Crosscoders: classes by code as Python stored them (site.crosscoder.classes[code]).
+  const xc = site.crosscoder;
+  const classFilter = document.getElementById("class-filter");
+  if (xc) {
+    const [nameA, nameB] = [xc.site_names[xc.a], xc.site_names[xc.b]];
+    orders.relative = ["relative decoder norm (0: " + nameA + ", 1: " + nameB + ")",
+      (i) => cols.relative_norm[i], false];
+    classFilter.add(new Option("all (" + d.toLocaleString() + ")", ""));
+    xc.classes.forEach((name, code) => {
+      if (xc.counts[code] || name !== "neither") {
+        classFilter.add(new Option(xc.labels[code] + " (" + xc.counts[code].toLocaleString() +
+          ")", name));
+      }
+    });
+    document.getElementById("class-control").hidden = false;
+    for (const el of document.querySelectorAll(".crosscoder")) el.hidden = false;
+  }
   for (const [key, [label]] of Object.entries(orders)) sortSelect.add(new Option(label, key));
   const explained = site.score_columns.length > 0 || site.explained_shards.length > 0;
   document.getElementById("explanation-head").hidden = !explained;
 
-  const state = { sort: "index", descending: false, query: "", limit: PAGE };
+  const state = { sort: "index", descending: false, query: "", cls: "", limit: PAGE };
   const hash = new URLSearchParams(location.hash.slice(1));
   if (hash.get("sort") in orders) state.sort = hash.get("sort");
   state.descending = hash.has("desc") ? hash.get("desc") === "1" : orders[state.sort][2];
   state.query = hash.get("q") || "";
   search.value = state.query;
+  if (xc && xc.classes.includes(hash.get("class"))) state.cls = hash.get("class");
+  classFilter.value = state.cls;
 
   // Which latents match the query (null: all). A number is that latent; text matches every
   // token whose text contains it (case-insensitive), and a latent matches when it fires on
@@ -129,9 +150,20 @@
     }
   }
 
+  // The latents of the chosen class (null: no class chosen, or not a crosscoder).
+  function ofClass(cls) {
+    if (!xc || !cls) return null;
+    const code = xc.classes.indexOf(cls);
+    const keep = new Uint8Array(d);
+    for (let i = 0; i < d; i++) keep[i] = cols.norm_class[i] === code ? 1 : 0;
+    return keep;
+  }
+
   function render() {
-    const match = matching(state.query);
-    const order = match ? sortedLatents().filter((i) => match[i]) : sortedLatents();
+    const match = matching(state.query), inClass = ofClass(state.cls);
+    const order = match || inClass
+      ? sortedLatents().filter((i) => (!match || match[i]) && (!inClass || inClass[i]))
+      : sortedLatents();
     const fragment = document.createDocumentFragment();
     const cells = [];
     for (const i of order.slice(0, state.limit)) {
@@ -147,6 +179,15 @@
       numberCell(tr, density[i], "fires on " + cols.fire_count[i].toLocaleString() + " tokens");
       numberCell(tr, cols.max_act[i]);
       numberCell(tr, cols.mean_act[i]);
+      if (xc) {
+        numberCell(tr, cols.relative_norm[i]);
+        const cell = document.createElement("td");
+        const code = cols.norm_class[i];
+        cell.className = "norm-class " + xc.classes[code];
+        cell.dataset.cls = xc.classes[code];
+        cell.textContent = xc.labels[code];
+        tr.appendChild(cell);
+      }
       if (explained) {
         const cell = document.createElement("td");
         cell.className = "explanation";
@@ -186,6 +227,7 @@
     }
     const params = new URLSearchParams({ sort: state.sort, desc: state.descending ? "1" : "0" });
     if (state.query) params.set("q", state.query);
+    if (state.cls) params.set("class", state.cls);
     history.replaceState(null, "", "#" + params);
   }
 
@@ -208,6 +250,11 @@
   orderButton.addEventListener("click", () => sortBy(state.sort));
   search.addEventListener("input", () => {
     state.query = search.value;
+    state.limit = PAGE;
+    render();
+  });
+  classFilter.addEventListener("change", () => {
+    state.cls = classFilter.value;
     state.limit = PAGE;
     render();
   });
@@ -249,7 +296,26 @@
   }
   document.getElementById("density-log").addEventListener("change", densityChart);
 
+  // Overview for crosscoders: class sizes and a histogram of relative norms on [0, 1].
+  function relativeChart() {
+    document.getElementById("relative-overview").hidden = false;
+    document.getElementById("class-counts").textContent = xc.classes
+      .map((name, code) => xc.labels[code] + ": " + xc.counts[code].toLocaleString())
+      .join(" · ") + " (exclusive below " + xc.band + " and above " + (1 - xc.band) + ")";
+    const nBins = 20;
+    const bars = Array.from({ length: nBins }, (_, b) => ({
+      count: 0, label: (b / nBins).toFixed(2) + " to " + ((b + 1) / nBins).toFixed(2) }));
+    for (let i = 0; i < d; i++) {
+      const x = cols.relative_norm[i];
+      if (!Number.isNaN(x)) bars[Math.min(nBins - 1, Math.floor(x * nBins))].count += 1;
+    }
+    const labels = [[0, "0 " + xc.site_names[xc.a]], [0.5, "0.5"], [1, xc.site_names[xc.b] + " 1"]];
+    document.getElementById("relative-histogram").replaceChildren(
+      S.barChart(bars, labels, false, "latents"));
+  }
+
   densityChart();
+  if (xc) relativeChart();
   render();
 })().catch((err) => {
   document.getElementById("message").textContent = "cannot show the index: " + err.message;

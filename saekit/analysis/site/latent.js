@@ -1,5 +1,6 @@
 // One latent's page: latent.html#N loads the statistics shard holding latent N (and its
-// explanations, if any), then draws examples, quantile bands, histogram and logit effects.
+// explanations, if any), then draws examples, quantile bands, histogram and logit effects;
+// for a crosscoder also its decoder norm at every site, relative norm and class.
 (function () {
   "use strict";
   const S = window.SAEKIT;
@@ -53,6 +54,10 @@
       if (!ids) continue;
       const n = ids.shape[1];
       out[name] = Array.from({ length: n }, (_, j) => [ids[r * n + j], values[r * n + j]]);
+    }
+    if (a.site_norms) {
+      const n = a.site_norms.shape[1];
+      out.siteNorms = Array.from(a.site_norms.slice(r * n, (r + 1) * n));
     }
     return out;
   }
@@ -166,6 +171,24 @@
     box.appendChild(meta);
   }
 
+  // A crosscoder latent: its relative norm between sites a and b, its class, and each
+  // site's decoder norm with its share of the sum.
+  function sites(norms) {
+    const xc = site.crosscoder;
+    document.getElementById("sites").hidden = !(xc && norms);
+    if (!xc || !norms) return;
+    const relative = S.relativeNorm(norms[xc.a], norms[xc.b]);
+    const cls = S.normClass(relative, xc.band);
+    document.getElementById("relative-norm").textContent = S.fmt(relative);
+    const label = document.getElementById("norm-class");
+    label.textContent = xc.labels[xc.classes.indexOf(cls)];
+    label.dataset.cls = cls;
+    const total = norms.reduce((x, y) => x + y, 0);
+    document.getElementById("site-norms").textContent = norms.map((norm, s) =>
+      xc.site_names[s] + " " + S.fmt(norm) +
+      (total > 0 ? " (" + (100 * norm / total).toFixed(0) + "%)" : "")).join(" · ");
+  }
+
   let current = null;
   function draw() {
     const d = current;
@@ -176,6 +199,7 @@
       "density " + S.fmt(density) + (density > 0 ? " (log10 " + Math.log10(density).toFixed(2) +
       ")" : "") + " · fires on " + d.fireCount.toLocaleString() + " tokens · max activation " +
       S.fmt(d.max) + " · mean when firing " + S.fmt(d.mean);
+    sites(d.siteNorms);
     const scale = d.max > 0 ? d.max : 1;
     const top = clear("top");
     if (!d.top.length) top.innerHTML = '<p class="empty">no activating examples</p>';

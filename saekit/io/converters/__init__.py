@@ -62,6 +62,9 @@ _MARKERS = (
     ("params.safetensors", "gemma_scope_2"),
     ("hyperparams.json", "llama_scope"),
     ("ae.pt", "dictionary_learning"),
+    # Whole cross-layer transcoders: one file per layer.
+    ("params_layer_0.safetensors", "gemma_scope_2_clt"),
+    ("W_enc_0.safetensors", "mntss_clt"),
 )
 
 

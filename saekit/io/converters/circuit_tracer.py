@@ -7,18 +7,22 @@ repos: d_model and d_feature under `value`) and `config.yaml` (model_name and th
 absent in some repos). f = ReLU(x @ W_enc.T + b_enc), out = f @ W_dec + b_dec (+ x @ W_skip.T).
 
 mntss cross-layer transcoders (`mntss/clt-*`): per source layer n, `W_enc_<n>.safetensors`
-(W_enc_<n> [d_sae, d_in], b_enc_<n>, b_dec_<n> [d_out], and threshold_<n> [d_sae] when the
-activation is JumpReLU) and `W_dec_<n>.safetensors` (W_dec_<n> [d_sae, n_layers - n, d_out]:
-one decoder per layer from n on), with `config.yaml` naming the model and hooks. The CLT's
-output at layer m sums the writes of every layer n <= m; saekit has no CLT architecture, so a
-layer loads as the part that one transcoder represents exactly: layer n's encoder (the CLT's
-own latents, exactly) and its decoder into layer n itself, with b_dec_<n>. Its output is
-therefore what layer n's latents write to layer n, not the CLT's whole reconstruction there
-(which also holds earlier layers' writes); the decoders into later layers are left out and
-counted in the metadata. (SAELens sums a layer's decoders instead, which matches no output of
-the CLT.) The `mntss_clt` layout loads the whole CLT instead, as saekit's `clt` architecture:
-W_enc_<n> transposed and stacked into W_enc [n_layers, d_in, d_sae], b_enc_<n>, b_dec_<n> and
-threshold_<n> stacked, and each W_dec_<n> kept as it is (the same name and shape in saekit).
+(W_enc_<n> [d_sae, d_in], b_enc_<n>, b_dec_<n> [d_out], threshold_<n> [d_sae] when the
+activation is JumpReLU, and W_skip_<n> [d_in, d_out] when the CLT has a skip connection,
+added to layer n's output as x_n @ W_skip_<n>) and `W_dec_<n>.safetensors` (W_dec_<n>
+[d_sae, n_layers - n, d_out]: one decoder per layer from n on), with `config.yaml` naming the
+model and hooks. The CLT's output at layer m sums the writes of every layer n <= m. The
+`mntss_clt_layer_transcoder` layout loads one layer as the part that one transcoder
+represents exactly: layer n's encoder (the CLT's own latents, exactly) and its decoder into
+layer n itself, with b_dec_<n> (and layer n's skip path, if any: it writes to layer n alone).
+Its output is therefore what layer n's latents write to layer n, not the CLT's whole
+reconstruction there (which also holds earlier layers' writes); the decoders into later
+layers are left out and counted in the metadata. (SAELens sums a layer's decoders instead,
+which matches no output of the CLT.) The `mntss_clt` layout loads the whole CLT instead, as
+saekit's `clt` architecture: W_enc_<n> transposed and stacked into W_enc [n_layers, d_in,
+d_sae], b_enc_<n>, b_dec_<n> and threshold_<n> stacked, each W_dec_<n> kept as it is (the
+same name and shape in saekit), and W_skip_<n> transposed and stacked into W_skip
+[n_layers, d_out, d_in].
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from saekit.io.converters.files import check_shape, exact_keys, layer_from, read
 from saekit.io.headers import safetensors_header
 from saekit.io.native import read_safetensors
 from saekit.io.sources import FileSource, join
+from saekit.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +162,10 @@ def convert_mntss_clt_layer(source: FileSource, ctx: ConvertContext) -> Converte
     enc_path = join(root, f"W_enc_{layer}.safetensors")
     where_enc = source.describe(enc_path)
     enc = source.read(enc_path, read_safetensors)
-    names = {k: f"{k}_{layer}" for k in ("W_enc", "b_enc", "b_dec", "threshold")}
+    names = {k: f"{k}_{layer}" for k in ("W_enc", "b_enc", "b_dec", "threshold", "W_skip")}
     exact_keys(
-        enc, (names["W_enc"], names["b_enc"], names["b_dec"]), where_enc, (names["threshold"],)
+        enc, (names["W_enc"], names["b_enc"], names["b_dec"]), where_enc,
+        (names["threshold"], names["W_skip"]),
     )
     d_sae, d_in = enc[names["W_enc"]].shape
     d_out = enc[names["b_dec"]].shape[0]
@@ -187,6 +193,10 @@ def convert_mntss_clt_layer(source: FileSource, ctx: ConvertContext) -> Converte
         check_shape(enc[names["threshold"]], (d_sae,), names["threshold"], where_enc)
         tensors["threshold"] = enc[names["threshold"]]
         architecture = "jumprelu_transcoder"
+    if names["W_skip"] in enc:
+        check_shape(enc[names["W_skip"]], (d_in, d_out), names["W_skip"], where_enc)
+        tensors["W_skip"] = enc[names["W_skip"]].T.contiguous()  # [d_out, d_in], x @ W.T
+        architecture = architecture.replace("transcoder", "skip_transcoder")
     if shape[1] > 1:
         log.info(
             "%s: loaded layer %d of a cross-layer transcoder with its decoder into layer %d "
@@ -226,20 +236,27 @@ def convert_mntss_clt(source: FileSource, ctx: ConvertContext) -> Converted:
     raw = source.read(cfg_path, read_yaml)
     hook_in, hook_out = _hooks_cfg(raw, source.describe(cfg_path))
     n_layers = _clt_layer_count(source, root)
-    W_enc, b_enc, b_dec, thresholds, tensors = [], [], [], [], {}
+    W_enc, b_enc, b_dec, thresholds, skips, tensors = [], [], [], [], [], {}
     shape: tuple[int, int] | None = None
-    for layer in range(n_layers):
+    for layer in bar(range(n_layers), desc="reading the CLT", unit="layer", delay=2.0):
         path = join(root, f"W_enc_{layer}.safetensors")
         where = source.describe(path)
         enc = source.read(path, read_safetensors)
-        names = {k: f"{k}_{layer}" for k in ("W_enc", "b_enc", "b_dec", "threshold")}
+        names = {k: f"{k}_{layer}" for k in ("W_enc", "b_enc", "b_dec", "threshold", "W_skip")}
         exact_keys(enc, (names["W_enc"], names["b_enc"], names["b_dec"]), where,
-                   (names["threshold"],))
+                   (names["threshold"], names["W_skip"]))
         if shape is None:
             shape = tuple(enc[names["W_enc"]].shape)  # type: ignore[assignment]
             has_threshold = names["threshold"] in enc
+            has_skip = names["W_skip"] in enc
         assert shape is not None
         d_sae, d_model = shape
+        if (names["W_skip"] in enc) != has_skip:
+            raise ValueError(f"{where}: some layers have skip weights (W_skip_<n>) and others "
+                             "not; a CLT has a skip connection in every layer or in none")
+        if has_skip:
+            check_shape(enc[names["W_skip"]], (d_model, d_model), names["W_skip"], where)
+            skips.append(enc[names["W_skip"]].T)  # applied as x @ W_skip_<n>
         check_shape(enc[names["W_enc"]], (d_sae, d_model), names["W_enc"], where)
         check_shape(enc[names["b_enc"]], (d_sae,), names["b_enc"], where)
         check_shape(enc[names["b_dec"]], (d_model,), names["b_dec"], where)
@@ -265,6 +282,8 @@ def convert_mntss_clt(source: FileSource, ctx: ConvertContext) -> Converted:
     })
     if thresholds:
         tensors["threshold"] = torch.stack(thresholds)
+    if skips:
+        tensors["W_skip"] = torch.stack(skips).contiguous()  # [n_layers, d_out, d_in]
     metadata = {
         "model_name": raw.get("model_name") or ctx.model,
         "hook_names": [_hook(layer, hook_in) for layer in range(n_layers)],
@@ -282,4 +301,6 @@ def convert_mntss_clt(source: FileSource, ctx: ConvertContext) -> Converted:
         "activation_fn": "jumprelu" if thresholds else "relu",
         "metadata": {k: v for k, v in metadata.items() if v is not None},
     }
+    if skips:
+        cfg["skip_connection"] = True
     return Converted(cfg, tensors)

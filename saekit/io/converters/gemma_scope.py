@@ -7,7 +7,9 @@ Gemma Scope 2 (Gemma 3): `params.safetensors` in folders such as
 W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec and a per-latent threshold (some files
 spell the matrices `w_enc`/`w_dec`), and neither subtracts b_dec from the input. Gemma Scope
 2's `*_affine` transcoders also hold `affine_skip_connection` [d_in, d_out], added to the output
-as x @ affine_skip_connection: they load as `jumprelu_skip_transcoder`.
+as x @ affine_skip_connection: they load as `jumprelu_skip_transcoder`. Its cross-layer
+transcoders (`clt/...`, one file per layer) load whole as a `clt`, the `_affine` ones with
+their skip connection.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from saekit.config import dtype_name
@@ -32,9 +35,11 @@ from saekit.io.converters.base import (
     current_cfg,
     pick,
 )
+from saekit.io.converters.files import exact_keys
 from saekit.io.headers import TensorHeader, npz_headers, safetensors_header
 from saekit.io.native import read_json, read_safetensors
 from saekit.io.sources import FileSource, join
+from saekit.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +249,88 @@ def convert_gemma_scope_2(source: FileSource, ctx: ConvertContext) -> Converted:
 
 
 CLT_FILE = "params_layer_{layer}.safetensors"
+_CLT_KEYS = ("w_enc", "b_enc", "b_dec", "threshold", "w_dec")
+
+
+def _clt_layer_reader(layer: int, n_layers: int, where: str):  # noqa: ANN202 - a reader
+    """A reader of one `params_layer_<n>.safetensors`: every tensor but w_dec whole, and of
+    w_dec [d_sae, n_layers, d_out] only the slots of layers `layer`.. (the earlier slots are
+    read one at a time to check that they are zero, never all at once)."""
+
+    def read(file: Path) -> dict[str, Tensor]:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                out = {k: handle.get_tensor(k) for k in handle.keys() if k != "w_dec"}  # noqa: SIM118
+                w_dec = handle.get_slice("w_dec")
+                earlier = [float(w_dec[:, slot].abs().max()) for slot in range(layer)]
+                out["w_dec"] = w_dec[:, layer:].contiguous()
+        except SafetensorError as err:
+            raise ValueError(f"{file} could not be read as safetensors ({err})") from err
+        if any(value > 0 for value in earlier):
+            log.warning("%s: decoders into layers before %d are not zero; a CLT writes only "
+                        "to its own and later layers, so they are dropped", where, layer)
+        return out
+
+    return read
+
+
+def _clt_layer_tensors(
+    source: FileSource, folder: str, layer: int, n_layers: int, affine: bool
+) -> dict[str, Tensor]:
+    """One layer's tensors, checked from the file's header before anything is read:
+    w_enc [d_in, d_sae], b_enc and threshold [d_sae], b_dec [d_out], w_dec [d_sae, n_layers,
+    d_out] and, in every layer of an affine CLT, affine_skip_connection [d_in, d_out]."""
+    path = join(folder, CLT_FILE.format(layer=layer))
+    where = source.describe(path)
+    header = {k: h.shape for k, h in source.read(path, safetensors_header).items()}
+    if (AFFINE in header) != affine:
+        raise ValueError(
+            f"{where} {'lacks' if affine else 'holds'} {AFFINE}, unlike layer 0; every layer "
+            "of a CLT has a skip connection or none does"
+        )
+    exact_keys(header, _CLT_KEYS + ((AFFINE,) if affine else ()), where)
+    if len(header["w_enc"]) != 2 or len(header["w_dec"]) != 3:
+        raise ValueError(
+            f"{where}: w_enc {list(header['w_enc'])} and w_dec {list(header['w_dec'])} must be "
+            "[d_in, d_sae] and [d_sae, n_layers, d_out]"
+        )
+    d_in, d_sae = header["w_enc"]
+    d_out = header["w_dec"][2]
+    expected = {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out,),
+                "w_dec": (d_sae, n_layers, d_out), AFFINE: (d_in, d_out)}
+    for name, shape in expected.items():
+        if name in header and tuple(header[name]) != shape:
+            raise ValueError(
+                f"{where}: {name} has shape {list(header[name])}, expected {list(shape)} (w_enc "
+                f"is {list(header['w_enc'])}; the folder holds {n_layers} layers, each with a "
+                "decoder slot per layer)"
+            )
+    return source.read(path, _clt_layer_reader(layer, n_layers, where))
+
+
+def _check_clt_type(source: FileSource, folder: str) -> None:
+    """The folder's config.json, where there is one, must call it a CLT (crosscoders and
+    single-layer SAEs sit beside the CLTs in the same repos)."""
+    path = join(folder, "config.json")
+    if source.fetch(path, required=False) is None:
+        return
+    kind = source.read(path, read_json).get("type", "clt")
+    if kind != "clt":
+        raise ValueError(
+            f"{source.describe(path)}: type is {kind!r}, not 'clt'; layout gemma_scope_2_clt "
+            "reads cross-layer transcoders only"
+        )
 
 
 def convert_gemma_scope_2_clt(source: FileSource, ctx: ConvertContext) -> Converted:
-    """A Gemma Scope 2 cross-layer transcoder (folders such as
-    `clt/width_262k_l0_medium`): `params_layer_<n>.safetensors` per layer n with w_enc
-    [d_in, d_sae], b_enc, b_dec [d_out], threshold [d_sae] and w_dec [d_sae, n_layers, d_out]
-    (a slot for every layer; those before n are not part of the CLT and are dropped, as
-    circuit-tracer does). Loaded as saekit's `clt` (JumpReLU). The `_affine` variants add a
-    per-layer skip connection, which saekit's CLT does not have: they are refused."""
+    """A Gemma Scope 2 cross-layer transcoder (folders such as `clt/width_262k_l0_big` and
+    `clt/width_262k_l0_medium_affine`): `params_layer_<n>.safetensors` per layer n with
+    w_enc [d_in, d_sae], b_enc, b_dec [d_out], threshold [d_sae] and w_dec [d_sae, n_layers,
+    d_out] (a slot for every layer; those before n are not part of the CLT and are dropped,
+    as circuit-tracer does), beside a config.json (architecture jump_relu, type clt,
+    affine_connection). Loaded as saekit's `clt` (JumpReLU). The `_affine` CLTs also hold
+    affine_skip_connection [d_in, d_out] per layer, added to that layer's output as x @ A:
+    they load with `skip_connection` on, W_skip[n] = A.T."""
     folder = ctx.folder.strip("/")
     n_layers = 0
     while source.fetch(join(folder, CLT_FILE.format(layer=n_layers)), required=False):
@@ -262,39 +340,40 @@ def convert_gemma_scope_2_clt(source: FileSource, ctx: ConvertContext) -> Conver
             f"{source.describe(folder or '.')} holds no {CLT_FILE.format(layer=0)}; a Gemma "
             "Scope 2 CLT has one params_layer_<n>.safetensors per layer"
         )
+    first = join(folder, CLT_FILE.format(layer=0))
+    affine = AFFINE in source.read(first, safetensors_header)
+    _check_gemma_scope_2_config(source, folder, affine)
+    _check_clt_type(source, folder)
+    # A local folder given as the release itself has its name in the source, not in `folder`.
+    if (folder or source.describe().rstrip("/")).endswith("_affine") != affine:
+        raise ValueError(
+            f"{source.describe(first)}: the folder name says {'an' if not affine else 'no'} "
+            f"affine skip connection but the file holds {'one' if affine else 'none'} "
+            f"({AFFINE}); the folder and its weights do not match"
+        )
     stacked: dict[str, list[Tensor]] = {"W_enc": [], "b_enc": [], "b_dec": [], "threshold": []}
+    skips: list[Tensor] = []
     tensors: dict[str, Tensor] = {}
-    for layer in range(n_layers):
-        path = join(folder, CLT_FILE.format(layer=layer))
-        where = source.describe(path)
-        stored = source.read(path, read_safetensors)
-        if AFFINE in stored:
+    shapes: tuple[int, ...] | None = None
+    for layer in bar(range(n_layers), desc="reading the CLT", unit="layer", delay=2.0):
+        stored = _clt_layer_tensors(source, folder, layer, n_layers, affine)
+        layer_shapes = (*stored["w_enc"].shape, stored["b_dec"].shape[0])
+        if shapes is not None and layer_shapes != shapes:
             raise ValueError(
-                f"{where} holds {AFFINE}: this CLT has a skip connection per layer, which "
-                "saekit's clt architecture does not have yet; load a CLT without '_affine'"
+                f"{source.describe(join(folder, CLT_FILE.format(layer=layer)))}: [d_in, d_sae, "
+                f"d_out] is {list(layer_shapes)}, but layer 0's is {list(shapes)}"
             )
-        for key in ("w_enc", "b_enc", "b_dec", "threshold", "w_dec"):
-            if key not in stored:
-                raise ValueError(f"{where} has no tensor {key!r} (found {sorted(stored)})")
-        unknown = sorted(set(stored) - {"w_enc", "b_enc", "b_dec", "threshold", "w_dec"})
-        if unknown:
-            raise ValueError(f"{where} holds tensors saekit does not know: {unknown}")
-        d_in, d_sae = stored["w_enc"].shape
-        w_dec = stored["w_dec"]
-        if w_dec.ndim != 3 or w_dec.shape[0] != d_sae or w_dec.shape[1] != n_layers:
-            raise ValueError(
-                f"{where}: w_dec has shape {list(w_dec.shape)}, expected [{d_sae}, {n_layers}, "
-                "d_out] (one decoder slot per layer of the folder)"
-            )
-        earlier = w_dec[:, :layer]
-        if earlier.numel() and bool(earlier.abs().max() > 0):
-            log.warning("%s: decoders into layers before %d are not zero; a CLT writes only "
-                        "to its own and later layers, so they are dropped", where, layer)
-        tensors[f"W_dec_{layer}"] = w_dec[:, layer:].contiguous()
+        shapes = layer_shapes
+        tensors[f"W_dec_{layer}"] = stored["w_dec"]
         stacked["W_enc"].append(stored["w_enc"])
         for key in ("b_enc", "b_dec", "threshold"):
             stacked[key].append(stored[key])
+        if affine:
+            # Stored [d_in, d_out] and added as x @ A; saekit's W_skip is [d_out, d_in].
+            skips.append(stored[AFFINE].T)
     tensors.update({key: torch.stack(values) for key, values in stacked.items()})
+    if affine:
+        tensors["W_skip"] = torch.stack(skips).contiguous()
     d_in, d_sae = tensors["W_enc"].shape[1:]
     metadata = {
         **_GS2_METADATA,
@@ -310,4 +389,6 @@ def convert_gemma_scope_2_clt(source: FileSource, ctx: ConvertContext) -> Conver
         "reshape_activations": "none", "n_layers": n_layers, "activation_fn": "jumprelu",
         "metadata": {k: v for k, v in metadata.items() if v is not None},
     }
+    if affine:
+        cfg["skip_connection"] = True
     return Converted(cfg, tensors)
