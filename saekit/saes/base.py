@@ -217,6 +217,8 @@ class SAE(nn.Module):
     loss_coefficients: ClassVar[dict[str, str | None]] = {}
     #: What revives latents that stopped firing (a loss term, resampling, both or neither).
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy()
+    #: Whether `SAEConfig.skip_connection` may turn on a linear path from input to output.
+    optional_skip_connection: ClassVar[bool] = False
     #: Adam's peak learning rate when the training config leaves it unset.
     default_lr: ClassVar[float] = 1e-3
     #: Norm of a resampled latent's encoder column, as a share of the live columns' mean
@@ -245,6 +247,12 @@ class SAE(nn.Module):
             raise ValueError(
                 f"d_out={cfg.d_out} differs from d_in={cfg.d_in}, which only transcoders support; "
                 "use architecture 'transcoder' or 'skip_transcoder'"
+            )
+        if cfg.skip_connection and not self.optional_skip_connection:
+            raise ValueError(
+                f"skip_connection is an option of cross-layer transcoders, not of "
+                f"{cfg.architecture!r}; a per-layer transcoder with a skip path is "
+                "'skip_transcoder' or 'jumprelu_skip_transcoder'"
             )
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -823,6 +831,30 @@ def _unit_rows(rows: Tensor) -> Tensor:
 def squared_error(recon: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens of the squared error summed over features."""
     return (recon - target).pow(2).sum(dim=-1).mean()
+
+
+def unexplained_share(recon: Tensor, target: Tensor) -> Tensor:
+    """The squared error of `recon` over the variance of `target` about its batch mean.
+
+    AuxK is measured this way (Gao et al. 2024): the residual it explains is a small share
+    of the input once training is under way, and a plain squared error of it would give
+    the dead latents gradients a hundredth of the live ones', which Adam, its moment
+    estimates carrying the latents' live past, turns into steps far below the lr."""
+    spread = squared_error(target.mean(dim=0, keepdim=True), target).clamp_min(1e-12)
+    return squared_error(recon, target) / spread
+
+
+def auxiliary_reconstruction(
+    values: Tensor, latents: Tensor, W_dec: Tensor, residual: Tensor, k_aux: int
+) -> Tensor:
+    """AuxK's term (Gao et al. 2024) for `latents`, whose values on each token are `values`
+    [batch, n] (built with their graph): every token keeps its k_aux largest positive values,
+    which, decoded through those latents' rows of W_dec, must explain `residual` (what the
+    live latents missed). Returns their `unexplained_share` of it."""
+    top = values.detach().topk(min(k_aux, values.shape[1]), dim=1, sorted=False)
+    kept = values.gather(1, top.indices) * (top.values > 0)
+    chosen = torch.zeros_like(values).scatter(1, top.indices, kept)
+    return unexplained_share(chosen @ W_dec.index_select(0, latents), residual)
 
 
 def weighted_sum_mean(latents: Tensor, weights: Tensor) -> Tensor:

@@ -12,6 +12,15 @@ layers i, i + 1, ...: a decoder into an earlier layer has no slot to live in), `
 [n_layers, d_out], and `threshold` [n_layers, d_sae] for jumprelu. Inputs and targets are
 stacked per layer: x [..., n_layers, d_in], y [..., n_layers, d_out].
 
+With `cfg.skip_connection` each layer also has a linear path from its own input to its
+output, `W_skip` [n_layers, d_out, d_in] (each layer's as a skip transcoder's W_skip):
+
+    y^_j = sum_{i <= j} f_i @ W_dec_i[:, j - i] + b_dec[j] + x_j @ W_skip[j].T
+
+as Gemma Scope 2's affine CLTs and circuit-tracer compute it. It starts at zero and trains
+with the rest; `decode` gives the decoders' part alone, `reconstruct(x, latents)` and the
+forward pass the whole output.
+
 The latents' rule is `cfg.activation_fn`: relu (L1 penalty weighed by each latent's joint
 decoder norm), jumprelu (L0 through straight-through thresholds), topk (k per token and
 layer) or batchtopk (the top k * batch of each layer; published as jumprelu with the learned
@@ -30,7 +39,13 @@ from torch import Tensor
 
 from saekit.config import SAEConfig, dtype_name
 from saekit.kernels.jumprelu import JumpReLUFunction, StepFunction, TanhPenalty
-from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, TrainingOutput
+from saekit.saes.base import (
+    SAE,
+    DeadLatentRemedy,
+    LossSettings,
+    TrainingOutput,
+    unexplained_share,
+)
 from saekit.saes.registry import register_architecture
 from saekit.saes.topk import THRESHOLD_EMA_RATE, keep_top_k
 
@@ -65,6 +80,7 @@ class CrossLayerTranscoder(SAE):
         "l0": "sparsity_coefficient", "pre_act": "threshold_pre_act_coefficient",
     }
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(loss="aux_k")
+    optional_skip_connection: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         if cfg.activation_fn not in _TOPK_LIKE and cfg.k is not None:
@@ -155,7 +171,14 @@ class CrossLayerTranscoder(SAE):
         shapes["b_dec"] = (n, c.output_width)
         if self.activation_fn == "jumprelu":
             shapes["threshold"] = (n, c.d_sae)
+        if c.skip_connection:
+            shapes["W_skip"] = (n, c.output_width, c.d_in)
         return shapes
+
+    @property
+    def has_skip(self) -> bool:
+        """Whether each layer has a linear path from its input to its output (`W_skip`)."""
+        return self.cfg.skip_connection
 
     def decoders(self) -> list[Tensor]:
         """`W_dec_<i>` for every source layer i, [d_sae, n_layers - i, d_out] each."""
@@ -178,7 +201,8 @@ class CrossLayerTranscoder(SAE):
     def initialize_weights(self) -> None:
         """Each latent's decoders start in random directions with a joint norm of
         `decoder_init_norm`; encoders uniform in +-1/sqrt(d_in) (input and output spaces
-        differ, so no transpose is tied); biases zero, thresholds at jumprelu's start."""
+        differ, so no transpose is tied); biases zero, thresholds at jumprelu's start; the
+        skip path, if any, at zero (the latents explain what they can before it takes over)."""
         c = self.cfg
         bound = 1 / c.d_in**0.5
         self.W_enc.uniform_(-bound, bound)
@@ -227,14 +251,19 @@ class CrossLayerTranscoder(SAE):
 
     def encode_layer(self, x: Tensor, layer: int) -> Tensor:
         """Layer `layer`'s latents [..., d_sae] from its input x [..., d_in]."""
+        return self.encode_layer_parts(x, layer)[1]
+
+    def encode_layer_parts(self, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """(pre-activations, latents) [..., d_sae] of layer `layer` for its input x [..., d_in]
+        (the inference rule)."""
         hidden_pre = self.layer_pre_activations(x, layer)
         rule = self.activation_fn
         if rule == "relu":
-            return torch.relu(hidden_pre)
+            return hidden_pre, torch.relu(hidden_pre)
         if rule == "topk":
             assert self.cfg.k is not None
-            return keep_top_k(torch.relu(hidden_pre), self.cfg.k)
-        return torch.relu(hidden_pre) * (hidden_pre > self.threshold[layer])
+            return hidden_pre, keep_top_k(torch.relu(hidden_pre), self.cfg.k)
+        return hidden_pre, torch.relu(hidden_pre) * (hidden_pre > self.threshold[layer])
 
     def encoder_products(self, centred: Tensor) -> Tensor:
         products = torch.einsum("bld,ldm->blm", centred.to(self.dtype), self.W_enc)
@@ -243,7 +272,8 @@ class CrossLayerTranscoder(SAE):
     # ----- decoding -------------------------------------------------------------------------
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Every layer's output [..., n_layers, d_out] from latents [..., n_layers, d_sae]."""
+        """Every layer's output [..., n_layers, d_out] from latents [..., n_layers, d_sae]:
+        the decoders' part (with a skip connection, `reconstruct` adds the skip path)."""
         self._check_latents(latents)
         return self._decode(latents.to(self.dtype), self.b_dec)
 
@@ -260,7 +290,8 @@ class CrossLayerTranscoder(SAE):
 
     def decode_layer(self, latents: list[Tensor], layer: int) -> Tensor:
         """Layer `layer`'s output [..., d_out] from the latents of layers 0..layer
-        (`latents[i]` [..., d_sae]; later entries, if given, are not read)."""
+        (`latents[i]` [..., d_sae]; later entries, if given, are not read): the decoders'
+        part (with a skip connection, add `layer_skip` of the layer's input)."""
         self._check_layer(layer)
         if len(latents) <= layer:
             raise ValueError(
@@ -272,11 +303,31 @@ class CrossLayerTranscoder(SAE):
             out = out + latents[i].to(self.dtype) @ getattr(self, f"W_dec_{i}")[:, layer - i]
         return out
 
+    def skip(self, x: Tensor) -> Tensor:
+        """The skip path of every layer [..., n_layers, d_out] for inputs [..., n_layers,
+        d_in]: x_l @ W_skip[l].T."""
+        if not self.has_skip:
+            raise ValueError("this CLT has no skip connection (cfg.skip_connection is false)")
+        return torch.einsum("...ld,lod->...lo", x.to(self.dtype), self.W_skip)
+
+    def layer_skip(self, x: Tensor, layer: int) -> Tensor:
+        """Layer `layer`'s skip path [..., d_out] for its input x [..., d_in]."""
+        self._check_layer(layer)
+        if not self.has_skip:
+            raise ValueError("this CLT has no skip connection (cfg.skip_connection is false)")
+        return x.to(self.dtype) @ self.W_skip[layer].T
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        x = self.prepare_input(x)
+        return self.reconstruct(x, self.encode(x))
 
     def reconstruct(self, x: Tensor, latents: Tensor) -> Tensor:
-        return self._decode(latents, self.b_dec)
+        """Every layer's whole output [..., n_layers, d_out] from inputs x [..., n_layers,
+        d_in] and their latents [..., n_layers, d_sae]: the decoders and, with a skip
+        connection, the skip path."""
+        self._check_latents(latents)
+        out = self._decode(latents.to(self.dtype), self.b_dec)
+        return out + self.skip(x) if self.has_skip else out
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -313,7 +364,7 @@ class CrossLayerTranscoder(SAE):
             )
         hidden_pre = self.pre_activations(x)  # [batch, n_layers, d_sae]
         latents = self.training_latents(hidden_pre, settings)
-        recon = self._decode(latents, self.b_dec)
+        recon = self.reconstruct(x, latents)
         losses = {"mse": stacked_squared_error(recon, target)}
         losses.update(self.sparsity_losses(x, hidden_pre, latents, settings))
         if dead_mask is not None and dead_mask.any():
@@ -414,7 +465,7 @@ class CrossLayerTranscoder(SAE):
         values = torch.relu(hidden_pre).gather(-1, top.indices)
         values = torch.where(top.values > 0, values, torch.zeros_like(values))
         aux_latents = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        aux = stacked_squared_error(self._decode(aux_latents, None), residual.detach())
+        aux = unexplained_share(self._decode(aux_latents, None), residual.detach())
         return {"aux_k": settings.aux_k_coefficient * aux}
 
     # ----- dead-latent remedies and starting points -----------------------------------------
@@ -466,6 +517,7 @@ class CrossLayerTranscoder(SAE):
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scale: float) -> None:
+        # The skip path is linear from x to y, both scaled by s: W_skip stays as it is.
         self.W_enc *= scale
         for w in self.decoders():
             w /= scale
@@ -515,30 +567,37 @@ class CrossLayerTranscoder(SAE):
         return save_sae_folder(path, publish.cfg.to_dict(), tensors, flat)
 
 
+#: Per-layer transcoder architectures a CLT can stand for: (latents' rule, skip path).
+_TRANSCODER_RULES = {
+    "transcoder": ("relu", False), "jumprelu_transcoder": ("jumprelu", False),
+    "skip_transcoder": ("relu", True), "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+
+
 def clt_from_transcoders(transcoders: list[SAE]) -> CrossLayerTranscoder:
-    """Per-layer transcoders (ReLU or JumpReLU, layer n's at index n) as one CLT whose
-    cross-layer decoders are zero: the same function, so a set of transcoders splices and
-    evaluates as a replacement model like a CLT does."""
+    """Per-layer transcoders (ReLU or JumpReLU, with or without a skip path; layer n's at
+    index n) as one CLT whose cross-layer decoders are zero: the same function, so a set of
+    transcoders splices and evaluates as a replacement model like a CLT does."""
     if not transcoders:
         raise ValueError("no transcoders given; pass one per layer")
     first = transcoders[0].cfg
-    rules = {"transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
     for n, tc in enumerate(transcoders):
         c = tc.cfg
-        if c.architecture not in rules or c.architecture != first.architecture:
+        if c.architecture not in _TRANSCODER_RULES or c.architecture != first.architecture:
             raise ValueError(
                 f"transcoder {n} is {c.architecture!r}; a CLT is built from transcoders that "
-                f"are all 'transcoder' or all 'jumprelu_transcoder'"
+                f"all have one of the architectures {', '.join(_TRANSCODER_RULES)}"
             )
         if (c.d_in, c.d_sae, c.output_width) != (first.d_in, first.d_sae, first.output_width):
             raise ValueError(f"transcoder {n} has other sizes than transcoder 0")
         if c.apply_b_dec_to_input:
             raise ValueError(f"transcoder {n} subtracts b_dec from its input, which CLTs do not")
     n_layers = len(transcoders)
+    rule, skip = _TRANSCODER_RULES[first.architecture]
     cfg = SAEConfig(
         architecture="clt", d_in=first.d_in, d_sae=first.d_sae, d_out=first.d_out,
         dtype=first.dtype, apply_b_dec_to_input=False, n_layers=n_layers,
-        activation_fn=rules[first.architecture],
+        activation_fn=rule, skip_connection=skip,
     )
     tensors = {
         "W_enc": torch.stack([tc.W_enc.detach() for tc in transcoders]),
@@ -551,6 +610,8 @@ def clt_from_transcoders(transcoders: list[SAE]) -> CrossLayerTranscoder:
         tensors[f"W_dec_{n}"] = decoders
     if cfg.activation_fn == "jumprelu":
         tensors["threshold"] = torch.stack([tc.threshold.detach() for tc in transcoders])
+    if skip:  # both [d_out, d_in] per layer
+        tensors["W_skip"] = torch.stack([tc.W_skip.detach() for tc in transcoders])
     tensors = {k: v.cpu() for k, v in tensors.items()}
     clt = CrossLayerTranscoder.from_tensors(cfg, tensors)
     meta = [tc.cfg.metadata for tc in transcoders]

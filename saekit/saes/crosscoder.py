@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from saekit.config import SAEConfig
-from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, TrainingOutput
+from saekit.saes.base import (
+    SAE,
+    DeadLatentRemedy,
+    LossSettings,
+    TrainingOutput,
+    unexplained_share,
+)
 from saekit.saes.clt import HOOKS_IN_KEY, stacked_input, stacked_squared_error
 from saekit.saes.registry import register_architecture
 from saekit.saes.topk import THRESHOLD_EMA_RATE, keep_top_k
@@ -287,7 +293,7 @@ class Crosscoder(SAE):
         values = torch.relu(hidden_pre).gather(-1, top.indices)
         values = torch.where(top.values > 0, values, torch.zeros_like(values))
         aux_latents = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        aux = stacked_squared_error(self._decode(aux_latents, None), residual.detach())
+        aux = unexplained_share(self._decode(aux_latents, None), residual.detach())
         return {"aux_k": settings.aux_k_coefficient * aux}
 
     # ----- dead-latent remedies -------------------------------------------------------------
@@ -340,16 +346,53 @@ def relative_decoder_norms(crosscoder: SAE, a: int = 0, b: int = 1) -> Tensor:
         raise ValueError(
             f"relative decoder norms are for crosscoders, got a {crosscoder.cfg.architecture!r}"
         )
-    n = crosscoder.n_sites
+    return relative_norms(crosscoder.site_decoder_norms().detach().float(), a, b)
+
+
+def relative_norms(site_norms: Tensor, a: int = 0, b: int = 1) -> Tensor:
+    """`relative_decoder_norms` from the decoder norms themselves, site_norms [d_sae, n_sites]
+    (as `Crosscoder.site_decoder_norms` gives them, or as feature statistics keep them)."""
+    n = site_norms.shape[1]
     for name, site in (("a", a), ("b", b)):
         if not 0 <= site < n:
             raise ValueError(f"site {name}={site} is out of range for a crosscoder over {n} sites")
     if a == b:
         raise ValueError(f"sites a and b must differ, both are {a}")
-    norms = crosscoder.site_decoder_norms().detach().float()
-    norm_a, norm_b = norms[:, a], norms[:, b]
+    norm_a, norm_b = site_norms[:, a], site_norms[:, b]
     total = norm_a + norm_b
     return torch.where(total > 0, norm_b / total.clamp_min(1e-30), torch.nan)
+
+
+def site_shares(site_norms: Tensor) -> Tensor:
+    """[d_sae, n_sites]: each site's share of a latent's decoder norms summed over all sites
+    (rows sum to 1; NaN for a latent with no decoder anywhere). With two sites the share of
+    site 1 is the relative norm."""
+    total = site_norms.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, site_norms / total.clamp_min(1e-30), torch.nan)
+
+
+def site_names(crosscoder: SAE) -> list[str]:
+    """A readable name per site from the metadata: the model names when the sites are several
+    models (with the hook when the hooks differ too), else the hook names, else "site i"."""
+    meta = crosscoder.cfg.metadata
+    n = crosscoder.cfg.n_layers or 0
+    hooks = _names_list(meta.extra.get(SITE_HOOKS_KEY), n)
+    models = _names_list(meta.extra.get(MODELS_KEY), n)
+    if models is not None and len(set(models)) == n:
+        if hooks is not None and len(set(hooks)) > 1:
+            return [f"{model} {hook}" for model, hook in zip(models, hooks, strict=True)]
+        return models
+    if hooks is not None and len(set(hooks)) == n:
+        return hooks
+    return [f"site {i}" for i in range(n)]
+
+
+def _names_list(value: Any, n: int) -> list[str] | None:
+    """`value` when it is n non-empty strings, else None."""
+    if isinstance(value, (list, tuple)) and len(value) == n:
+        if all(isinstance(v, str) and v for v in value):
+            return [str(v) for v in value]
+    return None
 
 
 def classify_latents(relative: Tensor, band: float = EXCLUSIVE_BAND) -> list[str]:

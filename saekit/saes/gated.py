@@ -13,6 +13,7 @@ from saekit.saes.base import (
     SAE,
     DeadLatentRemedy,
     LossSettings,
+    auxiliary_reconstruction,
     squared_error,
     weighted_sum_mean,
 )
@@ -27,7 +28,7 @@ class GatedSAE(SAE):
     unit_norm_decoder: ClassVar[bool] = True
     loss_coefficients: ClassVar[dict[str, str | None]] = {
         "l1": "sparsity_coefficient", "aux_reconstruction": None,
-        "dead_pre_act": "dead_pre_act_coefficient",
+        "dead_pre_act": "dead_pre_act_coefficient", "aux_k": "aux_k_coefficient",
     }
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
         loss="dead_pre_act", loss_on_quiet=True, lift_quiet=True
@@ -92,9 +93,21 @@ class GatedSAE(SAE):
             with torch.no_grad():
                 return centred @ self.W_enc.index_select(1, latents) + self.b_gate[latents]
 
-        return silent_latent_term(
+        losses = silent_latent_term(
             self, centred, dead_mask, settings, self.b_gate, gate_pre_activations
         )
+        if settings.aux_k_coefficient:
+            # The term above only opens a silent gate; AuxK also points the latent somewhere
+            # useful: its direction (the encoder product without the bias, which the lift
+            # sets) and its decoder row learn to explain what the live latents missed.
+            silent = dead_mask.nonzero().squeeze(1)
+            products = centred.detach() @ self.W_enc.index_select(1, silent)
+            k_aux = settings.k_aux or self.cfg.d_in // 2
+            aux = auxiliary_reconstruction(
+                torch.relu(products), silent, self.W_dec, residual.detach(), k_aux
+            )
+            losses["aux_k"] = settings.aux_k_coefficient * aux
+        return losses
 
     def per_latent_encoder_scales(self) -> tuple[str, ...]:
         return ("b_gate", "b_mag")

@@ -16,7 +16,13 @@ from saekit.kernels.sparse_topk import (
     sparse_decode,
     topk_pairs,
 )
-from saekit.saes.base import SAE, DeadLatentRemedy, LossSettings, squared_error
+from saekit.saes.base import (
+    SAE,
+    DeadLatentRemedy,
+    LossSettings,
+    squared_error,
+    unexplained_share,
+)
 from saekit.saes.registry import register_architecture
 
 #: Weight of the newest batch's smallest kept activation in the batchtopk threshold average.
@@ -115,7 +121,7 @@ class TopKFamily(SAE):
         aux_recon, _ = decode(
             centred, self.W_enc, self.b_enc, self.W_dec, no_bias, hidden_pre, token, latent
         )
-        aux = squared_error(aux_recon, residual.detach())
+        aux = unexplained_share(aux_recon, residual.detach())
         return {"aux_k": settings.aux_k_coefficient * aux}
 
 
