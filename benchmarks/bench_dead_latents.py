@@ -9,7 +9,9 @@ What it does:
 
 1. Caches the activations once with `saekit cache` (the bundled model on its corpus's training
    split, `blocks.2.hook_resid_pre`, and `blocks.2.hook_mlp_out` for the transcoders), so every
-   run reads the same tokens in the same order without running the model again.
+   run reads the same tokens in the same order without running the model again. With
+   --from-model every run reads the model instead, as a plain `saekit train` does (windows
+   of text drawn from its pool of `shuffle_tokens`).
 2. Trains each architecture at each target with `saekit train --target-l0 T` (16x, the token
    budget in batches of --batch-size, every other setting at its default; flags after `--` are
    passed to every run, e.g. `-- --no-resample-dead-latents --no-start-at-target`).
@@ -50,7 +52,7 @@ def cache(out: Path, tokens: int, transcoders: bool) -> Path:
 
 
 def train(
-    out: Path, activations: Path, architecture: str, target: int, tokens: int,
+    out: Path, activations: Path | None, architecture: str, target: int, tokens: int,
     batch_size: int, extra: list[str],
 ) -> dict[str, Any]:
     run = out / "runs" / f"{architecture}-{target}"
@@ -58,8 +60,9 @@ def train(
     hooks = ["--hook-name", HOOK] + (["--hook-name-out", HOOK_OUT] if transcoder else [])
     started = time.perf_counter()
     subprocess.run(
-        [*SAEKIT, "train", "--architecture", architecture, "--activations", str(activations),
-         *hooks, "--tokens", str(tokens), "--batch-size", str(batch_size),
+        [*SAEKIT, "train", "--architecture", architecture,
+         *([] if activations is None else ["--activations", str(activations)]), *hooks,
+         "--tokens", str(tokens), "--batch-size", str(batch_size),
          "--target-l0", str(target), "--out", str(run), "--overwrite", "--no-report",
          "--no-progress", "-q", *extra],
         check=True,
@@ -124,13 +127,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_dead"))
     parser.add_argument("--tag", default="after", help="names these rows in results.jsonl")
     parser.add_argument("--plot", type=Path, help="draw the frontier of this tag's rows")
+    parser.add_argument("--from-model", action="store_true",
+                        help="train from the model's activations (no cache), as a plain run")
     args, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for architecture in args.architectures:
         transcoder = "transcoder" in architecture
-        activations = cache(args.out, args.tokens, transcoder)
+        activations = None if args.from_model else cache(args.out, args.tokens, transcoder)
         for target in args.targets:
             row = train(args.out, activations, architecture, target, args.tokens,
                         args.batch_size, extra)

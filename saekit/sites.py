@@ -25,7 +25,9 @@ class SAESite:
 
 
 def sae_site(sae: SAE, hook: str | None = None, hook_out: str | None = None) -> SAESite:
-    """The SAE's site from its metadata; `hook` / `hook_out` override the metadata."""
+    """The SAE's site from its metadata; `hook` / `hook_out` override the metadata. An SAE
+    that reads several sites at once has no one site: refused (`check_one_site`)."""
+    check_one_site(sae)
     meta = sae.cfg.metadata
     hook_in = hook or meta.hook_name
     if not hook_in:
@@ -44,6 +46,41 @@ def sae_site(sae: SAE, hook: str | None = None, hook_out: str | None = None) -> 
     else:
         out = hook_out or hook_in
     return SAESite(hook_in, out, meta.hook_head_index)
+
+
+def check_one_site(
+    sae: SAE, what: str | None = None, name: str | None = None, command_line: bool = False
+) -> None:
+    """Refuse an SAE that reads several sites at once (a cross-layer transcoder, a
+    crosscoder) where one hook per SAE is expected, with one line naming the evaluation that
+    takes it; nothing for any other SAE. `what` opens the message ("evaluate_saes takes SAEs
+    that read one hook"); `name` is how the SAE is called there (e.g. its folder);
+    `command_line` says that the evaluation is run from Python and where a training run
+    left its figures."""
+    if not sae.multi_site:
+        return
+    from saekit.saes.clt import CrossLayerTranscoder
+    from saekit.saes.crosscoder import Crosscoder
+
+    n = sae.cfg.n_layers
+    if isinstance(sae, CrossLayerTranscoder):
+        kind = f"a cross-layer transcoder over {n} layers"
+        use = "saekit.evals.crosslayer.evaluate_clt(clt, model, token_batches)"
+    elif isinstance(sae, Crosscoder):
+        kind = f"a crosscoder over {n} sites"
+        use = "saekit.evals.crosscoder.evaluate_crosscoder(crosscoder, model, token_batches, hooks)"
+    else:
+        kind = f"a {sae.architecture} over {n} sites"
+        use = "the evaluation its architecture provides"
+    subject = name or "this SAE"
+    said = f"{subject} is {kind}, read all at once"
+    opening = f"{what}, but {said}" if what else f"{said}, not one hook"
+    if command_line:
+        raise ValueError(
+            f"{opening}; evaluate it from Python with {use}, or read the metrics.json of the "
+            "saekit train run that made it (its held-out figures)"
+        )
+    raise ValueError(f"{opening}; evaluate it with {use}")
 
 
 def activation_region(

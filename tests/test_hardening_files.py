@@ -40,6 +40,7 @@ OUT_OF_RANGE: dict[str, object] = {
     "sae.matryoshka_widths": [0, 64],
     "data.context_size": 0,
     "data.eval_tokens": -1,
+    "data.shuffle_tokens": -1,
     "training.tokens": 0,
     "training.batch_size": 0,
     "training.lr": 0.0,

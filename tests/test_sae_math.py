@@ -246,9 +246,9 @@ def test_aux_k_by_hand() -> None:
         top = dead_vals.topk(2)
         e_hat = sum(v * sae.W_dec[5 + i] for v, i in zip(top.values, top.indices, strict=True))
         expected += (e_hat - e[row]).pow(2).sum()
-    # Measured against the residual's own spread about its batch mean (Gao et al. 2024).
-    spread = (e - e.mean(dim=0)).pow(2).sum()
-    assert torch.allclose(out.losses["aux_k"], 0.25 * expected / spread, atol=1e-5)
+    # Measured against the residual's mean squared norm per token (Gao et al. 2024).
+    scale = e.pow(2).sum() / 4
+    assert torch.allclose(out.losses["aux_k"], 0.25 * (expected / 4) / scale, atol=1e-5)
     assert "aux_k" not in sae.training_forward(x, settings=settings).losses
 
 

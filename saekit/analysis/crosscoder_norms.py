@@ -6,8 +6,9 @@ The raw per-site norms are what is stored; everything else is derived from them 
 functions of `saekit.saes.crosscoder`: the relative norm between two chosen sites a and b
 (`relative_norms`), each site's share of the summed norms (`site_shares`, the useful view
 with more than two sites), and a class per latent (`classify_latents`: "a_only", "shared",
-"b_only", or "neither" for a latent with no decoder at either site). Changing a, b or the band
-(`dataclasses.replace(norms, a=1, b=2)`) re-derives them without touching the statistics.
+"b_only", or "neither" for a latent with no decoder at either site) and their counts
+(`count_classes`). Changing a, b or the band (`dataclasses.replace(norms, a=1, b=2)`)
+re-derives them without touching the statistics.
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ from saekit.saes.base import SAE
 from saekit.saes.crosscoder import (
     A_ONLY,
     B_ONLY,
+    CLASS_ORDER,
     EXCLUSIVE_BAND,
     NEITHER,
     SHARED,
     Crosscoder,
     classify_latents,
+    count_classes,
     relative_norms,
     site_names,
     site_shares,
 )
-
-#: The classes in the order their codes (0, 1, 2, 3) are stored in a dashboard's index.
-CLASS_ORDER = (A_ONLY, SHARED, B_ONLY, NEITHER)
 
 
 @dataclass
@@ -101,7 +101,8 @@ class CrosscoderNorms:
 
     @property
     def class_codes(self) -> Tensor:
-        """[d_sae] uint8: each latent's class as its index in `CLASS_ORDER`."""
+        """[d_sae] uint8: each latent's class as its index in `CLASS_ORDER` (the codes a
+        dashboard's index stores)."""
         index = {name: code for code, name in enumerate(CLASS_ORDER)}
         return torch.tensor([index[c] for c in self.classes], dtype=torch.uint8)
 
@@ -114,11 +115,8 @@ class CrosscoderNorms:
         }
 
     def counts(self) -> dict[str, int]:
-        """How many latents fall in each class, in `CLASS_ORDER`."""
-        counts = dict.fromkeys(CLASS_ORDER, 0)
-        for name in self.classes:
-            counts[name] += 1
-        return counts
+        """How many latents fall in each class, in `CLASS_ORDER` (`count_classes`)."""
+        return count_classes(self.classes)
 
 
 def crosscoder_norms(sae: SAE) -> CrosscoderNorms | None:

@@ -23,7 +23,8 @@ layer and all earlier ones (`saekit.analysis.replacement`). Its points are named
 by the layer's input hook, as a per-layer transcoder's would be
 (`blocks.1.ln2.hook_normalized.hook_sae_acts_post` holds layer 1's latents), and
 `attached` lists one entry per layer; detaching any of them, or the CLT by name or object,
-detaches the whole CLT.
+detaches the whole CLT. A crosscoder, which reads several sites (or models) at once, does not
+splice: attaching one is refused (`evaluate_crosscoder` evaluates it).
 
 A hook on a model hook name (`blocks.1.hook_resid_pre`) sees the model's own activation
 before any SAE there reads it; the cache holds that activation too.
@@ -63,7 +64,7 @@ from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import unknown_hook_error
 from saekit.saes.base import SAE
 from saekit.saes.clt import CrossLayerTranscoder
-from saekit.sites import SAESite, sae_site
+from saekit.sites import SAESite, check_one_site, sae_site
 
 __all__ = [
     "SAE_POINTS",
@@ -271,6 +272,8 @@ class SplicedModel:
                                  clt_name=name or CLT_NAME, layer=layer)
                 for layer, (h_in, h_out) in enumerate(zip(hooks_in, hooks_out, strict=True))
             ]
+        # A crosscoder reads several sites (or models) at once and has no one hook to write.
+        check_one_site(sae, "SplicedModel attaches SAEs that read one hook, and CLTs")
         site = sae_site(sae, hook, hook_out)
         self._check_model_hooks([site.hook_in, site.hook_out])
         return [AttachedSAE(name or site.hook_in, sae, site, error_term)]

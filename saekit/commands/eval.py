@@ -2,7 +2,8 @@
 
 Writes, under --out: `metrics.csv` (a row per SAE) and, per SAE, a folder with
 `metrics.json`, `feature_stats.safetensors` (per-latent firing frequency, mean activation
-when firing, max activation) and `feature_density.png`.
+when firing, max activation) and `feature_density.png`. SAEs that read several sites at once
+(CLTs, crosscoders) are refused: `evaluate_clt` and `evaluate_crosscoder` evaluate them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from saekit.commands import positive_int
 from saekit.commands.report import format_metrics
 from saekit.evals.api import DEFAULT_EVAL_TOKENS, evaluate_many, resolve_model
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics, json_safe
+from saekit.sites import check_one_site
 from saekit.targets import load_target
 
 logger = logging.getLogger(__name__)
@@ -149,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
     check_out_folder(args.out)
     configs = downstream_configs(args, suite)
     targets: list[str] = args.targets
-    saes = [load_target(t, args.device) for t in targets]
+    saes: list[Any] = []
+    for target in targets:  # a CLT or crosscoder is refused before any model loads
+        saes.append(load_target(target, args.device))
+        check_one_site(saes[-1], "saekit eval takes SAEs that read one hook", target,
+                       command_line=True)
     names = result_names(targets)
     # SAEs of one model share its forward passes; group them by the model they need.
     groups: dict[str | None, list[int]] = {}

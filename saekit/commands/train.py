@@ -8,7 +8,7 @@ import logging
 import signal
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saekit.training.config import (
     EXTRA_KEYS,
@@ -19,6 +19,9 @@ from saekit.training.config import (
     TrainConfig,
 )
 from saekit.training.fields import coerce, field_docs, read_config_file
+
+if TYPE_CHECKING:
+    from saekit.analysis.crosscoder_norms import CrosscoderNorms
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +194,29 @@ def print_multisite_report(outcome: Any) -> None:
         print(f"held-out metrics on {heldout.summary()}:")
     elif heldout is None:
         print("no held-out evaluation (eval_tokens is 0)")
-    print(format_multisite_metrics(outcome.metrics))
+    norms = None
+    if outcome.metrics:
+        from saekit.analysis.crosscoder_norms import crosscoder_norms
+
+        norms = crosscoder_norms(outcome.sae)
+    print(format_multisite_metrics(outcome.metrics, norms))
 
 
-def format_multisite_metrics(metrics: dict[str, Any]) -> str:
+#: Bins of the relative-norm histogram in the training report: one line each (the class
+#: counts above it already single out the exclusive latents at either end).
+REPORT_BINS = 5
+
+
+def format_multisite_metrics(
+    metrics: dict[str, Any], norms: CrosscoderNorms | None = None
+) -> str:
     """A clt's or crosscoder's metrics.json as text: a row per layer (FVU, L0, dead latents)
     and the replacement model's CE/KL scores, or a row per site (explained variance, MSE),
-    the shared latents' L0 and dead fraction, and a two-site crosscoder's latent classes."""
+    the shared latents' L0 and dead fraction, and a two-site crosscoder's latent classes.
+
+    The classes read with the sites' names ("gpt2 only") and come with a histogram of the
+    relative decoder norms (`relative_norm_summary`) when `norms`, the saved crosscoder's
+    `CrosscoderNorms`, is given; without it they keep their metrics.json names."""
     from saekit.training.crosslayer_run import CLASSES_KEY
 
     def show(value: Any, spec: str) -> str:
@@ -239,7 +258,11 @@ def format_multisite_metrics(metrics: dict[str, Any]) -> str:
             f"dead {show(100 * dead if dead is not None else None, '.1f')}%"
         )
     classes = metrics.get(CLASSES_KEY)
-    if classes:
+    if classes and norms is not None and norms.n_sites == 2:
+        from saekit.commands.report import relative_norm_summary
+
+        lines.append(relative_norm_summary(norms, n_bins=REPORT_BINS, width=30))
+    elif classes:
         lines.append(
             "  latents by relative decoder norm ||b|| / (||a|| + ||b||): "
             + ", ".join(f"{name} {count}" for name, count in classes.items())

@@ -8,9 +8,10 @@ A cache is a folder:
                              the dataset position after it, so an interrupted write resumes
     shard_00000.safetensors  one tensor per hook, [rows, d_in], rows in dataset order
 
-Readers (`CachedActivations`) shuffle across shards (random shard order) and within a
-buffer, hold at most `buffer_size` rows plus one shard in memory, and check every shard's
-size and CRC-32 before using it (`saekit.data.shards`).
+Rows are stored in corpus order, so readers (`CachedActivations`) must mix them: by default
+every shuffle buffer gathers short blocks of consecutive rows from all over the cache
+(`mix="blocks"`); the older mode reads whole shards in a random order (`mix="shards"`).
+Readers check every shard's size and CRC-32 before using it (`saekit.data.shards`).
 """
 
 from __future__ import annotations
@@ -405,16 +406,77 @@ def check_cache_matches(
         raise CacheError("the activation cache does not match this run: " + "; ".join(diffs))
 
 
+#: How `CachedActivations` mixes rows: "blocks" (blocks of consecutive rows drawn from the
+#: whole cache into every buffer) or "shards" (whole shards in a random order).
+MIX_MODES = ("blocks", "shards")
+#: Consecutive rows per block in "blocks" mixing.
+DEFAULT_BLOCK_ROWS = 128
+#: Threads checking shards ahead of the reader.
+CHECK_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+class BlockOrder:
+    """The cache's rows cut into blocks of at most `block_rows` consecutive rows (blocks
+    never cross shards; a shard's last block may be shorter), in one order fixed by a seed.
+
+    Block b of the order is addressed as (shard, first row in the shard, rows); only the
+    order itself is stored, the rest is worked out from the shard sizes when asked."""
+
+    def __init__(self, shard_rows: Sequence[int], block_rows: int, seed: int | None) -> None:
+        self.block_rows = block_rows
+        self.shard_rows = torch.tensor(list(shard_rows), dtype=torch.long)
+        per_shard = -(-self.shard_rows // block_rows)  # ceil; 0 for an empty shard
+        #: Block id at which each shard's blocks begin, and one past the last block.
+        self.first_block = torch.cat([torch.zeros(1, dtype=torch.long), per_shard.cumsum(0)])
+        self.n_blocks = int(self.first_block[-1])
+        if seed is None:
+            self.order = torch.arange(self.n_blocks)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            self.order = torch.randperm(self.n_blocks, generator=generator)
+        # The shortest block (some shard's last) bounds how many blocks a number of rows
+        # can need.
+        last = [r - (-(-r // block_rows) - 1) * block_rows for r in shard_rows if r]
+        self._shortest = min(last) if last else block_rows
+
+    def locate(self, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(shard, first row within the shard, rows) of each block id in `blocks`."""
+        shard = torch.bucketize(blocks, self.first_block[1:], right=True)
+        start = (blocks - self.first_block[shard]) * self.block_rows
+        rows = torch.clamp(self.shard_rows[shard] - start, max=self.block_rows)
+        return shard, start, rows
+
+    def take(self, position: int, rows: int) -> Tensor:
+        """The block ids from `position` in the order up to the first at which they hold at
+        least `rows` rows (all the rest if they hold fewer); empty at the end."""
+        window = self.order[position:position + rows // self._shortest + 1]
+        if not len(window):
+            return window
+        held = self.locate(window)[2].cumsum(0)
+        enough = int(torch.searchsorted(held, rows))  # the first index with held >= rows
+        return window[:enough + 1]
+
+
 class CachedActivations(ShuffledRows):
     """Training batches read from an activation cache: the same protocol as
     `ActivationStore` (iteration, `d_in`, `estimate_norm_scaling_factor`, `state_dict` /
     `load_state_dict`), no model needed.
 
-    Shards are read in a random order (fixed by `seed`), their rows shuffled in a buffer of
-    `buffer_size` rows; memory holds at most `buffer_size` rows plus one shard. Every shard's
-    byte size and CRC-32 are checked (in a second thread, ahead of use) before its rows are
-    served; a damaged shard raises `CacheError`. Rows are gathered from the shard files
-    mapped into memory, so the page cache holds them, not a copy.
+    The cache holds rows in corpus order, so how rows are mixed decides how i.i.d. the
+    batches are. `mix="blocks"` (default) cuts the cache into blocks of `block_rows`
+    consecutive rows and draws every buffer from blocks in one random order over the whole
+    cache (fixed by `seed`): a buffer of 16,384 rows gathers 128 blocks from all over the
+    corpus, and is then shuffled. `mix="shards"` reads whole shards in a random order, each
+    into a buffer of `buffer_size` rows: many consecutive batches then come from one stretch
+    of one document, which left far more latents dead in training (kept for comparison and
+    for runs that began with it).
+
+    Every shard's byte size and CRC-32 are checked (in other threads, ahead of use) before
+    any of its rows are served; a damaged shard raises `CacheError` naming it. Shards are
+    mapped into memory, not read into it: "shards" mixing gathers batches straight from the
+    mapped files (memory holds at most `buffer_size` rows plus one shard); "blocks" mixing
+    copies each buffer's rows out of the mapped files (memory holds about `buffer_size`
+    rows; the mapped shards stay in the page cache, shared and droppable).
     One pass over the cache, then iteration stops (the last partial batch is dropped).
 
     Args:
@@ -422,7 +484,8 @@ class CachedActivations(ShuffledRows):
         batch_size: rows per batch.
         buffer_size: rows in the shuffle buffer (at least `batch_size`).
         hooks: hooks to read (one name gives tensors, a list gives dicts); default all.
-        shuffle: shuffle shard order and rows.
+        shuffle: shuffle the block (or shard) order and the rows in each buffer; without
+            it rows come in the cache's order.
         seed: seed of the shuffling.
         dtype: dtype of the batches (default: the cache's).
         device: where batches go (default CPU).
@@ -432,6 +495,9 @@ class CachedActivations(ShuffledRows):
             (faster: no fresh pages per batch), so a batch's memory is overwritten that many
             batches later; for a consumer that is done with each batch by then (the
             trainer). 0 (default): every batch is new memory the caller may keep.
+        mix: "blocks" or "shards", as above. Part of the saved position: a position saved
+            in one mode is refused by a reader in the other.
+        block_rows: consecutive rows per block in "blocks" mixing (ignored for "shards").
     """
 
     def __init__(
@@ -449,8 +515,16 @@ class CachedActivations(ShuffledRows):
         expect_d_in: int | dict[str, int] | None = None,
         expect_context_size: int | None = None,
         reuse_batches: int = 0,
+        mix: str = "blocks",
+        block_rows: int = DEFAULT_BLOCK_ROWS,
     ) -> None:
         check_buffer_sizes(batch_size, buffer_size)
+        if mix not in MIX_MODES:
+            raise ValueError(f"mix must be one of {', '.join(MIX_MODES)}, got {mix!r}")
+        if not _is_int(block_rows) or block_rows <= 0:
+            raise ValueError(
+                f"block_rows must be a positive integer (rows per block), got {block_rows!r}"
+            )
         self.path = Path(path)
         self.metadata = read_cache_metadata(self.path)
         if not self.metadata["complete"]:
@@ -481,16 +555,35 @@ class CachedActivations(ShuffledRows):
         self.dtype = DTYPES[dtype_name(dtype or self.metadata["dtype"])]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._init_buffer(seed, reuse_batches)
-        # Batches are gathered from the mapped shards where they lie; only a buffer on
-        # another device is filled by copying.
-        self._serves_in_place = self.device.type == "cpu"
-        self._shard_sequence = self._shard_order()
-        self._next_shard = 0
-        # Shards are checked (read once, CRC-32) in a second thread, a buffer's worth ahead
-        # of the reader, so a fill finds its shards checked.
-        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-shards")
+        self.block_rows = block_rows
+        self._set_mix(mix)
+        # Shards are checked (read once, CRC-32) in other threads, a buffer's worth ahead
+        # of the reader, so a fill finds its shards checked. Several: with block mixing the
+        # first fills need every shard they touch checked at once (reads and CRC release
+        # the GIL).
+        self._checker = ThreadPoolExecutor(
+            max_workers=CHECK_THREADS, thread_name_prefix="saekit-shards"
+        )
         self._checks: dict[int, Future[ShardLayout]] = {}
         weakref.finalize(self, self._checker.shutdown, wait=False, cancel_futures=True)
+
+    def _set_mix(self, mix: str) -> None:
+        """Set the mixing mode and start at the beginning of its order."""
+        self.mix = mix
+        # "shards": batches are gathered from the mapped shards where they lie; only a
+        # buffer on another device is filled by copying. "blocks": every fill copies.
+        self._serves_in_place = mix == "shards" and self.device.type == "cpu"
+        self._shard_sequence = self._shard_order()
+        self._next_shard = 0
+        self._blocks: BlockOrder | None = None
+        if mix == "blocks":
+            self._blocks = BlockOrder(
+                [r["rows"] for r in self.shards], self.block_rows,
+                self.seed if self.shuffle else None,
+            )
+        self._next_block = 0
+        #: Shards mapped so far ("blocks" mixing keeps them: any fill may need any shard).
+        self._mapped: dict[int, dict[str, Tensor]] = {}
 
     @property
     def d_in(self) -> int | dict[str, int]:
@@ -522,15 +615,25 @@ class CachedActivations(ShuffledRows):
         check_shard_finite(layout)
         return layout
 
-    def _check_ahead(self) -> None:
-        """Start the checks of the shards the next `buffer_size` rows will come from; drop
-        any others (left over from before a change of position)."""
+    def _upcoming_shards(self) -> list[int]:
+        """The shards the next `buffer_size` rows come from (with block mixing, only those
+        not mapped yet: a mapped shard was checked)."""
+        if self._blocks is not None:
+            blocks = self._blocks.take(self._next_block, self.buffer_size)
+            shards = torch.unique(self._blocks.locate(blocks)[0]).tolist()
+            return [s for s in shards if s not in self._mapped]
         upcoming, rows = [], 0
         for index in self._shard_sequence[self._next_shard:]:
             if rows >= self.buffer_size:
                 break
             upcoming.append(index)
             rows += self.shards[index]["rows"]
+        return upcoming
+
+    def _check_ahead(self) -> None:
+        """Start the checks of the shards the next `buffer_size` rows will come from; drop
+        any others (left over from before a change of position)."""
+        upcoming = self._upcoming_shards()
         for index in list(self._checks):
             if index not in upcoming:
                 self._checks.pop(index).cancel()
@@ -539,6 +642,14 @@ class CachedActivations(ShuffledRows):
                 self._checks[index] = self._checker.submit(self._check, index)
 
     def _next_chunk(self) -> dict[str, Tensor] | None:
+        if self._blocks is not None:
+            # The next buffer's worth of blocks, in the cache's dtype (the norm estimate).
+            blocks = self._take_blocks(self.buffer_size)
+            if blocks is None:
+                return None
+            out = self._gather_blocks(blocks, None)
+            self._check_ahead()
+            return out
         if self._next_shard >= len(self._shard_sequence):
             return None
         chunk = self.read_shard(self._shard_sequence[self._next_shard])
@@ -546,12 +657,115 @@ class CachedActivations(ShuffledRows):
         self._check_ahead()
         return chunk
 
+    # "blocks" mixing
+
+    def _take_blocks(self, rows: int) -> Tensor | None:
+        """The next blocks of the order holding at least `rows` rows (fewer at the end of
+        the pass; None after it), moving the position past them."""
+        assert self._blocks is not None
+        blocks = self._blocks.take(self._next_block, rows)
+        if not len(blocks):
+            return None
+        self._next_block += len(blocks)
+        return blocks
+
+    def _mapped_shard(self, index: int) -> dict[str, Tensor]:
+        """Shard `index` mapped, checked on its first use (by the checker thread when it
+        got there first); kept mapped, since any later fill may need it again."""
+        mapped = self._mapped.get(index)
+        if mapped is None:
+            mapped = self._mapped[index] = self.read_shard(index)
+        return mapped
+
+    def _gather_blocks(
+        self, blocks: Tensor, out: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        """Copy the rows of `blocks` into `out` ({hook: [rows, d]}, rows = the blocks' rows;
+        None: new CPU tensors in the cache's dtype) and return it.
+
+        Rows are laid out shard by shard (each shard's blocks in their order), so each shard
+        takes one gather per hook; the buffer is shuffled afterwards, and without shuffling
+        the blocks come in cache order and so do the rows."""
+        assert self._blocks is not None
+        shard, start, length = self._blocks.locate(blocks)
+        by_shard = torch.argsort(shard, stable=True)
+        shard, start, length = shard[by_shard], start[by_shard], length[by_shard]
+        # The row index within its shard of every row, block after block.
+        first = torch.cumsum(length, 0) - length
+        rows = torch.repeat_interleave(start - first, length) + torch.arange(int(length.sum()))
+        counts = torch.bincount(shard).tolist()
+        needed = [s for s, n in enumerate(counts) if n]
+        # Ask for every check this fill needs at once; while the checkers work from the
+        # front, this thread (which would only wait) checks from the back the shards no
+        # checker has started on.
+        for index in needed:
+            if index not in self._mapped and index not in self._checks:
+                self._checks[index] = self._checker.submit(self._check, index)
+        for index in reversed(needed):
+            pending = self._checks.get(index)
+            if pending is not None and pending.cancel():
+                del self._checks[index]
+                self._mapped[index] = map_shard(self._check(index))
+        row_counts = torch.zeros(len(counts), dtype=torch.long).index_add_(0, shard, length)
+        begin = 0
+        for index in needed:
+            n = int(row_counts[index])
+            local = rows[begin:begin + n]
+            mapped = self._mapped_shard(index)
+            if out is None:
+                out = {h: t.new_empty(len(rows), t.shape[1]) for h, t in mapped.items()}
+            for hook, source in mapped.items():
+                dest = out[hook][begin:begin + n]
+                if dest.device == source.device and dest.dtype == source.dtype:
+                    torch.index_select(source, 0, local, out=dest)
+                else:
+                    dest.copy_(source.index_select(0, local))
+            begin += n
+        assert out is not None
+        return out
+
+    def _read_chunk_into(self, start: int) -> int | None:
+        """Fill the buffer from row `start` with the next blocks, up to `buffer_size` rows
+        (the whole buffer in one call); the rows are copied out of the mapped shards."""
+        if self._blocks is None:
+            return super()._read_chunk_into(start)
+        blocks = self._take_blocks(self.buffer_size - start)
+        if blocks is None:
+            return None
+        rows = int(self._blocks.locate(blocks)[2].sum())
+        widths = {h: int(self.metadata["d_in"][h]) for h in self.hooks}
+        self._gather_blocks(blocks, self._reserve(start, rows, widths))
+        self._check_ahead()
+        return rows
+
+    # position
+
     def _source_state(self) -> int:
-        return self._next_shard
+        return self._next_block if self._blocks is not None else self._next_shard
 
     def _load_source_state(self, state: int) -> None:
-        self._next_shard = int(state)
+        if self._blocks is not None:
+            self._next_block = int(state)
+        else:
+            self._next_shard = int(state)
         self._check_ahead()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that would have come.
+
+        A position saved before "blocks" mixing existed (its settings name no mode) was
+        saved reading whole shards, so the reader switches to "shards" to continue it
+        exactly."""
+        saved = state.get("config")
+        if isinstance(saved, dict) and "mix" not in saved:
+            if self.mix != "shards":
+                logger.warning(
+                    "the saved data position comes from a reader that mixed whole shards (it "
+                    "predates block mixing); continuing that run with mix='shards'"
+                )
+                self._set_mix("shards")
+            state = {**state, "config": {**saved, "mix": "shards", "block_rows": None}}
+        super().load_state_dict(state)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -562,4 +776,6 @@ class CachedActivations(ShuffledRows):
             "buffer_size": self.buffer_size,
             "shuffle": self.shuffle,
             "seed": self.seed,
+            "mix": self.mix,
+            "block_rows": self.block_rows if self.mix == "blocks" else None,
         }

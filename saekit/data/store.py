@@ -11,6 +11,7 @@ from torch import Tensor
 from saekit.config import DTYPES, dtype_name
 from saekit.data.buffer import ShuffledRows, check_buffer_sizes
 from saekit.data.tokens import TokenWindows, keep_mask
+from saekit.data.window_pool import WindowPool
 from saekit.finite import NonFiniteActivations, locate_non_finite
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
@@ -61,6 +62,9 @@ class ActivationStore(ShuffledRows):
             (faster: no fresh pages per batch), so a batch's memory is overwritten that many
             batches later; for a consumer that is done with each batch by then (the
             trainer). 0 (default): every batch is new memory the caller may keep.
+        window_pool: draw the windows in a random order from a pool of this many (see
+            `WindowPool`; the same `window_pool_seed` on every data-parallel rank keeps
+            their shares disjoint); 0 (default): the dataset's order.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class ActivationStore(ShuffledRows):
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str | None = None,
         reuse_batches: int = 0,
+        window_pool: int = 0,
+        window_pool_seed: int = 0,
     ) -> None:
         check_buffer_sizes(batch_size, buffer_size)
         if not isinstance(model_batch_size, int) or model_batch_size <= 0:
@@ -107,6 +113,9 @@ class ActivationStore(ShuffledRows):
                 dataset, model.tokenizer, context_size, text_column=text_column,
                 prepend_bos=prepend_bos, packing=packing,
             )
+        self.window_pool = window_pool
+        if window_pool:
+            self.windows = WindowPool(self.windows, window_pool, window_pool_seed)
         self.context_size = self.windows.context_size
         check_context_size(model, self.context_size, "context_size")
         self.batch_size = batch_size
@@ -207,4 +216,6 @@ class ActivationStore(ShuffledRows):
             "hook_head_index": self.hook_head_index,
             "exclude_special_tokens": self.exclude_special_tokens,
             "shuffle": self.shuffle,
+            # Whether windows come from a pool; its size is the saved pool's on resume.
+            "window_pool": bool(self.window_pool),
         }

@@ -22,7 +22,7 @@ from saekit.evals.suite import parse_suite, run_downstream
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
 from saekit.saes.base import SAE
-from saekit.sites import SAESite, sae_site
+from saekit.sites import SAESite, check_one_site, sae_site
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +144,15 @@ def evaluate_many(
     Arguments as for `evaluate`; returns one `EvalMetrics` per SAE, in order (one
     `SuiteResult` per SAE when `suite` is given).
     """
+    saes = list(saes)
+    for sae in saes:  # before the model loads
+        check_one_site(sae, "evaluate and evaluate_many take SAEs that read one hook")
     if suite is not None:
         return _evaluate_suite(
-            list(saes), parse_suite(suite), model, dataset, tokens, configs,
+            saes, parse_suite(suite), model, dataset, tokens, configs,
             context_size=context_size, batch_size=batch_size, downstream=downstream,
             prepend_bos=prepend_bos, split=split,
         )
-    saes = list(saes)
     if not saes:
         raise ValueError("no SAEs to evaluate")
     backend = resolve_model(saes, model)
@@ -190,6 +192,8 @@ def evaluate(
 
     Args:
         sae: the SAE; its metadata names the hook it reads (and, for transcoders, writes).
+            A CLT or a crosscoder, which reads several sites at once, is refused before any
+            work: `evaluate_clt` and `evaluate_crosscoder` evaluate them.
         model: a `ModelBackend`, a model object or a name for `saekit.models.load_model`;
             None means the model named in the SAE's metadata (`model_name`).
         dataset: held-out text (path, Hub name, Dataset, list of strings); None means the
@@ -292,6 +296,7 @@ class Evaluator:
         """The full result of the latest call, per-latent arrays included."""
 
     def __call__(self, sae: SAE) -> dict[str, Any]:
+        check_one_site(sae, "make_evaluator's evaluator takes SAEs that read one hook")
         site = sae_site(sae, self.hook, self.hook_out)
         if self.head_index is not None:
             site = SAESite(site.hook_in, site.hook_out, self.head_index)

@@ -26,7 +26,7 @@ from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import replace_head, select_head
 from saekit.progress import bar
 from saekit.saes.base import SAE
-from saekit.sites import SAESite, reads_heads, sae_region, sae_site
+from saekit.sites import SAESite, check_one_site, reads_heads, sae_region, sae_site
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def evaluate_saes(
     Args:
         model: the model backend the SAEs belong to.
         saes: the SAEs; each reads the hook named in its metadata unless `sites` says
-            otherwise.
+            otherwise (a CLT or a crosscoder reads several at once and is refused:
+            `evaluate_clt` and `evaluate_crosscoder` evaluate them).
         token_batches: held-out token ids, each [batch, pos] (not the training tokens).
         downstream: also run the model with each SAE spliced in and with each site
             zero-ablated, for the CE and KL figures.
@@ -120,6 +121,8 @@ def evaluate_saes(
     """
     if not saes:
         raise ValueError("no SAEs to evaluate")
+    for sae in saes:
+        check_one_site(sae, "evaluate_saes takes SAEs that read one hook")
     sites = list(sites) if sites is not None else [sae_site(sae) for sae in saes]
     if len(sites) != len(saes):
         raise ValueError(f"got {len(sites)} sites for {len(saes)} SAEs")

@@ -46,9 +46,12 @@ class LossSettings:
     sparsity_coefficient: float = 0.0
     """lambda: weight of the sparsity penalty (L1, L0 or tanh, by architecture)."""
     aux_k_coefficient: float = 1 / 32
-    """AuxK loss weight for topk-style SAEs (Gao et al. 2024)."""
+    """AuxK loss weight (Gao et al. 2024): top-k family, gated, CLTs, crosscoders."""
     k_aux: int | None = None
     """Dead latents used by AuxK; None means d_in // 2."""
+    replica_mean: Callable[[Tensor], Tensor] | None = None
+    """Under data parallelism, the mean of a per-rank value over the ranks' shards of one
+    batch (for loss terms that are not means over tokens); None: one process."""
     use_sparse_kernel: bool = True
     """topk-style SAEs: decode through the sparse top-k kernel (same result, less work)."""
     threshold_bandwidth: float = 0.001
@@ -833,19 +836,26 @@ def squared_error(recon: Tensor, target: Tensor) -> Tensor:
     return (recon - target).pow(2).sum(dim=-1).mean()
 
 
-def unexplained_share(recon: Tensor, target: Tensor) -> Tensor:
-    """The squared error of `recon` over the variance of `target` about its batch mean.
+def unexplained_share(
+    recon: Tensor, target: Tensor, replica_mean: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """The squared error of `recon` over the mean squared norm of `target` (per token).
 
     AuxK is measured this way (Gao et al. 2024): the residual it explains is a small share
     of the input once training is under way, and a plain squared error of it would give
     the dead latents gradients a hundredth of the live ones', which Adam, its moment
-    estimates carrying the latents' live past, turns into steps far below the lr."""
-    spread = squared_error(target.mean(dim=0, keepdim=True), target).clamp_min(1e-12)
-    return squared_error(recon, target) / spread
+    estimates carrying the latents' live past, turns into steps far below the lr. Under
+    data parallelism `replica_mean` averages the norm over the ranks' shards of the batch,
+    so that the ranks together compute what one process would on the whole batch."""
+    scale = target.detach().pow(2).sum(dim=-1).mean()
+    if replica_mean is not None:
+        scale = replica_mean(scale)
+    return squared_error(recon, target) / scale.clamp_min(1e-12)
 
 
 def auxiliary_reconstruction(
-    values: Tensor, latents: Tensor, W_dec: Tensor, residual: Tensor, k_aux: int
+    values: Tensor, latents: Tensor, W_dec: Tensor, residual: Tensor, k_aux: int,
+    replica_mean: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """AuxK's term (Gao et al. 2024) for `latents`, whose values on each token are `values`
     [batch, n] (built with their graph): every token keeps its k_aux largest positive values,
@@ -854,7 +864,7 @@ def auxiliary_reconstruction(
     top = values.detach().topk(min(k_aux, values.shape[1]), dim=1, sorted=False)
     kept = values.gather(1, top.indices) * (top.values > 0)
     chosen = torch.zeros_like(values).scatter(1, top.indices, kept)
-    return unexplained_share(chosen @ W_dec.index_select(0, latents), residual)
+    return unexplained_share(chosen @ W_dec.index_select(0, latents), residual, replica_mean)
 
 
 def weighted_sum_mean(latents: Tensor, weights: Tensor) -> Tensor:

@@ -465,7 +465,9 @@ class CrossLayerTranscoder(SAE):
         values = torch.relu(hidden_pre).gather(-1, top.indices)
         values = torch.where(top.values > 0, values, torch.zeros_like(values))
         aux_latents = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        aux = unexplained_share(self._decode(aux_latents, None), residual.detach())
+        aux = unexplained_share(
+            self._decode(aux_latents, None), residual.detach(), settings.replica_mean
+        )
         return {"aux_k": settings.aux_k_coefficient * aux}
 
     # ----- dead-latent remedies and starting points -----------------------------------------

@@ -27,6 +27,7 @@ site against another (0.5: the latent writes equally to both; 0 or 1: to one onl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -293,7 +294,9 @@ class Crosscoder(SAE):
         values = torch.relu(hidden_pre).gather(-1, top.indices)
         values = torch.where(top.values > 0, values, torch.zeros_like(values))
         aux_latents = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        aux = unexplained_share(self._decode(aux_latents, None), residual.detach())
+        aux = unexplained_share(
+            self._decode(aux_latents, None), residual.detach(), settings.replica_mean
+        )
         return {"aux_k": settings.aux_k_coefficient * aux}
 
     # ----- dead-latent remedies -------------------------------------------------------------
@@ -432,9 +435,22 @@ def relative_norm_table(
     ]
 
 
-def class_counts(table: list[dict[str, Any]]) -> dict[str, int]:
-    """How many latents of a `relative_norm_table` fall in each class."""
-    counts = dict.fromkeys((SHARED, A_ONLY, B_ONLY, NEITHER), 0)
-    for row in table:
-        counts[row["class"]] += 1
+#: The classes in the order they are counted, listed and coded: a's side to b's, then none.
+CLASS_ORDER = (A_ONLY, SHARED, B_ONLY, NEITHER)
+
+
+def count_classes(classes: Iterable[str]) -> dict[str, int]:
+    """How many latents fall in each class, given a class per latent (as `classify_latents`
+    gives them), every class of `CLASS_ORDER` present, in that order. The one counter behind
+    `class_counts`, `CrosscoderNorms.counts` and the counts a training run records."""
+    counts = dict.fromkeys(CLASS_ORDER, 0)
+    for name in classes:
+        if name not in counts:
+            raise ValueError(f"{name!r} is not a latent class; the classes are {CLASS_ORDER}")
+        counts[name] += 1
     return counts
+
+
+def class_counts(table: list[dict[str, Any]]) -> dict[str, int]:
+    """How many latents of a `relative_norm_table` fall in each class (`count_classes`)."""
+    return count_classes(row["class"] for row in table)

@@ -104,7 +104,8 @@ class GatedSAE(SAE):
             products = centred.detach() @ self.W_enc.index_select(1, silent)
             k_aux = settings.k_aux or self.cfg.d_in // 2
             aux = auxiliary_reconstruction(
-                torch.relu(products), silent, self.W_dec, residual.detach(), k_aux
+                torch.relu(products), silent, self.W_dec, residual.detach(), k_aux,
+                settings.replica_mean,
             )
             losses["aux_k"] = settings.aux_k_coefficient * aux
         return losses

@@ -121,7 +121,7 @@ class TopKFamily(SAE):
         aux_recon, _ = decode(
             centred, self.W_enc, self.b_enc, self.W_dec, no_bias, hidden_pre, token, latent
         )
-        aux = unexplained_share(aux_recon, residual.detach())
+        aux = unexplained_share(aux_recon, residual.detach(), settings.replica_mean)
         return {"aux_k": settings.aux_k_coefficient * aux}
 
 

@@ -112,6 +112,9 @@ def model_or_cache_store(
         seed=cfg.run.seed + env.rank,
         device=device,
         reuse_batches=batch_ring(cfg, device),
+        window_pool=cfg.data.shuffle_tokens // cfg.data.context_size,
+        # One pool order on every rank, so the ranks' shares of each draw stay disjoint.
+        window_pool_seed=cfg.run.seed,
     )
     if env.distributed:
         return RankActivationStore(

@@ -114,7 +114,11 @@ def cached_store(
     device: str,
     model_given: bool,
 ) -> Any:
-    """A `CachedActivations` over the run's cache, after checking the cache fits the run."""
+    """A `CachedActivations` over the run's cache, after checking the cache fits the run.
+
+    Rows are mixed in blocks drawn from the whole cache (`mix="blocks"`): the cache holds
+    rows in corpus order, and whole-shard mixing fed the SAE 64 batches in a row from one
+    stretch of ~65k tokens, which left far more latents dead."""
     from saekit.data.cache import CachedActivations
 
     transcoder = architecture_class(cfg.sae.architecture).is_transcoder
@@ -131,6 +135,7 @@ def cached_store(
         dtype=torch.float32,
         device=device,
         reuse_batches=batch_ring(cfg, device),
+        mix="blocks",
     )
 
 

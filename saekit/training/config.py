@@ -216,6 +216,11 @@ class DataSection:
     evaluation, which needs it for the CE loss."""
     context_size: int = 128
     """Tokens per sequence fed to the model."""
+    shuffle_tokens: int = 1_048_576
+    """Training reads its windows of text in a random order from a pool of about this many
+    tokens (context_size-token windows), so a batch mixes passages from all over that
+    stretch of the dataset rather than one passage (saekit.data.window_pool); 0 reads the
+    dataset in its order. Not used with activations (the cache reader mixes its rows)."""
     prepend_bos: bool | None = None
     """Start every sequence with the BOS token (true) or with no special token (false).
     Default: what the tokenizer does (BOS when it has one; BERT-style tokenizers frame each
@@ -239,7 +244,9 @@ class DataSection:
     def problems(self) -> list[str]:
         # Every field is checked for its type (NaN and infinity are no setting's value);
         # these are the ranges of the numeric ones.
-        bounds = {"context_size": POSITIVE, "eval_tokens": NON_NEGATIVE}
+        bounds = {
+            "context_size": POSITIVE, "eval_tokens": NON_NEGATIVE, "shuffle_tokens": NON_NEGATIVE,
+        }
         out = field_problems(self, bounds)
         if self.backend not in MODEL_BACKENDS:
             out.append(f"backend {self.backend!r} is not one of {', '.join(MODEL_BACKENDS)}")

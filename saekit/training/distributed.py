@@ -146,6 +146,11 @@ class Parallelism:
         """Whether job `index` (of `n_jobs`) trains on this rank."""
         return True
 
+    def mean_of_replicas(self, value: Tensor) -> Tensor:
+        """The mean of `value` over the ranks whose shards make up one batch (a loss term's
+        normaliser): itself in one process."""
+        return value
+
     def exchange(self, batch: Any, jobs: Sequence[Any]) -> Any:
         """The batch this rank's SAEs train on, from the rows this rank produced."""
         return batch
@@ -268,6 +273,12 @@ class DataParallel(_Collective):
         values = values.clone()
         dist.all_reduce(values, group=self.group)
         return values
+
+    @torch.no_grad()
+    def mean_of_replicas(self, value: Tensor) -> Tensor:
+        if self.loss_replicas == 1:
+            return value
+        return self.reduce_stats(value) / self.loss_replicas
 
 
 class SAEParallel(_Collective):

@@ -161,9 +161,12 @@ class _JobState:
             return self.controller.coefficient
         return self.job.cfg.sparsity_coefficient * sparsity_warmup_factor(self.job.cfg, tokens_seen)
 
-    def settings(self, tokens_seen: int) -> LossSettings:
+    def settings(
+        self, tokens_seen: int, replica_mean: Callable[[Tensor], Tensor] | None = None
+    ) -> LossSettings:
         cfg = self.job.cfg
         return LossSettings(
+            replica_mean=replica_mean,
             sparsity_coefficient=self.coefficient(tokens_seen),
             aux_k_coefficient=cfg.aux_k_coefficient,
             threshold_bandwidth=cfg.threshold_bandwidth,
@@ -358,7 +361,7 @@ class Trainer:
         for st, (x, target) in zip(self.states, inputs, strict=True):
             job, sae = st.job, st.job.sae
             sae.train()
-            settings = st.settings(self.tokens_seen)
+            settings = st.settings(self.tokens_seen, self.parallel.mean_of_replicas)
             out = sae.training_forward(
                 x, target if sae.is_transcoder else None, settings, st.remedy_mask(), st.last_l0
             )

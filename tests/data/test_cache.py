@@ -60,8 +60,10 @@ def test_cache_holds_the_store_rows_in_order(cache, reference_rows) -> None:
     torch.testing.assert_close(torch.cat(list(reader)), reference_rows[:N])
 
 
-def test_shuffled_reading_is_a_permutation_and_resumes(cache, reference_rows) -> None:
-    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1)
+@pytest.mark.parametrize("mix", ["blocks", "shards"])
+def test_shuffled_reading_is_a_permutation_and_resumes(cache, reference_rows, mix) -> None:
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1, mix=mix,
+                               block_rows=16)
     rows = torch.cat(list(reader))
     assert rows.shape == (N, 32)
     direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
@@ -71,15 +73,18 @@ def test_shuffled_reading_is_a_permutation_and_resumes(cache, reference_rows) ->
     )
     assert not torch.allclose(rows, expected)
 
-    first = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1)
+    first = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1, mix=mix,
+                              block_rows=16)
     head = [next(first) for _ in range(7)]
-    resumed = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1)
+    resumed = CachedActivations(cache, batch_size=10, buffer_size=50, seed=1, mix=mix,
+                                block_rows=16)
     resumed.load_state_dict(first.state_dict())
     torch.testing.assert_close(torch.cat(head + list(resumed)), rows)
 
 
 def test_norm_scaling_factor_from_cache(cache, reference_rows) -> None:
-    reader = CachedActivations(cache, batch_size=10, buffer_size=50, shuffle=False)
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, shuffle=False,
+                               mix="shards")
     first_shard = reader.shards[0]["rows"]  # >= 40: shards hold whole forward passes
     assert 40 <= first_shard < 80
     factor = reader.estimate_norm_scaling_factor(n_batches=4)  # 40 rows: the first shard
@@ -144,17 +149,18 @@ def test_mismatched_metadata_is_refused(backend, cache) -> None:
         CachedActivations(cache, hooks="blocks.0.hook_resid_post")
 
 
-def test_damaged_shards_are_detected(backend, tmp_path) -> None:
+@pytest.mark.parametrize("mix", ["blocks", "shards"])
+def test_damaged_shards_are_detected(backend, tmp_path, mix) -> None:
     write(backend, tmp_path)
     shard = tmp_path / "shard_00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x40
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="shard_00001.safetensors fails its CRC-32 check"):
-        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False))
+        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False, mix=mix))
     shard.write_bytes(bytes(data[:-100]))
     with pytest.raises(CacheError, match="truncated"):
-        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False))
+        list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, shuffle=False, mix=mix))
 
 
 def test_several_hooks_and_folder_checks(backend, tmp_path) -> None:
@@ -197,12 +203,14 @@ def test_converting_reads_and_unread_tensors_are_checked(backend, tmp_path) -> N
         list(CachedActivations(tmp_path, batch_size=8, buffer_size=8, hooks=hooks[1]))
 
 
+@pytest.mark.parametrize("mix", ["blocks", "shards"])
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_reused_batch_memory_serves_the_same_rows(cache, shuffle) -> None:
-    fresh = list(CachedActivations(cache, batch_size=10, buffer_size=50, seed=3, shuffle=shuffle))
+def test_reused_batch_memory_serves_the_same_rows(cache, shuffle, mix) -> None:
+    fresh = list(CachedActivations(cache, batch_size=10, buffer_size=50, seed=3, shuffle=shuffle,
+                                   mix=mix))
     ring_batches, copies = [], []
     reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=3, shuffle=shuffle,
-                               reuse_batches=3)
+                               reuse_batches=3, mix=mix)
     for batch in reader:
         ring_batches.append(batch)
         copies.append(batch.clone())  # taken now: the ring overwrites it three batches on
@@ -215,13 +223,16 @@ def test_reused_batch_memory_serves_the_same_rows(cache, shuffle) -> None:
     assert all(pointers[i] != pointers[i + 1] for i in range(len(pointers) - 1))
 
 
-def test_reused_batch_memory_resumes_exactly(cache) -> None:
-    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=5, reuse_batches=2)
+@pytest.mark.parametrize("mix", ["blocks", "shards"])
+def test_reused_batch_memory_resumes_exactly(cache, mix) -> None:
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=5, reuse_batches=2,
+                               mix=mix)
     for _ in range(4):
         next(reader)
     state = reader.state_dict()
     rest = [b.clone() for b in reader]
-    again = CachedActivations(cache, batch_size=10, buffer_size=50, seed=5, reuse_batches=2)
+    again = CachedActivations(cache, batch_size=10, buffer_size=50, seed=5, reuse_batches=2,
+                              mix=mix)
     again.load_state_dict(state)
     resumed = [b.clone() for b in again]
     assert len(resumed) == len(rest) == N // 10 - 4
@@ -238,7 +249,7 @@ def test_bad_reuse_batches_is_refused(cache, bad) -> None:
 def test_shards_are_served_in_place_and_never_written(cache, reference_rows) -> None:
     """Rows come from the mapped files (the buffer's own memory holds only rows carried
     over, fewer than a batch), and writing into a mapped tensor leaves the file alone."""
-    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=4)
+    reader = CachedActivations(cache, batch_size=10, buffer_size=50, seed=4, mix="shards")
     rows = torch.cat([next(reader) for _ in range(12)])
     assert all(t.shape[0] <= 10 for t in reader._storage.values())
     assert len(reader._segments) > 1  # carried rows, then mapped shards

@@ -17,11 +17,13 @@ from saekit.saes.base import LossSettings
 from saekit.saes.crosscoder import (
     A_ONLY,
     B_ONLY,
+    CLASS_ORDER,
     NEITHER,
     SHARED,
     Crosscoder,
     class_counts,
     classify_latents,
+    count_classes,
     relative_decoder_norms,
     relative_norm_table,
 )
@@ -175,6 +177,11 @@ def test_relative_decoder_norms_and_classes_by_hand() -> None:
         "latent": 3, "norm_a": 3.0, "norm_b": 1.0, "relative_norm": 0.25, "class": SHARED,
     }
     assert class_counts(table) == {SHARED: 2, A_ONLY: 1, B_ONLY: 1, NEITHER: 1}
+    # Every class counted, in a's side to b's order, by the one counter.
+    assert list(class_counts(table)) == [A_ONLY, SHARED, B_ONLY, NEITHER] == list(CLASS_ORDER)
+    assert count_classes([B_ONLY, B_ONLY]) == {A_ONLY: 0, SHARED: 0, B_ONLY: 2, NEITHER: 0}
+    with pytest.raises(ValueError, match="not a latent class"):
+        count_classes(["a only"])
     with pytest.raises(ValueError, match="out of range"):
         relative_decoder_norms(cc, 0, 2)
     with pytest.raises(ValueError, match="must differ"):

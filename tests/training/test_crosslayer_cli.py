@@ -6,6 +6,8 @@ resume, and one-line refusals of settings such a run cannot follow."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,14 @@ import torch
 from cli_world import write_corpus
 
 from saekit import SAE
+from saekit.analysis.crosscoder_norms import CrosscoderNorms
 from saekit.cli import main
+from saekit.commands.train import format_multisite_metrics
 from saekit.data.tokens import special_token_ids
 from saekit.models import load_model
 from saekit.models.tiny import tiny_gpt2, tiny_tokenizer
 from saekit.saes.clt import CrossLayerTranscoder
-from saekit.saes.crosscoder import Crosscoder, class_counts, relative_norm_table
+from saekit.saes.crosscoder import Crosscoder
 from saekit.training.activations import heldout_text
 from saekit.training.config import TrainConfig
 from saekit.training.crosslayer_run import CLASSES_KEY
@@ -58,6 +62,28 @@ def tiny_train(world: dict[str, Path], out: Path, *args: str) -> int:
         "train", "--model", str(world["a"]), "--dataset", str(world["corpus"]),
         "--out", str(out), *TINY.split(), *args,
     ])
+
+
+def hand_relative_norms(xc: Crosscoder) -> list[float | None]:
+    """||W_dec[i, b]|| / (||W_dec[i, a]|| + ||W_dec[i, b]||) per latent, in plain Python
+    (None: no decoder at either site)."""
+    out: list[float | None] = []
+    for site_a, site_b in xc.W_dec.detach().double().tolist():  # each [d_in]
+        a, b = (math.sqrt(sum(v * v for v in site)) for site in (site_a, site_b))
+        out.append(b / (a + b) if a + b > 0 else None)
+    return out
+
+
+def hand_classes(xc: Crosscoder, band: float = 0.1) -> dict[str, int]:
+    """How many latents are exclusive to site a (relative norm below `band`), to site b
+    (above 1 - band), shared (in between) or have no decoder at either site."""
+    counts = {"a_only": 0, "shared": 0, "b_only": 0, "neither": 0}
+    for r in hand_relative_norms(xc):
+        if r is None:
+            counts["neither"] += 1
+        else:
+            counts["a_only" if r < band else "b_only" if r > 1 - band else "shared"] += 1
+    return counts
 
 
 def heldout_batches(run: Path) -> tuple[Any, list[torch.Tensor]]:
@@ -203,7 +229,8 @@ def test_a_crosscoder_over_two_hooks_reports_each_site(world: dict[str, Path]) -
     assert all(s["explained_variance"] > 0.3 for s in metrics["sites"]), metrics["sites"]
     assert 0 < metrics["l0"] <= 4 and 0 <= metrics["dead_fraction"] < 1
     # Two sites: the latents' classes by relative decoder norm, those of the saved weights.
-    assert metrics[CLASSES_KEY] == class_counts(relative_norm_table(xc))
+    assert metrics[CLASSES_KEY] == hand_classes(xc)
+    assert list(metrics[CLASSES_KEY]) == ["a_only", "shared", "b_only", "neither"]
     assert sum(metrics[CLASSES_KEY].values()) == xc.cfg.d_sae
 
 
@@ -222,9 +249,47 @@ def test_model_diffing_two_models_names_both_and_counts_classes(
     assert xc.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
     metrics = json.loads((out / "metrics.json").read_text())
     classes = metrics[CLASSES_KEY]
-    assert classes == class_counts(relative_norm_table(xc))
+    assert classes == hand_classes(xc)
     assert f"{str(world['b'])}: blocks.1.hook_resid_pre" in report
-    assert ", ".join(f"{k} {v}" for k, v in classes.items()) in report
+    # The report names the classes by model and draws the relative norms' histogram.
+    labels = {"a_only": f"{world['a']} only", "shared": "shared", "b_only": f"{world['b']} only"}
+    for name, label in labels.items():
+        line = rf"^ +{re.escape(label)} +{classes[name]} \("
+        assert re.search(line, report, re.MULTILINE), report
+    assert "a_only" not in report and "b_only" not in report
+    relative = [r for r in hand_relative_norms(xc) if r is not None]
+    by_hand = [sum(1 for r in relative if lo / 5 <= r < (lo + 1) / 5 or (lo == 4 and r == 1))
+               for lo in range(5)]
+    bins = re.findall(r"^ {4}\d\.\d\d-\d\.\d\d \|#* *(\d+)$", report, re.MULTILINE)
+    assert [int(n) for n in bins] == by_hand
+
+
+def test_the_report_names_the_classes_by_site_with_a_histogram() -> None:
+    xc = SAE.create("crosscoder", 2, 4, n_layers=2)
+    assert isinstance(xc, Crosscoder)
+    with torch.no_grad():
+        xc.W_dec.zero_()
+        xc.W_dec[0, 0] = torch.tensor([3.0, 4.0])  # base only: relative norm 0
+        xc.W_dec[1, 1] = torch.tensor([0.0, 2.0])  # chat only: 1
+        xc.W_dec[2, 0] = torch.tensor([1.0, 0.0])  # both alike: 0.5; latent 3 writes nowhere
+        xc.W_dec[2, 1] = torch.tensor([0.0, 1.0])
+    xc.cfg.metadata.extra.update(model_names=["base", "chat"], hook_names=["h", "h"])
+    metrics = {
+        "sites": [{"site": "base: h", "explained_variance": 0.5, "mse": 1.0},
+                  {"site": "chat: h", "explained_variance": 0.25, "mse": 2.0}],
+        "l0": 1.5, "dead_fraction": 0.25,
+        CLASSES_KEY: {"a_only": 1, "shared": 1, "b_only": 1, "neither": 1},
+    }
+    text = format_multisite_metrics(metrics, CrosscoderNorms.of(xc))
+    counts = dict(re.findall(r"^ {4}(\S.*?) +(\d+) \(", text, re.MULTILINE))
+    assert counts == {"base only": "1", "shared": "1", "chat only": "1",
+                      "no decoder at either site": "1"}
+    bins = re.findall(r"^ {4}(\d\.\d\d)-\d\.\d\d \|#* *(\d+)$", text, re.MULTILINE)
+    assert bins == [("0.00", "1"), ("0.20", "0"), ("0.40", "1"), ("0.60", "0"), ("0.80", "1")]
+    assert "a_only" not in text
+    # From metrics.json alone (no crosscoder at hand) the classes keep their stored names.
+    plain = format_multisite_metrics(metrics)
+    assert "a_only 1, shared 1, b_only 1, neither 1" in plain and "base only" not in plain
 
 
 def test_diffing_the_bundled_model_against_itself_finds_only_shared_latents(
