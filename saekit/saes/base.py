@@ -85,9 +85,9 @@ class DeadLatentRemedy:
     """What an architecture does for latents that stopped firing; the trainer applies it
     without knowing the architecture's name."""
 
-    loss: str | None = None
-    """A loss term of `dead_latent_losses` (a key of `loss_coefficients`) that gives dead
-    latents gradient again, or None."""
+    losses: tuple[str, ...] = ()
+    """The loss terms of `dead_latent_losses` (keys of `loss_coefficients`) that give dead
+    latents gradient again."""
     loss_on_quiet: bool = False
     """The loss acts on quiet latents (silent for TrainingSection.quiet_after_tokens, a
     short window) rather than dead ones: a penalty's equilibrium leaves many latents firing

@@ -79,7 +79,7 @@ class CrossLayerTranscoder(SAE):
         "aux_k": "aux_k_coefficient", "l1": "sparsity_coefficient",
         "l0": "sparsity_coefficient", "pre_act": "threshold_pre_act_coefficient",
     }
-    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(loss="aux_k")
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(losses=("aux_k",))
     optional_skip_connection: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -107,9 +107,9 @@ class CrossLayerTranscoder(SAE):
             "jumprelu": {"l0": "sparsity_coefficient", "pre_act": "threshold_pre_act_coefficient"},
         }.get(rule, {"aux_k": "aux_k_coefficient"})
         if rule in _TOPK_LIKE:
-            remedy = DeadLatentRemedy(loss="aux_k", lift_quiet=rule == "batchtopk")
+            remedy = DeadLatentRemedy(losses=("aux_k",), lift_quiet=rule == "batchtopk")
         elif rule == "jumprelu":
-            remedy = DeadLatentRemedy(loss="pre_act", lift_quiet=True)
+            remedy = DeadLatentRemedy(losses=("pre_act",), lift_quiet=True)
         else:
             remedy = DeadLatentRemedy(lift_quiet=True)
         self.dead_latent_remedy = remedy  # type: ignore[misc]

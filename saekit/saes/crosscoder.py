@@ -96,7 +96,7 @@ class Crosscoder(SAE):
             {"aux_k": "aux_k_coefficient"} if topk_like else {"l1": "sparsity_coefficient"}
         )
         self.dead_latent_remedy = (  # type: ignore[misc]
-            DeadLatentRemedy(loss="aux_k", lift_quiet=rule == "batchtopk")
+            DeadLatentRemedy(losses=("aux_k",), lift_quiet=rule == "batchtopk")
             if topk_like else DeadLatentRemedy(lift_quiet=True)
         )
 

@@ -31,7 +31,7 @@ class GatedSAE(SAE):
         "dead_pre_act": "dead_pre_act_coefficient", "aux_k": "aux_k_coefficient",
     }
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
-        loss="dead_pre_act", loss_on_quiet=True, lift_quiet=True
+        losses=("dead_pre_act", "aux_k"), loss_on_quiet=True, lift_quiet=True
     )
     #: The gate activations of the last training pass, until `sparsity_losses` uses them.
     _pending_gate_acts: ClassVar[Tensor | None] = None

@@ -27,7 +27,7 @@ class JumpReLUSAE(SAE):
         "l0": "sparsity_coefficient", "pre_act": "threshold_pre_act_coefficient",
     }
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
-        loss="pre_act", lift_quiet=True, resample=True
+        losses=("pre_act",), lift_quiet=True, resample=True
     )
     #: Starting threshold for every latent (the value sae-lens also uses).
     initial_threshold = 0.001

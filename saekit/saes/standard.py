@@ -24,7 +24,7 @@ class StandardSAE(SAE):
         "l1": "sparsity_coefficient", "dead_pre_act": "dead_pre_act_coefficient",
     }
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
-        loss="dead_pre_act", loss_on_quiet=True, lift_quiet=True
+        losses=("dead_pre_act",), loss_on_quiet=True, lift_quiet=True
     )
     #: With 1e-3, 1,200 steps of a target-L0 run left standard SAEs far from converged
     #: (explained variance 0.74 against 0.96 at 3e-3; benchmarks/README.md).

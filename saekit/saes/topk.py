@@ -47,7 +47,7 @@ class TopKFamily(SAE):
     sparsity_control: ClassVar[str] = "k"
     unit_norm_decoder: ClassVar[bool] = True
     loss_coefficients: ClassVar[dict[str, str | None]] = {"aux_k": "aux_k_coefficient"}
-    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(loss="aux_k")
+    dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(losses=("aux_k",))
     #: Latents per token when neither k nor a target L0 is given.
     default_k: ClassVar[int] = 64
 
@@ -177,7 +177,7 @@ class BatchTopKSAE(TopKFamily):
     #: AuxK, and lifting quiet latents over the batch's bar (63% -> 39% dead on held-out
     #: text at k 32 on the bundled model; for per-token top-k it did not help).
     dead_latent_remedy: ClassVar[DeadLatentRemedy] = DeadLatentRemedy(
-        loss="aux_k", lift_quiet=True
+        losses=("aux_k",), lift_quiet=True
     )
 
     def __init__(self, cfg: SAEConfig) -> None:

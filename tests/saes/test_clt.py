@@ -255,7 +255,7 @@ def test_each_rule_keeps_the_architecture_contract(activation: str) -> None:
     names = {f.name for f in fields(LossSettings)}
     assert clt.sparsity_control == ("k" if activation in ("topk", "batchtopk") else "coefficient")
     assert set(clt.loss_coefficients.values()) - {None} <= names
-    assert clt.dead_latent_remedy.loss in (None, *clt.loss_coefficients)
+    assert set(clt.dead_latent_remedy.losses) <= set(clt.loss_coefficients)
     # The class answers for its default rule (topk) and names every rule's terms.
     assert set(clt.loss_coefficients) <= set(CrossLayerTranscoder.loss_coefficients)
     settings = LossSettings(sparsity_coefficient=0.1, threshold_pre_act_coefficient=0.01)
