@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -216,12 +217,7 @@ class TokenWindows:
 
     def batch(self, n: int) -> Tensor | None:
         """The next `n` windows as [n, context_size] (fewer at the end), or None at the end."""
-        windows = []
-        for window in self:
-            windows.append(window)
-            if len(windows) == n:
-                break
-        return torch.stack(windows) if windows else None
+        return next_windows(self, n)
 
     def _next_packed(self) -> Tensor | None:
         body = self.context_size - len(self._prefix) - len(self._suffix)
@@ -301,6 +297,13 @@ class TokenWindows:
                     f"vocabulary of {self.vocab_size}; was it tokenized for another model?"
                 )
         return [int(t) for t in ids]
+
+
+def next_windows(windows: Iterator[Tensor], n: int) -> Tensor | None:
+    """The next `n` windows of an iterator of windows, stacked [n, context_size] (fewer at
+    the end), or None when it has none left."""
+    taken = list(itertools.islice(windows, n))
+    return torch.stack(taken) if taken else None
 
 
 def window_batches(windows: TokenWindows, n_tokens: int, batch_size: int = 8) -> list[Tensor]:

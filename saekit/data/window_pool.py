@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.data.tokens import TokenWindows
+from saekit.data.tokens import TokenWindows, next_windows
 
 
 class WindowPool:
@@ -106,9 +106,4 @@ class WindowPool:
 
     def batch(self, n: int) -> Tensor | None:
         """The next `n` windows as [n, context_size] (fewer at the end), or None at the end."""
-        windows = []
-        for window in self:
-            windows.append(window)
-            if len(windows) == n:
-                break
-        return torch.stack(windows) if windows else None
+        return next_windows(self, n)
