@@ -17,6 +17,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def bundled() -> object:
+    """The bundled 4-layer model, loaded once per test module (a module may change it)."""
+    from saekit.models import load_model
+
+    return load_model("bundled")
+
+
 @pytest.fixture(scope="session")
 def tiny_tl_model() -> object:
     """A tiny random TransformerLens model with its tokenizer (saekit.models.tiny)."""

@@ -23,7 +23,7 @@ from saekit.evals.accumulators import (
     SparsityAccumulator,
     SparsityStats,
 )
-from saekit.progress import bar
+from saekit.evals.token_pass import TokenPass, eval_mode
 from saekit.saes.crosscoder import Crosscoder
 
 
@@ -95,16 +95,11 @@ def evaluate_crosscoder(
     specials = special_token_ids(model.tokenizer) if special_ids is None else set(special_ids)
     recon_acc = [ReconstructionAccumulator() for _ in hooks]
     sparse_acc = SparsityAccumulator(crosscoder.cfg.d_sae)
-    seen = 0
-    shown = bar(desc="evaluating crosscoder", unit="tok", total=max_tokens, progress=progress)
-    was_training = crosscoder.training
-    crosscoder.eval()
-    with torch.no_grad(), shown:
-        for tokens in token_batches:
-            if max_tokens is not None and seen >= max_tokens:
-                break
-            if tokens.ndim != 2:
-                raise ValueError(f"token batches must be [batch, pos], got {tuple(tokens.shape)}")
+    batches = TokenPass(
+        token_batches, desc="evaluating crosscoder", max_tokens=max_tokens, progress=progress
+    )
+    with torch.no_grad(), eval_mode(crosscoder):
+        for tokens in batches:
             keep = keep_mask(tokens, specials).reshape(-1)  # [batch * pos]
             acts = model.activations(tokens, hooks)
             # [kept tokens, n_sites, d_in]
@@ -115,9 +110,4 @@ def evaluate_crosscoder(
             sparse_acc.update(latents)
             for site, acc in enumerate(recon_acc):
                 acc.update(x[:, site], recon[:, site])
-            seen += tokens.numel()
-            shown.update(tokens.numel())
-    crosscoder.train(was_training)
-    if seen == 0:
-        raise ValueError("the token batches were empty; nothing to evaluate")
     return CrosscoderEvaluation([a.result() for a in recon_acc], sparse_acc.result(), names)

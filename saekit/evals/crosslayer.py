@@ -28,8 +28,8 @@ from saekit.evals.accumulators import (
 )
 from saekit.evals.downstream import PredictionScorer
 from saekit.evals.metrics import EvalMetrics
+from saekit.evals.token_pass import TokenPass, eval_mode
 from saekit.models.backend import ModelBackend, Replacement
-from saekit.progress import bar
 from saekit.saes.clt import CrossLayerTranscoder, stack_layers
 
 
@@ -105,16 +105,11 @@ def evaluate_clt(
     recon_acc = [ReconstructionAccumulator() for _ in range(clt.n_layers)]
     sparse_acc = [SparsityAccumulator(clt.cfg.d_sae) for _ in range(clt.n_layers)]
     down_acc = DownstreamAccumulator() if downstream else None
-    seen = 0
-    shown = bar(desc="evaluating CLT", unit="tok", total=max_tokens, progress=progress)
-    was_training = clt.training
-    clt.eval()
-    with torch.no_grad(), shown:
-        for tokens in token_batches:
-            if max_tokens is not None and seen >= max_tokens:
-                break
-            if tokens.ndim != 2:
-                raise ValueError(f"token batches must be [batch, pos], got {tuple(tokens.shape)}")
+    batches = TokenPass(
+        token_batches, desc="evaluating CLT", max_tokens=max_tokens, progress=progress
+    )
+    with torch.no_grad(), eval_mode(clt):
+        for tokens in batches:
             mask = keep_mask(tokens, specials)  # [batch, pos]
             acts: dict[str, Tensor] = {}
             wanted = hooks_in + hooks_out
@@ -140,11 +135,6 @@ def evaluate_clt(
                 ce_sae, kl_sae = scored(spliced)
                 ce_abl, kl_abl = scored(ablated)
                 down_acc.update(scored.ce_clean, ce_sae, ce_abl, kl_sae, kl_abl)
-            seen += tokens.numel()
-            shown.update(tokens.numel())
-    clt.train(was_training)
-    if seen == 0:
-        raise ValueError("the token batches were empty; nothing to evaluate")
     layers = [
         EvalMetrics.from_stats(r.result(), s.result())
         for r, s in zip(recon_acc, sparse_acc, strict=True)

@@ -111,8 +111,16 @@ class EvalMetrics:
 
 
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A copy with NaN / infinite floats replaced by None, for strict JSON."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in metrics.items()
-    }
+    """A copy with every NaN / infinite float replaced by None, for strict JSON; nested
+    mappings and lists (a CLT's per-layer or a crosscoder's per-site figures) too."""
+    return _finite_or_none(metrics)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

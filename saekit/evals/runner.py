@@ -22,9 +22,9 @@ from saekit.evals.accumulators import (
 )
 from saekit.evals.downstream import PredictionScorer
 from saekit.evals.metrics import EvalMetrics
+from saekit.evals.token_pass import TokenPass
 from saekit.models.backend import ModelBackend, Replacement
 from saekit.models.hooks import replace_head, select_head
-from saekit.progress import bar
 from saekit.saes.base import SAE
 from saekit.sites import SAESite, check_one_site, reads_heads, sae_region, sae_site
 
@@ -129,29 +129,14 @@ def evaluate_saes(
     runs = [_SiteAccumulators(sae, site, downstream) for sae, site in zip(saes, sites, strict=True)]
     specials = special_token_ids(model.tokenizer) if special_ids is None else set(special_ids)
     hooks = list(dict.fromkeys(h for s in sites for h in (s.hook_in, s.hook_out)))
-    seen = 0
-    total = max_tokens
-    if isinstance(token_batches, (list, tuple)):  # batches in memory: count them up front
-        held = sum(t.numel() for t in token_batches if isinstance(t, Tensor))
-        total = held if max_tokens is None else min(held, max_tokens)
-    shown = bar(desc="evaluating", unit="tok", total=total, progress=progress)
-    with torch.no_grad(), shown:
-        for tokens in token_batches:
-            if max_tokens is not None and seen >= max_tokens:
-                break
-            if tokens.ndim != 2:
-                raise ValueError(f"token batches must be [batch, pos], got {tuple(tokens.shape)}")
-            if max_tokens is not None and seen + tokens.numel() > max_tokens:
-                # Whole sequences only: a cut sequence would still be a valid prefix, but
-                # keeping rows whole keeps the count of predictions simple to reason about.
-                rows = max(1, (max_tokens - seen) // tokens.shape[1])
-                tokens = tokens[:rows]
-            seen += tokens.numel()
+    batches = TokenPass(
+        token_batches, desc="evaluating", max_tokens=max_tokens, progress=progress,
+        whole_rows=True,
+    )
+    with torch.no_grad():
+        for tokens in batches:
             _evaluate_batch(model, runs, hooks, tokens, specials, downstream)
-            shown.update(tokens.numel())
-    if seen == 0:
-        raise ValueError("the token batches were empty; nothing to evaluate")
-    logger.debug("evaluated %d SAE(s) on %d tokens", len(runs), seen)
+    logger.debug("evaluated %d SAE(s) on %d tokens", len(runs), batches.seen)
     return [run.result() for run in runs]
 
 

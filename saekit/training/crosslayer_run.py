@@ -14,13 +14,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from saekit.config import SAEConfig
 from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
-from saekit.io.native import remove_partial_writes
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
 from saekit.preflight import check_train_dtype
@@ -32,14 +30,10 @@ from saekit.training.activations import (
     run_hooks,
 )
 from saekit.training.cache_source import PREFETCH_DEPTH, prefetches
-from saekit.training.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from saekit.training.config import RUN_CONFIG_FILE, TrainConfig, resumed_config
 from saekit.training.distributed import (
     DistEnv,
     Parallelism,
-    init_process_group,
-    local_device,
-    make_parallelism,
 )
 from saekit.training.multisite import StackedBatches, record_sites, vocabulary
 from saekit.training.multisite_plan import (
@@ -51,17 +45,17 @@ from saekit.training.multisite_plan import (
 from saekit.training.run import (
     NORM_ESTIMATE_BATCHES,
     TrainOutcome,
-    _check_target_l0,
-    _device,
     _preflight,
-    _prepare_run_dir,
     _read_run_state,
     _run_metadata,
     _seed_everything,
     _wandb_sinks,
+    finish_one_sae_run,
     fit_in_run_dir,
+    has_checkpoint_to_resume,
     load_run_model,
-    write_results,
+    open_run_dir,
+    saved_run_config,
 )
 from saekit.training.trainer import SAEJob
 
@@ -77,24 +71,10 @@ def train_multisite(
 ) -> TrainOutcome:
     """Train the clt or crosscoder of `cfg` and write its run folder; `saekit.train` calls
     this for a multi-site architecture (and for resuming such a run)."""
-    if env.distributed:
-        init_process_group(local_device(_device(cfg.run.device), env), env)
-    parallel = make_parallelism(cfg.run.parallel)
-    if env.is_main:
-        run_dir, resume = _prepare_run_dir(cfg)
-    else:
-        resume = cfg.run.resume is not None
-        run_dir = Path(cfg.run.resume if resume else cfg.run.out)
-    parallel.barrier()
+    run_dir, resume, parallel = open_run_dir(cfg, env)
     if resume:
         cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
-        if env.is_main:
-            remove_partial_writes(run_dir)
-            remove_partial_checkpoints(run_dir)
-        if latest_checkpoint(run_dir) is None:
-            if env.is_main:
-                log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
-            resume = False
+        resume = has_checkpoint_to_resume(run_dir, env.is_main)
     _preflight(cfg, model, dataset)
     _seed_everything(cfg.run.seed)
 
@@ -135,20 +115,14 @@ def train_multisite(
         cfg, job, source, run_dir, resume=resume, is_main=env.is_main, run_state=run_state,
         sinks=sinks, finish=finish_wandb, parallel=parallel, periodic=None,
     )
-    trained = result.saes["sae"]
-    outcome = dict(config=cfg, backend=backend, heldout=heldout, is_main=env.is_main)
-    if result.interrupted is not None:
-        return TrainOutcome(trained, {}, run_dir, result.interrupted, **outcome)
-    if not env.is_main:
-        return TrainOutcome(trained, {}, run_dir, **outcome)
-    metrics = json_clean(dict(result.metrics["sae"]))
-    if heldout is not None and metrics:
-        metrics["evaluated_on"] = heldout.to_dict()
-    if not sites.keys_out and len(sites.keys_in) == 2:
-        metrics[CLASSES_KEY] = latent_classes(trained)
-    _check_target_l0(cfg, metrics)
-    write_results(run_dir, trained, result.sparsity["sae"], metrics, sinks)
-    return TrainOutcome(trained, metrics, run_dir, **outcome)
+    two_site_crosscoder = not sites.keys_out and len(sites.keys_in) == 2
+    return finish_one_sae_run(
+        cfg, result, run_dir, backend, heldout, env.is_main, sinks,
+        extra_metrics=(
+            (lambda trained: {CLASSES_KEY: latent_classes(trained)})
+            if two_site_crosscoder else None
+        ),
+    )
 
 
 def _default_hook(backend: ModelBackend) -> str | None:
@@ -336,24 +310,7 @@ def latent_classes(crosscoder: SAE) -> dict[str, int]:
     return CrosscoderNorms.of(crosscoder).counts()
 
 
-def json_clean(value: Any) -> Any:
-    """`value` with every NaN or infinite float (at any depth) replaced by None, for strict
-    JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_clean(v) for v in value]
-    return value
-
-
 def trains_multisite(cfg: TrainConfig) -> bool:
     """Whether the run (or, resuming, the saved run) trains a clt or crosscoder."""
-    if cfg.multisite:
-        return True
-    if cfg.run.resume is not None:
-        saved = Path(cfg.run.resume) / RUN_CONFIG_FILE
-        if saved.is_file():
-            return TrainConfig.load(saved).multisite
-    return False
+    saved = saved_run_config(cfg)
+    return cfg.multisite or (saved is not None and saved.multisite)

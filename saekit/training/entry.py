@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from saekit.progress import progress_off
-from saekit.training.config import RUN_CONFIG_FILE, TrainConfig
+from saekit.training.config import TrainConfig
 from saekit.training.crosslayer_run import train_multisite, trains_multisite
 from saekit.training.distributed import DistEnv, destroy_process_group
 from saekit.training.many import train_many
-from saekit.training.run import TrainOutcome, _as_config, _train
+from saekit.training.run import TrainOutcome, _as_config, _train, saved_run_config
 
 
 def train(
@@ -55,10 +55,5 @@ def train(
 
 def _trains_many(cfg: TrainConfig) -> bool:
     """Whether the run (or, resuming, the saved run) trains several SAEs."""
-    if cfg.many:
-        return True
-    if cfg.run.resume is not None:
-        saved = Path(cfg.run.resume) / RUN_CONFIG_FILE
-        if saved.is_file():
-            return TrainConfig.load(saved).many
-    return False
+    saved = saved_run_config(cfg)
+    return cfg.many or (saved is not None and saved.many)

@@ -26,7 +26,6 @@ import torch
 from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
 from saekit.errors import DiskFullError
-from saekit.io.native import remove_partial_writes
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
 from saekit.preflight import check_train_dtype
@@ -38,13 +37,9 @@ from saekit.training.activations import (
     run_hooks,
 )
 from saekit.training.cache_source import PREFETCH_DEPTH, prefetches
-from saekit.training.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from saekit.training.config import RUN_CONFIG_FILE, TrainConfig, resumed_config
 from saekit.training.distributed import (
     DistEnv,
-    init_process_group,
-    local_device,
-    make_parallelism,
 )
 from saekit.training.periodic_eval import LockedSource
 from saekit.training.run import (
@@ -53,16 +48,16 @@ from saekit.training.run import (
     TrainOutcome,
     _build_sae,
     _check_target_l0,
-    _device,
     _evaluator,
     _json_safe,
     _preflight,
-    _prepare_run_dir,
     _read_run_state,
     _seed_everything,
     _wandb_sinks,
     fit_in_run_dir,
+    has_checkpoint_to_resume,
     load_run_model,
+    open_run_dir,
     periodic_evaluator,
 )
 from saekit.training.runlog import LOG_FILE, read_log
@@ -119,25 +114,11 @@ def train_many(
 ) -> ManyOutcome:
     """Train every SAE of `cfg` (see `saekit.training.sweeps`) from one model pass per batch
     and write the run folder; `saekit.train` calls this for a run of several SAEs."""
-    if env.distributed:
-        init_process_group(local_device(_device(cfg.run.device), env), env)
-    parallel = make_parallelism(cfg.run.parallel)
-    if env.is_main:
-        run_dir, resume = _prepare_run_dir(cfg)
-    else:
-        resume = cfg.run.resume is not None
-        run_dir = Path(cfg.run.resume if resume else cfg.run.out)
-    parallel.barrier()
+    run_dir, resume, parallel = open_run_dir(cfg, env)
     if resume:
         cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
         cfg.run.out = str(run_dir)  # the sub-folders live where the run is now
-        if env.is_main:
-            remove_partial_writes(run_dir)
-            remove_partial_checkpoints(run_dir)
-        if latest_checkpoint(run_dir) is None:
-            if env.is_main:
-                log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
-            resume = False
+        resume = has_checkpoint_to_resume(run_dir, env.is_main)
     _refuse_unsupported(cfg)
     _preflight(cfg, model, dataset)
     _seed_everything(cfg.run.seed)

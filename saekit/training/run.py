@@ -114,27 +114,11 @@ def _train(
     cache_meta = cache_metadata(cfg) if cfg.run.resume is None else None
     # Under torchrun every rank trains on its share of each global batch; rank 0 alone
     # checks and writes the run folder, and the others wait until it is ready.
-    if env.distributed:
-        device = str(local_device(_device(cfg.run.device), env))
-        init_process_group(device, env)
-    parallel = make_parallelism(cfg.run.parallel)
-    if env.is_main:
-        run_dir, resume = _prepare_run_dir(cfg)
-    else:
-        resume = cfg.run.resume is not None
-        run_dir = Path(cfg.run.resume if resume else cfg.run.out)
-    parallel.barrier()
+    run_dir, resume, parallel = open_run_dir(cfg, env)
     if resume:
         cfg = resumed_config(TrainConfig.load(run_dir / RUN_CONFIG_FILE), cfg, given)
         cache_meta = cache_metadata(cfg)
-        if env.is_main:
-            remove_partial_writes(run_dir)  # left by a kill mid-save
-            remove_partial_checkpoints(run_dir)
-        if latest_checkpoint(run_dir) is None:
-            # Stopped before its first checkpoint: nothing to continue, so start it again.
-            if env.is_main:
-                log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
-            resume = False
+        resume = has_checkpoint_to_resume(run_dir, env.is_main)
     if not resume and cfg.sae.init_from is not None and source is None:
         # A fine-tuning run that stopped before its first checkpoint starts from its source.
         source = load_init_source(cfg.sae.init_from)
@@ -182,18 +166,82 @@ def _train(
         cfg, job, source, run_dir, resume=resume, is_main=env.is_main, run_state=run_state,
         sinks=sinks, finish=finish_wandb, parallel=parallel, periodic=periodic,
     )
+    return finish_one_sae_run(cfg, result, run_dir, backend, heldout, env.is_main, sinks)
+
+
+def open_run_dir(cfg: TrainConfig, env: DistEnv) -> tuple[Path, bool, Parallelism]:
+    """(run folder, whether it resumes, the run's parallelism), as every kind of run starts.
+
+    Under torchrun this joins the process group; rank 0 alone checks the folder
+    (`_prepare_run_dir`: a resumed run's must hold its config, a new run's must be free or
+    --overwrite given) while the other ranks wait at a barrier until it is ready. A resumed
+    run's caller then loads the saved config and asks `has_checkpoint_to_resume`."""
+    if env.distributed:
+        init_process_group(str(local_device(_device(cfg.run.device), env)), env)
+    parallel = make_parallelism(cfg.run.parallel)
+    if env.is_main:
+        run_dir, resume = _prepare_run_dir(cfg)
+    else:
+        resume = cfg.run.resume is not None
+        run_dir = Path(cfg.run.resume if resume else cfg.run.out)
+    parallel.barrier()
+    return run_dir, resume, parallel
+
+
+def has_checkpoint_to_resume(run_dir: Path, is_main: bool) -> bool:
+    """Whether the resumed run in `run_dir` continues from a checkpoint; first (rank 0 only)
+    clears what a kill mid-save left half written. A run stopped before its first checkpoint
+    has nothing to continue, so it starts again from the beginning (and says so)."""
+    if is_main:
+        remove_partial_writes(run_dir)
+        remove_partial_checkpoints(run_dir)
+    if latest_checkpoint(run_dir) is not None:
+        return True
+    if is_main:
+        log.info("%s holds no checkpoint yet; starting the run from the beginning", run_dir)
+    return False
+
+
+def finish_one_sae_run(
+    cfg: TrainConfig,
+    result: FitResult,
+    run_dir: Path,
+    backend: ModelBackend,
+    heldout: HeldoutText | None,
+    is_main: bool,
+    sinks: list[Any],
+    extra_metrics: Callable[[SAE], dict[str, Any]] | None = None,
+) -> TrainOutcome:
+    """The outcome of a finished (or interrupted) run of one SAE, the trainer's job "sae".
+
+    Rank 0 of a run that finished writes its results (`write_results`): the final held-out
+    metrics (NaN as null), what they were evaluated on, and `extra_metrics(trained)` merged
+    in; it warns when the held-out L0 missed target_l0. An interrupted run and the other
+    ranks write nothing and return no metrics."""
     trained = result.saes["sae"]
-    outcome = dict(config=cfg, backend=backend, heldout=heldout, is_main=env.is_main)
+    outcome = dict(config=cfg, backend=backend, heldout=heldout, is_main=is_main)
     if result.interrupted is not None:
         return TrainOutcome(trained, {}, run_dir, result.interrupted, **outcome)
-    if not env.is_main:
+    if not is_main:
         return TrainOutcome(trained, {}, run_dir, **outcome)
     metrics = _json_safe(result.metrics["sae"])
     if heldout is not None and metrics:
         metrics["evaluated_on"] = heldout.to_dict()
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(trained))
     _check_target_l0(cfg, metrics)
     write_results(run_dir, trained, result.sparsity["sae"], metrics, sinks)
     return TrainOutcome(trained, metrics, run_dir, **outcome)
+
+
+def saved_run_config(cfg: TrainConfig) -> TrainConfig | None:
+    """The config saved in the run folder `cfg` resumes, None when it resumes none (or the
+    folder holds no config: `_prepare_run_dir` then refuses it with the reason). Says what
+    kind of run a bare `--resume` continues."""
+    if cfg.run.resume is None:
+        return None
+    saved = Path(cfg.run.resume) / RUN_CONFIG_FILE
+    return TrainConfig.load(saved) if saved.is_file() else None
 
 
 def load_run_model(cfg: TrainConfig, model: Any, env: DistEnv) -> tuple[ModelBackend, str]:

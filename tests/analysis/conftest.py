@@ -33,3 +33,25 @@ def backend(request, hf_backend, tl_backend):
 @pytest.fixture(scope="session")
 def tokens() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, monkeypatch_module):
+    """A headless Chromium for the dashboard tests, one per test module (skips where
+    Chromium or selenium is missing: `test_dashboard._driver`)."""
+    from test_dashboard import _driver
+
+    # Selenium would otherwise try to report usage statistics over the network.
+    monkeypatch_module.setenv("SE_AVOID_STATS", "true")
+    driver = _driver(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """`monkeypatch` for module-scoped fixtures."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp

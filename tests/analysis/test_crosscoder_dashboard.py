@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dashboard import _driver, _errors, _rows, _wait
+from test_dashboard import _errors, _rows, _wait
 
 from saekit import SAE
 from saekit.analysis.crosscoder_norms import CrosscoderNorms
@@ -92,22 +92,6 @@ def test_every_firing_latent_has_its_planted_feature_class(planted) -> None:
     assert bool((best.values > 0.95).all())
     assert [classes[i] for i in best.indices.tolist()] == PLANTED
     assert {name for name, n in stats.crosscoder.counts().items() if n} == set(LABELS)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("SE_AVOID_STATS", "true")  # no usage reports over the network
-    driver = _driver(tmp_path_factory.mktemp("chromium-profile"))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
 
 
 def _choose_class(driver, value: str) -> None:

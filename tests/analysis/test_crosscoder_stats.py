@@ -39,11 +39,6 @@ def _single_thread(one_thread: None) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundled() -> Any:
-    return load_model("bundled")
-
-
-@pytest.fixture(scope="module")
 def tiny_other(tokenizer) -> Any:
     """A second tiny model, other random weights, the same tokenizer."""
     return load_model(tiny_gpt2(VOCAB, d_model=D_MODEL, seed=1), tokenizer=tokenizer)

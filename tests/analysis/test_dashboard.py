@@ -135,23 +135,6 @@ def _driver(profile: Path):
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory, monkeypatch_module):
-    # Selenium would otherwise try to report usage statistics over the network.
-    monkeypatch_module.setenv("SE_AVOID_STATS", "true")
-    driver = _driver(tmp_path_factory.mktemp("chromium-profile"))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
 def _errors(driver) -> list[dict]:
     return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
 

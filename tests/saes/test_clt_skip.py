@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_clt import random_clt as random_plain_clt
 
 from saekit import SAE
 from saekit.data.tokens import TokenWindows, window_batches
@@ -30,18 +31,8 @@ def _single_thread(one_thread: None) -> None:
 
 def random_clt(activation: str = "jumprelu", n_layers: int = LAYERS, seed: int = 0,
                **fields: Any) -> CrossLayerTranscoder:
-    """A skip CLT with every tensor random, so no term hides."""
-    torch.manual_seed(seed)
-    if activation in ("topk", "batchtopk"):
-        fields.setdefault("k", 3)
-    clt = SAE.create("clt", D, M, n_layers=n_layers, activation_fn=activation,
-                     skip_connection=True, **fields)
-    with torch.no_grad():
-        for name, t in clt.state_dict().items():
-            t.copy_(torch.randn_like(t) * (0.1 if name == "threshold" else 1.0))
-        if hasattr(clt, "threshold"):
-            clt.threshold.abs_()
-    return clt
+    """A skip CLT with every tensor random (W_skip too), so no term hides."""
+    return random_plain_clt(activation, n_layers, seed, skip_connection=True, **fields)
 
 
 def by_hand(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +45,14 @@ def by_hand(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
             latents.append(torch.relu(h))
         else:
             latents.append(torch.where(h > clt.threshold[i], h, torch.zeros_like(h)) * (h > 0))
+    return decode_by_hand(clt, x, latents)
+
+
+def decode_by_hand(
+    clt: CrossLayerTranscoder, x: torch.Tensor, latents: list[torch.Tensor]
+) -> torch.Tensor:
+    """[n, layers, d]: each layer j's output from every layer's latents (one decoder block
+    W_dec_i[:, j - i] at a time, i <= j), its bias and its skip path x_j @ W_skip[j].T."""
     outs = []
     for j in range(clt.n_layers):
         y = clt.b_dec[j] + x[:, j] @ clt.W_skip[j].T
@@ -201,17 +200,12 @@ def test_a_skip_clt_trains_and_evaluates_with_its_skip(tiny_model: Any) -> None:
 def by_hand_topk(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
     """`by_hand` for a top-k CLT: each layer keeps its k largest positive pre-activations."""
     assert clt.cfg.k is not None
-    outs, latents = [], []
+    latents = []
     for i in range(clt.n_layers):
         h = torch.relu(x[:, i] @ clt.W_enc[i] + clt.b_enc[i])
         top = h.topk(clt.cfg.k, dim=-1)
         latents.append(torch.zeros_like(h).scatter(-1, top.indices, top.values))
-    for j in range(clt.n_layers):
-        y = clt.b_dec[j] + x[:, j] @ clt.W_skip[j].T
-        for i in range(j + 1):
-            y = y + latents[i] @ getattr(clt, f"W_dec_{i}")[:, j - i]
-        outs.append(y)
-    return torch.stack(outs, dim=1)
+    return decode_by_hand(clt, x, latents)
 
 
 def test_the_replacement_model_writes_the_skip_path(tiny_model: Any) -> None:

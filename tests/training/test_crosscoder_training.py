@@ -35,11 +35,6 @@ def _single_thread(one_thread: None) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundled() -> Any:
-    return load_model("bundled")
-
-
-@pytest.fixture(scope="module")
 def perturbed() -> Any:
     """The bundled model with block 1's MLP output weights tripled: the same up to block
     1's MLP, different after it."""
