@@ -4,8 +4,11 @@ folder laid out like a published repo, `RELEASE/SAE_ID` from the registry, or a 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from saekit.models.backend import ModelBackend
 from saekit.saes.base import SAE
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -94,3 +97,34 @@ def _load_target(target: str, device: str) -> SAE:
         f"cannot find the SAE {target!r}: it is not a folder with {CFG_FILE}, not "
         "RELEASE/SAE_ID of a known release (`saekit pretrained list`), and not a Hub repo id"
     )
+
+
+def resolve_model(saes: Sequence[SAE], model: Any = None, backend: str = "auto") -> ModelBackend:
+    """The backend for `model`, or for the model named in the SAEs' metadata; `backend` as
+    in `saekit.models.load_model` (which model library runs a model given by name)."""
+    from saekit.models import load_model
+
+    device = saes[0].device
+    if model is not None:
+        if isinstance(model, (str, Path)):
+            return load_model(model, backend=backend, device=device)
+        return load_model(model, backend=backend)
+    names = {sae.cfg.metadata.model_name for sae in saes}
+    if None in names:
+        raise ValueError(
+            "no model given and the SAE's metadata names none (cfg.metadata.model_name is "
+            "empty); pass the model it was trained on, e.g. model='gpt2' or --model gpt2"
+        )
+    if len(names) > 1:
+        raise ValueError(
+            f"the SAEs belong to different models {sorted(names)}; evaluate them separately "
+            "or pass the model explicitly"
+        )
+    (name,) = names
+    try:
+        return load_model(name, backend=backend, device=device)
+    except Exception as err:  # noqa: BLE001 - any load failure gets the same advice
+        raise ValueError(
+            f"could not load the model {name!r} named in the SAE's metadata (model_name): "
+            f"{err}. Pass the model explicitly (model=... or --model), e.g. a local folder"
+        ) from err

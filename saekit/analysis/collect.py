@@ -101,8 +101,8 @@ def statistics_models(sae: SAE, model: Any = None, backend: str = "auto") -> Any
     """The backend(s) the SAE's statistics read: `model` (a name, an object, or for a
     crosscoder over several models a list of them, one per site), else the model its metadata
     names, or, for a model-diffing crosscoder, each model it records (`model_names`)."""
-    from saekit.evals.api import resolve_model
     from saekit.models import load_model
+    from saekit.targets import resolve_model
 
     if isinstance(model, (list, tuple)):
         return [resolve_model([sae], one, backend) for one in model]
@@ -157,7 +157,8 @@ def _crosscoder_reader(
     crosscoder: Crosscoder, model: Any, hooks: str | Sequence[str] | None
 ) -> tuple[Any, Callable[[Tensor], Tensor]]:
     from saekit.models import load_model
-    from saekit.training.multisite import SideBySideModels, crosscoder_sites
+    from saekit.models.side_by_side import SideBySideModels
+    from saekit.saes.crosscoder import crosscoder_sites
 
     listed = list(model) if isinstance(model, (list, tuple)) else [model]
     recorded = crosscoder.cfg.metadata.extra.get(MODELS_KEY)

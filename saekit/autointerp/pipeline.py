@@ -99,9 +99,10 @@ def autointerp(
     """
     from saekit.analysis.collect import feature_statistics
     from saekit.autointerp.clients import make_client
-    from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches, resolve_model
+    from saekit.evals.api import DEFAULT_CONTEXT_SIZE, heldout_token_batches
     from saekit.models.positions import check_context_size
     from saekit.preflight import check_out_folder
+    from saekit.targets import resolve_model
 
     cfg = config or AutointerpConfig()
     parse_latents(latents).check(sae.cfg.d_sae)

@@ -18,10 +18,10 @@ from typing import Any
 
 from saekit.commands import positive_int
 from saekit.commands.report import format_metrics
-from saekit.evals.api import DEFAULT_EVAL_TOKENS, evaluate_many, resolve_model
+from saekit.evals.api import DEFAULT_EVAL_TOKENS, evaluate_many
 from saekit.evals.metrics import METRIC_NAMES, EvalMetrics, json_safe
 from saekit.sites import check_one_site
-from saekit.targets import load_target
+from saekit.targets import load_target, resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
 from saekit.saes.base import SAE
 from saekit.sites import SAESite, check_one_site, sae_site
+from saekit.targets import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -30,37 +30,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_EVAL_TOKENS = 65_536
 #: Sequence length when neither the caller nor the SAE's metadata gives one.
 DEFAULT_CONTEXT_SIZE = 128
-
-
-def resolve_model(saes: Sequence[SAE], model: Any = None, backend: str = "auto") -> ModelBackend:
-    """The backend for `model`, or for the model named in the SAEs' metadata; `backend` as
-    in `saekit.models.load_model` (which model library runs a model given by name)."""
-    from saekit.models import load_model
-
-    device = saes[0].device
-    if model is not None:
-        if isinstance(model, (str, Path)):
-            return load_model(model, backend=backend, device=device)
-        return load_model(model, backend=backend)
-    names = {sae.cfg.metadata.model_name for sae in saes}
-    if None in names:
-        raise ValueError(
-            "no model given and the SAE's metadata names none (cfg.metadata.model_name is "
-            "empty); pass the model it was trained on, e.g. model='gpt2' or --model gpt2"
-        )
-    if len(names) > 1:
-        raise ValueError(
-            f"the SAEs belong to different models {sorted(names)}; evaluate them separately "
-            "or pass the model explicitly"
-        )
-    (name,) = names
-    try:
-        return load_model(name, backend=backend, device=device)
-    except Exception as err:  # noqa: BLE001 - any load failure gets the same advice
-        raise ValueError(
-            f"could not load the model {name!r} named in the SAE's metadata (model_name): "
-            f"{err}. Pass the model explicitly (model=... or --model), e.g. a local folder"
-        ) from err
 
 
 def heldout_token_batches(

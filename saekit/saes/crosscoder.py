@@ -27,7 +27,7 @@ site against another (0.5: the latent writes equally to both; 0 or 1: to one onl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -454,3 +454,33 @@ def count_classes(classes: Iterable[str]) -> dict[str, int]:
 def class_counts(table: list[dict[str, Any]]) -> dict[str, int]:
     """How many latents of a `relative_norm_table` fall in each class (`count_classes`)."""
     return count_classes(row["class"] for row in table)
+
+
+def crosscoder_sites(
+    crosscoder: Crosscoder, models: Sequence[Any], hooks: str | Sequence[str] | None
+) -> list[str]:
+    """The hook of every site, checked against the crosscoder's n_sites: `hooks` as given (a
+    single name means that hook in every model), else the ones its metadata records."""
+    n = crosscoder.n_sites
+    if len(models) not in (1, n):
+        raise ValueError(
+            f"a crosscoder over {n} sites reads one model at {n} hooks or {n} models, got "
+            f"{len(models)} models"
+        )
+    if hooks is None:
+        hooks = crosscoder.cfg.metadata.extra.get(SITE_HOOKS_KEY)
+        if hooks is None:
+            raise ValueError("no hooks given and the crosscoder records none; pass hooks")
+    if isinstance(hooks, str):
+        if len(models) == 1:
+            raise ValueError(
+                f"one model and one hook make one site, but the crosscoder reads {n}; pass "
+                f"{n} hooks (layers) or {n} models"
+            )
+        hooks = [hooks] * len(models)
+    hooks = list(hooks)
+    if not all(isinstance(h, str) for h in hooks) or len(hooks) != n:
+        raise ValueError(f"a crosscoder over {n} sites needs {n} hook names, got {hooks!r}")
+    if len(models) == 1 and len(set(hooks)) != n:
+        raise ValueError(f"the hooks of one model must differ, got {hooks!r}")
+    return hooks

@@ -21,6 +21,7 @@ from saekit.data.heldout import HeldoutText
 from saekit.data.prefetch import Prefetcher
 from saekit.models.backend import ModelBackend
 from saekit.models.positions import check_context_size
+from saekit.models.side_by_side import SideBySideModels, vocabulary
 from saekit.preflight import check_train_dtype
 from saekit.saes import SAE, architecture_class
 from saekit.training.activations import (
@@ -35,7 +36,7 @@ from saekit.training.distributed import (
     DistEnv,
     Parallelism,
 )
-from saekit.training.multisite import StackedBatches, record_sites, vocabulary
+from saekit.training.multisite import StackedBatches, record_sites
 from saekit.training.multisite_plan import (
     K_RULES,
     SitePlan,
@@ -154,7 +155,6 @@ def _load_model_b(cfg: TrainConfig, backend: ModelBackend, device: str) -> Model
 
 
 def _side_by_side(backends: list[ModelBackend]) -> Any:
-    from saekit.training.multisite import SideBySideModels
 
     return SideBySideModels(backends)
 

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from saekit.training.config import TrainConfig
+
+class PlannedConfig(Protocol):
+    """What the planner reads of a run's config (`saekit.training.config.TrainConfig`, which
+    calls the planner while it validates itself, so it is named here by its parts)."""
+
+    sae: Any
+    data: Any
+    run: Any
+    saes: Any
+    sweep: Any
 
 #: The rules whose sparsity is k (latents kept per token), for every multi-site architecture.
 K_RULES = ("topk", "batchtopk")
@@ -72,7 +80,7 @@ def sets_k(architecture: str, rule: str | None) -> bool:
     return (rule or default_rule(architecture)) in K_RULES
 
 
-def multisite_problems(cfg: TrainConfig) -> list[str]:
+def multisite_problems(cfg: PlannedConfig) -> list[str]:
     """Every setting of `cfg` that a CLT or crosscoder run cannot follow, or a setting meant
     for them given to another architecture (empty when all is well)."""
     from saekit.training.sweeps import is_pattern, parse_layers
@@ -157,7 +165,7 @@ class SitePlan:
     """Likewise for `hooks_out`."""
 
 
-def plan_sites(cfg: TrainConfig, names: list[str], names_b: list[str] | None,
+def plan_sites(cfg: PlannedConfig, names: list[str], names_b: list[str] | None,
                default_hook: str | None, model_desc: str) -> SitePlan:
     """The run's sites on a model with hooks `names` (and `names_b`, model b's, for model
     diffing); every hook is checked to exist, with close names suggested when not."""

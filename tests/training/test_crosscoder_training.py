@@ -16,11 +16,11 @@ from torch import Tensor
 from saekit import SAE
 from saekit.data.tokens import TokenWindows, window_batches
 from saekit.models import load_model
+from saekit.models.side_by_side import SideBySideModels
 from saekit.models.tiny import TINY_TEXTS, tiny_hooked_transformer, tiny_tokenizer
 from saekit.saes.crosscoder import MODELS_KEY, SITE_HOOKS_KEY, Crosscoder
 from saekit.training import SAEJob, Trainer, TrainingSection
 from saekit.training.multisite import (
-    SideBySideModels,
     StackedBatches,
     multisite_store,
     train_crosscoder,
