@@ -152,13 +152,6 @@ class _JobState:
         #: Latents per token in the last step (None before the first). Checkpointed: the
         #: architecture may choose how it computes a step by it (training_forward).
         self.last_l0: float | None = None
-        #: Latents lifted after the last step (None: none), and the last step's L0 without
-        #: them, which is what the target-L0 controller steers: a lifted latent fires in the
-        #: step after its lift and is then pushed back under, so counting it would steer the
-        #: trained SAE below the target (a transcoder at target 32 ended at 21 on held-out
-        #: text while its training L0 read 31). Both checkpointed.
-        self.lifted: Tensor | None = None
-        self.steady_l0: float | None = None
         #: The last step's other loss terms over its reconstruction loss (for the controller).
         self.interval_last_share = 0.0
         self.interval_coefficient = 0.0
@@ -216,8 +209,6 @@ class _JobState:
             "fire_counts": self.fire_counts.clone(),
             "counted_tokens": self.counted_tokens,
             "last_l0": self.last_l0,
-            "lifted": None if self.lifted is None else self.lifted.clone(),
-            "steady_l0": self.steady_l0,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,9 +221,6 @@ class _JobState:
         self.fire_counts = state["fire_counts"].to(device)
         self.counted_tokens = int(state["counted_tokens"])
         self.last_l0 = state.get("last_l0")
-        lifted = state.get("lifted")
-        self.lifted = None if lifted is None else lifted.to(device)
-        self.steady_l0 = state.get("steady_l0", self.last_l0)
 
 
 class Trainer:
@@ -411,7 +399,7 @@ class Trainer:
                 st.unit_norm.after_step(st.job.sae)
             st.job.sae.post_optimizer_step()
             if st.controller is not None:
-                st.controller.update(st.steady_l0 or 0.0, st.interval_last_share)
+                st.controller.update(st.last_l0 or 0.0, st.interval_last_share)
         for st, (x, target), recon in zip(self.states, inputs, recons, strict=True):
             # Never after the last step: the saved SAE is the one the last step trained, not
             # one with freshly lifted latents that no step has weighed yet (a batch top-k SAE,
@@ -426,11 +414,9 @@ class Trainer:
     @torch.no_grad()
     def _lift(self, st: _JobState, x: Tensor) -> None:
         """Lower the firing points of the job's quiet latents until they fire on this batch."""
-        mask = st.quiet_mask()
-        quiet = mask.nonzero().squeeze(1)
+        quiet = st.quiet_mask().nonzero().squeeze(1)
         if quiet.numel() == 0 or not st.last_l0:
             return
-        st.lifted = mask.clone()
         sae = st.job.sae
         centred = self.parallel.gather_rows(sae.center(sae.prepare_input(x)))
         rate = st.job.cfg.lift_share * st.last_l0 / sae.cfg.d_sae
@@ -524,12 +510,8 @@ class Trainer:
         if self.tokens_seen >= self.total_tokens // 2:
             st.fire_counts += counts
             st.counted_tokens += n_tokens
-        groups = st.job.sae.latent_groups
-        l0 = float(counts.sum()) / n_tokens / groups
+        l0 = float(counts.sum()) / n_tokens / st.job.sae.latent_groups
         st.last_l0 = l0
-        steady = counts if st.lifted is None else counts[~st.lifted]
-        st.steady_l0 = float(steady.sum()) / n_tokens / groups
-        st.lifted = None  # until the next lift
         mse = loss_values[names.index("mse_loss")] if "mse_loss" in names else 0.0
         st.interval_last_share = (loss_values[0] - mse) / max(mse, 1e-12)
         # Loss terms get a suffix: an L0 penalty term may be called "l0", like the metric.
