@@ -62,11 +62,30 @@ def stacked_squared_error(recon: Tensor, target: Tensor) -> Tensor:
     return (recon - target).pow(2).sum(dim=(-1, -2)).mean()
 
 
+class MultiSiteLatents(SAE):
+    """What SAEs reading several sites at once share about their latents: a latent's encoder
+    product is one column of `encoder_products` (its weights span the sites), and dead latents
+    are lifted and trained by AuxK, not resampled."""
+
+    #: How the architecture is called in messages.
+    kind: ClassVar[str] = "multi-site SAEs"
+
+    def latent_products(self, centred: Tensor, latents: Tensor) -> Tensor:
+        return self.encoder_products(centred).index_select(1, latents)
+
+    def resample_latents(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            f"resampling dead latents is not implemented for {self.kind}; turn "
+            "resample_dead_latents off (lifting quiet latents and AuxK are available)"
+        )
+
+
 @register_architecture("clt")
-class CrossLayerTranscoder(SAE):
+class CrossLayerTranscoder(MultiSiteLatents):
     """A cross-layer transcoder: `SAE.create("clt", d_in, d_sae, n_layers=4,
     activation_fn="topk", k=32)` (d_sae latents per layer; see the module docstring)."""
 
+    kind = "cross-layer transcoders"
     is_transcoder = True
     multi_site = True
     #: Unit norm would be the joint norm over a latent's decoders, which the trainer's
@@ -505,15 +524,6 @@ class CrossLayerTranscoder(SAE):
             bar = per_layer.topk(keep, dim=1).values[:, -1].expand(scores.shape[0], -1)
         # [batch, n_layers * d_sae]: each latent's bar is its layer's
         return bar.repeat_interleave(self.cfg.d_sae, dim=1)
-
-    def latent_products(self, centred: Tensor, latents: Tensor) -> Tensor:
-        return self.encoder_products(centred).index_select(1, latents)
-
-    def resample_latents(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "resampling dead latents is not implemented for cross-layer transcoders; turn "
-            "resample_dead_latents off (lifting quiet latents and AuxK are available)"
-        )
 
     # ----- folding and publishing -----------------------------------------------------------
 

@@ -41,7 +41,12 @@ from saekit.saes.base import (
     TrainingOutput,
     unexplained_share,
 )
-from saekit.saes.clt import HOOKS_IN_KEY, stacked_input, stacked_squared_error
+from saekit.saes.clt import (
+    HOOKS_IN_KEY,
+    MultiSiteLatents,
+    stacked_input,
+    stacked_squared_error,
+)
 from saekit.saes.registry import register_architecture
 from saekit.saes.topk import THRESHOLD_EMA_RATE, keep_top_k
 
@@ -61,10 +66,11 @@ EXCLUSIVE_BAND = 0.1
 
 
 @register_architecture("crosscoder")
-class Crosscoder(SAE):
+class Crosscoder(MultiSiteLatents):
     """An acausal crosscoder: `SAE.create("crosscoder", d_in, d_sae, n_layers=2,
     activation_fn="relu")` (n_layers is the number of sites; see the module docstring)."""
 
+    kind = "crosscoders"
     multi_site = True
     #: The L1 term weighs decoder norms, which unit norms would void; for top-k rules the
     #: trainer's row-wise constraint cannot express a norm spread over sites either.
@@ -312,15 +318,6 @@ class Crosscoder(SAE):
         keep = min(self.cfg.k * scores.shape[0], scores.numel())
         bar = scores.flatten().topk(keep, sorted=False).values.min()
         return bar.expand(scores.shape[0], 1)
-
-    def latent_products(self, centred: Tensor, latents: Tensor) -> Tensor:
-        return self.encoder_products(centred).index_select(1, latents)
-
-    def resample_latents(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "resampling dead latents is not implemented for crosscoders; turn "
-            "resample_dead_latents off (lifting quiet latents and AuxK are available)"
-        )
 
     # ----- folding --------------------------------------------------------------------------
 
